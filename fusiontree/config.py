@@ -1,0 +1,397 @@
+"""One typed config tree for FusionTree, loaded strictly from YAML with dotted overrides.
+
+Every section is a dataclass; each function takes only the section it needs. Units live in
+field names (`global_batch_tokens`, `lr_peak`). Loading is strict: an unknown key is a
+`ValueError` naming the key and the keys allowed there.
+
+    cfg = load_config("configs/pretrain_v1.yaml", ["--model.d_model=512", "--train.steps=10"])
+
+`model.preset` names a model preset defined in this file (`debug`, `tiny`, `small`, `1b`,
+`transformer-*`); the other `model.*` keys override fields of that preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# ----------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "custom"
+    vocab_size: int = 32000
+    d_model: int = 1024
+    n_layers: int = 12
+    max_seq_len: int = 32768
+    # Which sequence mixers a block runs: both side by side (the FusionTree model), or one
+    # of them alone (the baselines: all-attention Transformer, window-only, Mamba-only).
+    mixer: Literal["hybrid", "attention", "mamba"] = "hybrid"
+    # `parallel`: both branches on the same input, fused by a gate. `serial`: Mamba then
+    # attention, each with its own residual, no gate (the parallel-vs-serial ablation).
+    block: Literal["parallel", "serial"] = "parallel"
+    gate: Literal["channel", "token"] = "channel"
+    gate_rank: int = 32  # width of the per-token gate's low-rank projection
+    # attention
+    n_heads: int = 16
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    window: int = 1024  # keys a local layer's query sees, itself included
+    # One letter per layer, tiled over the layers: L = local (sliding window), G = global.
+    attn_pattern: str = "LLLG"
+    rope_theta: float = 10000.0
+    # Mamba-2
+    ssm_expand: int = 2
+    ssm_head_dim: int = 64
+    ssm_state: int = 128
+    ssm_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    # SRTE: sinusoids of absolute position fed to the Mamba branch only (0 turns it off).
+    srte_dim: int = 64
+    srte_max_period: float = 10000.0
+    # MLP and the rest
+    mlp_hidden: int = 0  # 0: SwiGLU's 8/3 * d_model rounded up to a multiple of 64
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    # ---- derived sizes
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ssm_d_inner(self) -> int:
+        return self.ssm_expand * self.d_model
+
+    @property
+    def ssm_heads(self) -> int:
+        return self.ssm_d_inner // self.ssm_head_dim
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+    @property
+    def has_attention(self) -> bool:
+        return self.mixer in ("hybrid", "attention")
+
+    @property
+    def has_mamba(self) -> bool:
+        return self.mixer in ("hybrid", "mamba")
+
+    def layer_is_global(self, layer_idx: int) -> bool:
+        return self.attn_pattern[layer_idx % len(self.attn_pattern)] == "G"
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"model config: {msg}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "max_seq_len", "n_heads", "n_kv_heads"):
+            if getattr(self, name) <= 0:
+                bad(f"{name}={getattr(self, name)} must be > 0")
+        if self.window <= 0:
+            bad(f"window={self.window} must be > 0 (keys a local query sees, itself included); "
+                "use attn_pattern='G' for all-global attention")
+        if not self.attn_pattern or set(self.attn_pattern) - {"L", "G"}:
+            bad(f"attn_pattern={self.attn_pattern!r} must be a non-empty string of 'L' (local) "
+                "and 'G' (global), e.g. 'LLLG'")
+        if self.n_heads % self.n_kv_heads:
+            bad(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}; "
+                f"pick n_kv_heads among {[d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]}")
+        if not self.head_dim and self.d_model % self.n_heads:
+            bad(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly or change n_heads")
+        if self.attn_head_dim % 2:
+            bad(f"attention head_dim={self.attn_head_dim} must be even for RoPE")
+        if self.has_mamba:
+            if self.ssm_d_inner % self.ssm_head_dim:
+                bad(f"ssm_expand*d_model={self.ssm_d_inner} must be divisible by "
+                    f"ssm_head_dim={self.ssm_head_dim}")
+            if self.ssm_heads % self.ssm_groups:
+                bad(f"Mamba heads ({self.ssm_heads}) must be divisible by ssm_groups={self.ssm_groups}")
+            if self.conv_kernel < 1 or self.chunk_size < 1 or self.ssm_state < 1:
+                bad("conv_kernel, chunk_size and ssm_state must be >= 1")
+            if not 0 < self.dt_min <= self.dt_max:
+                bad(f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+            if self.srte_dim < 0 or self.srte_dim % 2:
+                bad(f"srte_dim={self.srte_dim} must be an even number >= 0 (0 disables SRTE)")
+        if self.gate == "token" and self.gate_rank <= 0:
+            bad(f"gate_rank={self.gate_rank} must be > 0 for the per-token gate")
+        if self.block == "serial" and self.mixer != "hybrid":
+            bad("block='serial' chains Mamba then attention, so it needs mixer='hybrid'")
+
+
+def _mlp_for(d_model: int) -> int:
+    return -(-(8 * d_model // 3) // 64) * 64
+
+
+def _transformer_twin(base: ModelConfig, name: str) -> ModelConfig:
+    """Same stack with attention only and global everywhere, depth chosen to match the
+    hybrid's parameter count (each hybrid block also carries a Mamba branch)."""
+    from fusiontree.models.flops import count_params  # local: models import this module
+
+    twin = dataclasses.replace(base, preset=name, mixer="attention", attn_pattern="G")
+    one, two = (count_params(dataclasses.replace(twin, n_layers=n)) for n in (1, 2))
+    per_layer = two - one  # parameters grow linearly with depth
+    n = round((count_params(base) - (one - per_layer)) / per_layer)
+    return dataclasses.replace(twin, n_layers=max(1, n))
+
+
+def _base_presets() -> dict[str, ModelConfig]:
+    return {
+        # Trains on CPU in seconds; every feature on (windows, a global layer, GQA, SRTE).
+        "debug": ModelConfig(
+            preset="debug", vocab_size=512, d_model=64, n_layers=2, max_seq_len=2048,
+            n_heads=4, n_kv_heads=2, window=16, attn_pattern="LG", ssm_head_dim=16,
+            ssm_state=16, chunk_size=16, srte_dim=16, mlp_hidden=_mlp_for(64), gate_rank=8),
+        # ~10M parameters: CPU minutes.
+        "tiny": ModelConfig(
+            preset="tiny", vocab_size=8192, d_model=256, n_layers=6, max_seq_len=8192,
+            n_heads=4, n_kv_heads=2, window=128, attn_pattern="LLLLLG", ssm_head_dim=32,
+            ssm_state=32, chunk_size=64, srte_dim=32, gate_rank=16),
+        # The first validation model: hidden 1024 x 12 layers.
+        "small": ModelConfig(
+            preset="small", vocab_size=32000, d_model=1024, n_layers=12, max_seq_len=32768,
+            n_heads=16, n_kv_heads=4, window=1024, attn_pattern="LLLLLG", ssm_expand=2,
+            ssm_head_dim=64, ssm_state=128, chunk_size=256),
+        "1b": ModelConfig(
+            preset="1b", vocab_size=32000, d_model=2048, n_layers=20, max_seq_len=32768,
+            n_heads=16, n_kv_heads=4, window=1024, attn_pattern="LLLLLG", ssm_expand=1,
+            ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=5632),
+    }
+
+
+def model_preset(name: str) -> ModelConfig:
+    base = _base_presets()
+    if name in base:
+        return base[name]
+    if name.startswith("transformer-") and name[len("transformer-"):] in base:
+        return _transformer_twin(base[name[len("transformer-"):]], name)
+    raise ValueError(f"unknown model preset {name!r}; choose one of {preset_names()}")
+
+
+def preset_names() -> list[str]:
+    names = list(_base_presets())
+    return names + [f"transformer-{n}" for n in names]
+
+
+# ----------------------------------------------------------------------------------------
+# kernels, loss, training, generation
+
+
+@dataclass
+class KernelConfig:
+    # `auto` picks the fastest backend that loads on this device; a named backend that
+    # cannot load is an error, never a silent fallback.
+    ssd: str = "auto"
+    attention: str = "auto"
+
+
+@dataclass
+class LossConfig:
+    ignore_index: int = -100
+    # Drop the targets that cross a document boundary of a packed sequence.
+    mask_cross_document: bool = True
+    # Gate regulariser: `entropy` pushes each gate towards a decision (0 or 1), which makes
+    # pruning plans sharper; `balance` pulls the mean gate towards 0.5 against collapse.
+    gate_reg: Literal["none", "entropy", "balance"] = "entropy"
+    gate_reg_weight: float = 1e-3
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    lr_peak: float = 3e-3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every_steps: int = 5
+
+
+@dataclass
+class GenerateConfig:
+    prompt: str = "def "
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=lambda: model_preset("debug"))
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    seed: int = 1234
+    out_dir: str = "runs/default"
+
+    def validate(self) -> None:
+        self.model.validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                             f"{self.model.max_seq_len}; lower one or raise the other")
+
+
+# ----------------------------------------------------------------------------------------
+# strict loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int->float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{where}={value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{where}={value!r} matches none of {_type_name(tp)}: {errors}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}={value!r} must be a string")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, where: str, base: Any = None) -> Any:
+    """Build dataclass `cls` from `data`, starting from `base` (or the defaults)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ModelConfig and "preset" in data:
+        base = model_preset(data["preset"])
+    for key in data:
+        if key not in names:
+            raise ValueError(f"unknown config key {where + '.' if where else ''}{key!r}; "
+                             f"allowed keys{' in ' + where if where else ''}: {names}")
+    obj = base if base is not None else cls()
+    updates = {}
+    for key, value in data.items():
+        sub = f"{where}.{key}" if where else key
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            updates[key] = _build(hints[key], value, sub, base=current)
+        else:
+            updates[key] = _coerce(value, hints[key], sub)
+    return dataclasses.replace(obj, **updates)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`["--model.d_model=512", "--train.steps", "10"]` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"config override {arg!r} must look like --section.key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ValueError(f"config override --{key} has no value; write --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        node = out
+        parts = key.split(".")
+        if not all(parts):
+            raise ValueError(f"config override --{key}: empty key segment")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config override --{key} conflicts with an earlier override")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    cfg = _build(RunConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a mapping at the top level")
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,67 @@
+"""Autoregressive generation with the KV + Mamba caches (or by recomputation, for reference).
+
+Legend: B batch, T prompt length, V vocabulary.
+
+Prompts of different lengths come left-padded with an `attention_mask` (1 = real token).
+Every row continues at its own positions, so a row's tokens do not depend on the other rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Greedy when temperature == 0; otherwise temperature, then top-k, then top-p (nucleus)."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    logits = logits_BV.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = True,
+             attention_mask: Tensor | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Returns [B, T + n] token ids, n <= max_new_tokens (fewer when every row hit EOS).
+    A row that has emitted EOS continues with `pad_token_id` (default: the EOS id)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    B, T = input_ids.shape
+    kv = ms = None
+    if use_cache:
+        kv, ms = model.allocate_inference_cache(B, T + max_new_tokens)
+    mask = attention_mask
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    tokens = input_ids
+    for _ in range(max_new_tokens):
+        inputs = model.prepare_inputs_for_generation(tokens, kv, ms, mask)
+        out = model(**inputs)
+        nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            finished |= nxt == eos_token_id
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if eos_token_id is not None and bool(finished.all()):  # host sync: stop once every row ended
+            break
+    return tokens

@@ -1,0 +1,80 @@
+"""LocalGlobalAttention: GQA self-attention, sliding-window or global per layer, RoPE only.
+
+Legend: B batch, T time, D model width, H query heads, K kv heads, E head dim, S cache slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from torch import Tensor
+
+from fusiontree.config import ModelConfig
+from fusiontree.models.cache import AttentionLayerCache, SeqInfo
+from fusiontree.models.positions import RotaryPositionalEmbedding
+from fusiontree.ops import Kernels
+
+
+class LocalGlobalAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: Kernels):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
+        self.is_global = cfg.layer_is_global(layer_idx)
+        self.window = None if self.is_global else cfg.window
+        self.kernels = kernels
+        d = cfg.d_model
+        self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.rope = RotaryPositionalEmbedding(self.head_dim, cfg.rope_theta)
+        self.init_std = cfg.init_std
+
+    def init_weights(self) -> None:
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            nn.init.normal_(lin.weight, std=self.init_std)
+
+    def allocate_inference_cache(self, batch_size: int, max_length: int, dtype: torch.dtype,
+                                 device: torch.device) -> AttentionLayerCache:
+        slots = max_length if self.is_global else min(self.window, max_length)
+        shape = (batch_size, slots, self.n_kv_heads, self.head_dim)
+        return AttentionLayerCache(
+            k_BSKD=torch.zeros(shape, dtype=dtype, device=device),
+            v_BSKD=torch.zeros(shape, dtype=dtype, device=device),
+            pos_BS=torch.full((batch_size, slots), -1, dtype=torch.long, device=device),
+            ring=not self.is_global)
+
+    def forward(self, x_BTD: Tensor, info: SeqInfo, cache: AttentionLayerCache | None = None) -> Tensor:
+        q = rearrange(self.wq(x_BTD), "b t (h e) -> b t h e", e=self.head_dim)
+        k = rearrange(self.wk(x_BTD), "b t (k e) -> b t k e", e=self.head_dim)
+        v = rearrange(self.wv(x_BTD), "b t (k e) -> b t k e", e=self.head_dim)
+        q, k = self.rope(q, k, info.position_ids, info.position_ids)
+        k_pos = info.key_pos
+        if cache is not None:
+            ck, cv, cpos = cache.context(info.cache_offset)
+            k_all, v_all = torch.cat([ck, k.to(ck.dtype)], 1), torch.cat([cv, v.to(cv.dtype)], 1)
+            pos_all = torch.cat([cpos, k_pos], 1)
+            # The cache is written after reading it: the new keys are already in k_all.
+            cache.write(k, v, k_pos, info.cache_offset)
+        else:
+            k_all, v_all, pos_all = k, v, k_pos
+        o = self.kernels.attention(q, k_all.to(q.dtype), v_all.to(q.dtype), info.position_ids, pos_all,
+                                   window=self.window, q_seq_BT=info.seq_idx, k_seq_BS=info.seq_idx)
+        return self.wo(rearrange(o, "b t h e -> b t (h e)"))
+
+    # A decode step is the same computation with T = 1; the cache keeps it O(window) per token.
+    step = forward
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token at training length `seq_len`: projections plus QK^T and PV,
+        with each query counted against the keys it actually sees (up to its window)."""
+        d = self.wq.in_features
+        proj = 2 * d * (2 * self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        if self.window is None:
+            keys = (seq_len + 1) / 2
+        else:
+            w = min(self.window, seq_len)
+            keys = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+        return int(proj + 4 * self.n_heads * self.head_dim * keys)

@@ -1,0 +1,111 @@
+"""Typed, preallocated inference caches, updated in place.
+
+Legend: B batch, S cache slots, K kv heads, D head dim, C conv channels, W conv state width
+(kernel - 1), H SSM heads, P SSM head dim, N SSM state size.
+
+- Local (sliding-window) attention layers keep a ring buffer of `window` slots: token number
+  n (counting from the first token fed to the cache) lives in slot n % window, so the cache
+  never grows with the context. Global layers keep `max_length` slots, token n in slot n.
+  Each slot remembers the absolute position of its token (-1: empty or padding), and the
+  attention op masks by positions, so the slot order does not matter.
+- A Mamba layer's state is its conv window (the last kernel-1 inputs) plus the SSM state.
+
+Batches: all rows advance together (one token count for the cache). Prompts of different
+lengths are left-padded; padding slots hold position -1 (never attended) and padding
+tokens leave the Mamba state untouched (zero input, zero step size), so each row gets
+exactly the result it would get alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttentionLayerCache:
+    k_BSKD: Tensor
+    v_BSKD: Tensor
+    pos_BS: Tensor  # int64 absolute position of each slot's token; -1 = empty
+    ring: bool
+
+    @property
+    def slots(self) -> int:
+        return self.k_BSKD.shape[1]
+
+    def context(self, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values and positions of the slots that may hold tokens after `offset` tokens."""
+        n = self.slots if self.ring else offset
+        return self.k_BSKD[:, :n], self.v_BSKD[:, :n], self.pos_BS[:, :n]
+
+    def write(self, k_BTKD: Tensor, v_BTKD: Tensor, pos_BT: Tensor, offset: int) -> None:
+        """Store T new tokens, numbered offset .. offset+T-1."""
+        T = k_BTKD.shape[1]
+        if self.ring:
+            if T > self.slots:  # only the last `slots` tokens can ever be attended again
+                k_BTKD, v_BTKD, pos_BT = (t[:, T - self.slots:] for t in (k_BTKD, v_BTKD, pos_BT))
+                offset, T = offset + T - self.slots, self.slots
+            idx = torch.arange(offset, offset + T, device=self.k_BSKD.device) % self.slots
+        else:
+            if offset + T > self.slots:
+                raise ValueError(f"the global-attention KV cache holds {self.slots} tokens; "
+                                 f"writing {T} more after {offset} overflows it. Allocate the "
+                                 "cache with a larger max_length (prompt + new tokens)")
+            idx = torch.arange(offset, offset + T, device=self.k_BSKD.device)
+        self.k_BSKD.index_copy_(1, idx, k_BTKD.to(self.k_BSKD.dtype))
+        self.v_BSKD.index_copy_(1, idx, v_BTKD.to(self.v_BSKD.dtype))
+        self.pos_BS.index_copy_(1, idx, pos_BT)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_BSKD, self.v_BSKD, self.pos_BS))
+
+
+@dataclass
+class MambaLayerState:
+    conv_BCW: Tensor
+    ssm_BHPN: Tensor  # fp32
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.conv_BCW, self.ssm_BHPN))
+
+
+@dataclass
+class KVCache:
+    """Attention caches of every layer (None where a layer has no attention branch)."""
+    layers: list[AttentionLayerCache | None]
+    batch_size: int
+    max_length: int
+    seen_tokens: int = 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers if c is not None)
+
+
+@dataclass
+class MambaStates:
+    """Mamba states of every layer (None where a layer has no Mamba branch)."""
+    layers: list[MambaLayerState | None]
+    batch_size: int
+    seen_tokens: int = 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers if c is not None)
+
+
+@dataclass
+class SeqInfo:
+    """Per-forward metadata shared by every layer.
+
+    position_ids: [B, T] absolute positions (RoPE, SRTE, window masks)
+    key_pos:      [B, T] position_ids with padding set to -1 (keys never attended)
+    token_mask:   [B, T] bool, False on padding (None: no padding)
+    seq_idx:      [B, T] int document index of packed sequences (None: one document per row)
+    cache_offset: tokens already in the caches before this forward
+    """
+    position_ids: Tensor
+    key_pos: Tensor
+    token_mask: Tensor | None = None
+    seq_idx: Tensor | None = None
+    cache_offset: int = 0

@@ -1,0 +1,94 @@
+"""Model invariants: cached decode == full forward, chunked prefill == one-shot prefill,
+left-padded batches == rows alone, packed documents == separate documents."""
+
+import torch
+
+from tests.models.conftest import build
+
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def test_cached_decode_matches_full_forward_every_step(variant):
+    model = build(variant)
+    window = model.cfg.window
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    new = 3 * window + 5  # the ring buffer wraps three times
+    kv, ms = model.allocate_inference_cache(2, prompt.shape[1] + new)
+    with torch.no_grad():
+        out = model(prompt, past_key_values=kv, past_mamba_states=ms, use_cache=True)
+        torch.testing.assert_close(out.logits, model(prompt).logits, **TOL)
+        seq = prompt
+        for _ in range(new):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            out = model(nxt, past_key_values=kv, past_mamba_states=ms, use_cache=True)
+            torch.testing.assert_close(out.logits[:, -1], model(seq).logits[:, -1], **TOL)
+    assert kv.seen_tokens == ms.seen_tokens == seq.shape[1]
+    cached = model.generate(prompt, new, use_cache=True)
+    recomputed = model.generate(prompt, new, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached, seq)
+
+
+def test_chunked_prefill_matches_one_shot(variant):
+    model = build(variant, seed=2)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 45), generator=g)
+    with torch.no_grad():
+        full = model(prompt).logits
+        kv, ms = model.allocate_inference_cache(2, 60)
+        start, pieces = 0, []
+        for size in (1, 5, 17, 3, 19):  # odd sizes, one longer than the window
+            pieces.append(model(prompt[:, start:start + size], past_key_values=kv, past_mamba_states=ms).logits)
+            start += size
+        torch.testing.assert_close(torch.cat(pieces, 1), full, **TOL)
+        nxt = torch.randint(0, model.cfg.vocab_size, (2, 1), generator=g)
+        step = model(nxt, past_key_values=kv, past_mamba_states=ms).logits
+        torch.testing.assert_close(step[:, -1], model(torch.cat([prompt, nxt], 1)).logits[:, -1], **TOL)
+
+
+def test_left_padded_batch_matches_rows_alone(variant):
+    model = build(variant, seed=4)
+    g = torch.Generator().manual_seed(5)
+    short = torch.randint(4, model.cfg.vocab_size, (1, 7), generator=g)
+    long = torch.randint(4, model.cfg.vocab_size, (1, 20), generator=g)
+    pad = 0
+    batch = torch.cat([torch.cat([torch.full((1, 13), pad), short], 1), long], 0)
+    mask = torch.ones_like(batch)
+    mask[0, :13] = 0
+    n = 2 * model.cfg.window + 3
+    out = model.generate(batch, n, attention_mask=mask)
+    alone_short = model.generate(short, n)
+    alone_long = model.generate(long, n)
+    assert torch.equal(out[0, 13:], alone_short[0])
+    assert torch.equal(out[1], alone_long[0])
+    # and the padded prefill's logits on real tokens equal the row's own
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch, attention_mask=mask).logits[0, 13:], model(short).logits[0], **TOL)
+    assert torch.equal(model.generate(batch, n, attention_mask=mask, use_cache=False), out)
+
+
+def test_packed_documents_match_separate_documents(variant):
+    model = build(variant, seed=6)
+    g = torch.Generator().manual_seed(7)
+    lengths = [9, 1, 40, 14]
+    docs = [torch.randint(0, model.cfg.vocab_size, (1, L), generator=g) for L in lengths]
+    seq_idx = torch.cat([torch.full((1, L), i, dtype=torch.int32) for i, L in enumerate(lengths)], 1)
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1), seq_idx=seq_idx).logits
+        start = 0
+        for d in docs:
+            torch.testing.assert_close(packed[:, start:start + d.shape[1]], model(d).logits, **TOL)
+            start += d.shape[1]
+
+
+def test_sampling_is_reproducible_and_eos_stops_rows():
+    model = build("parallel-token", seed=8)
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(9))
+    kw = dict(temperature=0.8, top_k=50, top_p=0.9)
+    a = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), **kw)
+    b = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    assert torch.equal(a, b)
+    eos = int(a[0, 5])  # the first sampled token of row 0: row 0 stops at once
+    c = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), eos_token_id=eos, **kw)
+    assert (c[0, 5:] == eos).all()

@@ -1,0 +1,73 @@
+"""Strict YAML config loading, dotted overrides, validation messages and presets."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fusiontree.config import RunConfig, config_from_dict, dump_config, load_config, model_preset, preset_names
+from fusiontree.models.flops import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pretrain_v1_selects_a_preset_and_overrides_fields(tmp_path):
+    cfg = load_config(ROOT / "configs/pretrain_v1.yaml")
+    assert cfg.model.preset == "small" and cfg.model.d_model == 1024 and cfg.model.n_layers == 12
+    assert cfg.train.seq_len == 4096
+    cfg2 = load_config(ROOT / "configs/pretrain_v1.yaml", ["--model.window=2048", "--train.steps", "7",
+                                                           "--model.preset=tiny"])
+    assert cfg2.model.window == 2048 and cfg2.train.steps == 7 and cfg2.model.d_model == 256
+    # the resolved config round-trips through YAML
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg2))
+    assert load_config(p) == cfg2
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  d_modle: 512\n")
+    with pytest.raises(ValueError, match=r"unknown config key model\.'d_modle'.*d_model"):
+        load_config(p)
+    with pytest.raises(ValueError, match="unknown config key 'trian'"):
+        config_from_dict({"trian": {}})
+    with pytest.raises(ValueError, match="unknown config key train.'stepz'"):
+        load_config(None, ["--train.stepz=3"])
+
+
+def test_types_and_choices_are_checked():
+    with pytest.raises(ValueError, match="model.d_model='big' must be an integer"):
+        load_config(None, ["--model.d_model=big"])
+    with pytest.raises(ValueError, match=r"model.gate='layer' is not one of \['channel', 'token'\]"):
+        load_config(None, ["--model.gate=layer"])
+    with pytest.raises(ValueError, match="must look like --section.key=value"):
+        load_config(None, ["model.d_model=3"])
+    assert load_config(None, ["--train.lr_peak=1"]).train.lr_peak == 1.0  # int accepted for float
+
+
+@pytest.mark.parametrize("override,match", [
+    (["--model.n_heads=6", "--model.n_kv_heads=4"], "n_heads=6 must be divisible by n_kv_heads=4; pick n_kv_heads among"),
+    (["--model.window=0"], "window=0 must be > 0"),
+    (["--model.attn_pattern=LXG"], "attn_pattern='LXG'"),
+    (["--model.ssm_groups=3"], "must be divisible by ssm_groups=3"),
+    (["--model.block=serial", "--model.mixer=attention"], "block='serial'"),
+    (["--train.seq_len=4096"], "train.seq_len=4096 exceeds model.max_seq_len=2048"),
+    (["--model.preset=huge"], "unknown model preset 'huge'"),
+])
+def test_validation_says_how_to_fix(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, override)
+
+
+def test_presets():
+    assert set(preset_names()) >= {"debug", "tiny", "small", "1b", "transformer-tiny", "transformer-1b"}
+    assert 8e6 <= count_params(model_preset("tiny")) <= 13e6
+    small = model_preset("small")
+    assert (small.d_model, small.n_layers) == (1024, 12)
+    assert 1.0e9 <= count_params(model_preset("1b")) <= 1.5e9
+    for name in ("tiny", "small", "1b"):
+        twin = model_preset(f"transformer-{name}")
+        assert twin.mixer == "attention" and twin.attn_pattern == "G"
+        assert abs(count_params(twin) / count_params(model_preset(name)) - 1) < 0.05
+    assert isinstance(RunConfig().model, type(small))
+    assert dataclasses.replace(small, window=512).window == 512
