@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch import Tensor
 
 from fusiontree.config import ModelConfig
@@ -55,6 +56,8 @@ class HybridLanguageModel(nn.Module):
         # Input validation costs a host sync (token range, positions); a training loop whose
         # data is already checked may turn it off.
         self.check_inputs = True
+        # Recompute each block in the backward pass instead of storing its activations.
+        self.activation_checkpointing = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -172,9 +175,14 @@ class HybridLanguageModel(nn.Module):
 
         x = self.embed(input_ids)
         gates, stats = [], [] if collect_gate_stats else None
+        checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled() \
+            and kv is None and ms is None
         for i, layer in enumerate(self.layers):
-            x, g = layer(x, info, kv.layers[i] if kv is not None else None,
-                         ms.layers[i] if ms is not None else None)
+            if checkpoint:
+                x, g = torch.utils.checkpoint.checkpoint(layer, x, info, use_reentrant=False)
+            else:
+                x, g = layer(x, info, kv.layers[i] if kv is not None else None,
+                             ms.layers[i] if ms is not None else None)
             gates.append(g)
             if collect_gate_stats:
                 stats.append(None if g is None else gate_stats(g, token_mask))

@@ -139,3 +139,26 @@ def test_bad_input_raises_clear_errors():
          past_key_values=model.allocate_inference_cache(2, 8)[0])
     with pytest.raises(ValueError, match="max_length"):
         model.allocate_inference_cache(1, L + 1)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = build("parallel-token").train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 33))
+
+    def run():
+        model.zero_grad()
+        out = model(ids)
+        loss = out.logits.float().logsumexp(-1).mean() + sum(g.mean() for g in out.gates if g is not None)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    base_loss, base_grads = run()
+    assert len(calls) == 1
+    model.activation_checkpointing = True
+    ck_loss, ck_grads = run()
+    assert len(calls) == 3  # the block ran again in the backward pass
+    torch.testing.assert_close(ck_loss, base_loss)
+    for a, b in zip(ck_grads, base_grads):
+        torch.testing.assert_close(a, b)
