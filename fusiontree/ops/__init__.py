@@ -1,8 +1,19 @@
-"""Ops with one pure-PyTorch reference each and room for faster backends beside it.
+"""Ops with one pure-PyTorch reference each and faster backends beside it.
 
 `resolve_kernels(cfg.kernels, device)` returns a `Kernels` bundle that the model's mixers call.
-`auto` takes the best backend that loads for the device; naming a backend that cannot load
-raises with the reason (never a silent fallback). The choice is logged by the caller.
+`auto` takes the first backend in `AUTO_ORDER[device.type]` that loads; naming a backend that
+cannot load raises with the reason (never a silent fallback). The caller logs the choice
+(`Kernels.describe()`); `auto` logs why it skipped a backend.
+
+| op | backends | `auto` on CUDA | `auto` on CPU |
+| --- | --- | --- | --- |
+| ssd (chunked scan + decode step) | `reference`, `compile` (torch.compile of the reference), `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else compile, else reference | reference |
+| attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
+
+conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
+elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
+flash-attn is not a backend: the GPU machine it would be tested on does not have it, and an
+untested backend would break the rule that every backend is checked against the reference.
 """
 
 from __future__ import annotations
@@ -31,23 +42,62 @@ class Kernels:
     attention: Callable
 
     def describe(self) -> str:
-        return f"ssd={self.ssd_name} attention={self.attention_name}"
+        return f"ssd={self.ssd_name} attention={self.attention_name} conv1d=reference"
 
 
-# name -> loader returning the callables (raising ImportError/RuntimeError with the reason)
-def _ssd_reference():
-    return dict(ssd_chunked=ssd_chunked_ref, ssd_step=ssd_step_ref,
-                conv1d=causal_conv1d_ref, conv1d_step=causal_conv1d_step_ref)
+# name -> loader(device) returning the callables, or raising ImportError / RuntimeError with
+# the reason it cannot run on that device. Loaders import optional packages lazily, so a
+# missing package fails only the backend that needs it.
+_CONV1D = dict(conv1d=causal_conv1d_ref, conv1d_step=causal_conv1d_step_ref)
 
 
-def _attention_reference():
+def _ssd_reference(device: torch.device) -> dict:
+    return dict(ssd_chunked=ssd_chunked_ref, ssd_step=ssd_step_ref, **_CONV1D)
+
+
+def _need_triton(what: str) -> None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{what} on CUDA generates Triton kernels, and triton does not import: {e}") from e
+
+
+def _ssd_compile(device: torch.device) -> dict:
+    if device.type == "cuda":
+        _need_triton("torch.compile")
+    from fusiontree.ops.backends.compiled_ssd import ssd_chunked_compiled, ssd_step_compiled
+
+    return dict(ssd_chunked=ssd_chunked_compiled, ssd_step=ssd_step_compiled, **_CONV1D)
+
+
+def _ssd_mamba_ssm(device: torch.device) -> dict:
+    if device.type != "cuda":
+        raise RuntimeError("mamba-ssm's SSD kernels are Triton GPU kernels and need a CUDA device")
+    from fusiontree.ops.backends.mamba_kernels import ssd_chunked_mamba, ssd_step_mamba
+
+    return dict(ssd_chunked=ssd_chunked_mamba, ssd_step=ssd_step_mamba, **_CONV1D)
+
+
+def _attention_reference(device: torch.device) -> dict:
     return dict(attention=attention_ref)
 
 
-SSD_BACKENDS: dict[str, Callable[[], dict]] = {"reference": _ssd_reference}
-ATTENTION_BACKENDS: dict[str, Callable[[], dict]] = {"reference": _attention_reference}
-# Preference order for `auto`, per device type.
-AUTO_ORDER = {"cpu": ["reference"], "cuda": ["reference"]}
+def _attention_flex(device: torch.device) -> dict:
+    if device.type == "cuda":
+        _need_triton("FlexAttention")
+    from fusiontree.ops.backends.flex import attention_flex
+
+    return dict(attention=attention_flex)
+
+
+SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
+    "reference": _ssd_reference, "compile": _ssd_compile, "mamba_ssm": _ssd_mamba_ssm}
+ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
+    "reference": _attention_reference, "flex": _attention_flex}
+# Preference order for `auto`, per device type (names missing from an op's table are skipped).
+# On CPU only the references: FlexAttention has no CPU backward, and compiling the SSD on CPU
+# costs more start-up time than it saves at CPU model sizes.
+AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "compile", "flex", "reference"]}
 
 
 def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str, dict]:
@@ -56,7 +106,7 @@ def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str,
             raise ValueError(f"kernels.{kind}={name!r} is not a known backend; choose auto or one of "
                              f"{sorted(table)}")
         try:
-            return name, table[name]()
+            return name, table[name](device)
         except (ImportError, RuntimeError) as e:
             raise RuntimeError(f"kernels.{kind}={name!r} cannot load on {device}: {e}") from e
     reasons = []
@@ -64,7 +114,7 @@ def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str,
         if cand not in table:
             continue
         try:
-            return cand, table[cand]()
+            return cand, table[cand](device)
         except (ImportError, RuntimeError) as e:
             reasons.append(f"{cand}: {e}")
             log.info("kernels.%s auto: %s unavailable (%s)", kind, cand, e)
@@ -80,4 +130,4 @@ def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
 
 
 def reference_kernels() -> Kernels:
-    return Kernels("reference", "reference", attention=attention_ref, **_ssd_reference())
+    return Kernels("reference", "reference", attention=attention_ref, **_ssd_reference(torch.device("cpu")))

@@ -1,0 +1,296 @@
+"""GPU kernels per backend (issue 6, item 3a): SSD and window attention forward+backward at 32K
+tokens, and one decode step.
+
+    python benchmarks/kernels_gpu.py [--sections ssd,attention,decode] [--out FILE.json] [--commit HASH]
+
+Shapes (bf16, batch 1):
+- ssd: L=32768, 32 heads x 64, state 128, 1 group, chunk 256; dt and A fp32 as the model
+  passes them; every SSD backend that loads (mamba_ssm is the anchor) and the reference.
+- attention: L=32768, 16 heads x 64 (one kv head per head, like the baselines in GPU.md):
+  the flex backend at W = 512, 1024, 2048, and its global path (SDPA, full causal); then
+  W=1024 with 4 kv heads (the presets' GQA) and W=1024 over 8 packed documents, and the cost
+  of building a document block mask (once per forward, shared by the layers).
+- decode: one SSD step (state 32 x 64 x 128) per SSD backend; one attention step (16 query
+  heads, 4 kv heads) over a ring cache of 1024 slots and over a 32K global cache, per backend.
+
+Every timed backend is first checked against the reference (fp32, on fp32 copies of the same
+inputs); the relative errors go into the JSON. Times are CUDA-event medians after warm-up.
+
+The window-attention floor is the full-causal SDPA time scaled by the ratio of (query, key)
+pairs each computes: window / causal = (L*W - W*(W-1)/2) / (L*(L+1)/2), about 2W/L. A window
+kernel exactly as efficient per pair as SDPA's causal kernel would take that long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusiontree.config import KernelConfig  # noqa: E402
+from fusiontree.models.hybrid import positions_from_seq_idx  # noqa: E402
+from fusiontree.ops import resolve_kernels  # noqa: E402
+from fusiontree.ops.attention import attention_ref  # noqa: E402
+from fusiontree.ops.backends import flex as flex_backend  # noqa: E402
+from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref  # noqa: E402
+
+DEV = "cuda"
+L = 32768
+
+
+def cuda_ms(fn, warmup: int, repeats: int) -> float:
+    """Median over `repeats` calls of the GPU time between events recorded around each call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm().clamp_min(1e-20))
+
+
+def _free():
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def _row(rows: list, **kw) -> None:
+    rows.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+# ------------------------------------------------------------------ SSD
+
+
+def ssd_inputs(T, H=32, P=64, G=1, N=128, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    return dict(
+        x=torch.randn(1, T, H, P, device=DEV, generator=g).bfloat16(),
+        dt=torch.rand(1, T, H, device=DEV, generator=g) * 0.1 + 0.001,
+        A=-(torch.rand(H, device=DEV, generator=g) * 15 + 1),
+        B=torch.randn(1, T, G, N, device=DEV, generator=g).bfloat16(),
+        C=torch.randn(1, T, G, N, device=DEV, generator=g).bfloat16(),
+        D=torch.ones(H, device=DEV),
+        gy=torch.randn(1, T, H, P, device=DEV, generator=g).bfloat16(),
+    )
+
+
+SSD_ARGS = ["x", "dt", "A", "B", "C", "D"]
+
+
+def ssd_fwd_bwd(fn, inp, fp32=False):
+    leaves = [(inp[n].float() if fp32 else inp[n]).detach().requires_grad_() for n in SSD_ARGS]
+    y, _ = fn(*leaves, chunk_size=256)
+    grads = torch.autograd.grad(y, leaves, grad_outputs=inp["gy"].to(y.dtype))
+    return y, grads
+
+
+def bench_ssd(rows: list, args) -> None:
+    inp = ssd_inputs(L)
+    y_ref, g_ref = ssd_fwd_bwd(ssd_chunked_ref, inp, fp32=True)
+    y_ref, g_ref = y_ref.detach(), [g.detach() for g in g_ref]
+    for name in ["mamba_ssm", "compile", "reference"]:
+        try:
+            k = resolve_kernels(KernelConfig(ssd=name), DEV)
+        except RuntimeError as e:
+            _row(rows, section="ssd", backend=name, error=str(e))
+            continue
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            t0 = time.perf_counter()
+            y, g = ssd_fwd_bwd(k.ssd_chunked, inp)  # first call: compiles / autotunes
+            first_s = time.perf_counter() - t0
+            errs = dict(y=rel_err(y, y_ref), **{f"grad_{n}": rel_err(a, b) for n, a, b in zip(SSD_ARGS, g, g_ref)})
+            del y, g
+            reps = 3 if name == "reference" else args.repeats
+            fwd = cuda_ms(lambda: k.ssd_chunked(*(inp[n] for n in SSD_ARGS), chunk_size=256), 2, reps)
+            fwd_bwd = cuda_ms(lambda: ssd_fwd_bwd(k.ssd_chunked, inp), 2, reps)
+            _row(rows, section="ssd", backend=name, L=L, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                 first_call_s=first_s, rel_err=errs, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        except Exception as e:  # noqa: BLE001 - a failed backend is a result to report, not a crash
+            _row(rows, section="ssd", backend=name, error=f"{type(e).__name__}: {e}"[:2000])
+        _free()
+
+
+# ------------------------------------------------------------------ attention
+
+
+def attn_inputs(T, H, K, D=64, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    k = torch.randn(1, T, K, D, device=DEV, generator=g).bfloat16()
+    v = torch.randn(1, T, K, D, device=DEV, generator=g).bfloat16()
+    go = torch.randn(1, T, H, D, device=DEV, generator=g).bfloat16()
+    return q, k, v, go
+
+
+def attn_fwd_bwd(fn, q, k, v, go, *a, **kw):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = fn(*leaves, *a, **kw)
+    return o, torch.autograd.grad(o, leaves, grad_outputs=go.to(o.dtype))
+
+
+def pairs(L_, W):
+    if W is None or W >= L_:
+        return L_ * (L_ + 1) / 2
+    return L_ * W - W * (W - 1) / 2
+
+
+def bench_attention(rows: list, args) -> None:
+    flex = resolve_kernels(KernelConfig(attention="flex"), DEV).attention
+    pos = torch.arange(L, device=DEV)[None]
+    cases = [("causal (SDPA)", 16, None, None), ("window", 16, 512, None), ("window", 16, 1024, None),
+             ("window", 16, 2048, None), ("window, GQA 16q/4kv", 4, 1024, None),
+             ("window, 8 packed docs", 16, 1024, 8)]
+    causal_ms = None
+    for label, K, W, docs in cases:
+        q, k, v, go = attn_inputs(L, 16, K)
+        seq = None if docs is None else (torch.arange(L, device=DEV) // (L // docs))[None].int()
+        p = pos if seq is None else positions_from_seq_idx(seq)
+        kw = dict(window=W, q_seq_BT=seq, k_seq_BS=seq)
+        try:
+            t0 = time.perf_counter()
+            o, g = attn_fwd_bwd(flex, q, k, v, go, p, p, **kw)
+            first_s = time.perf_counter() - t0
+            # The reference keeps every block's scores for its backward; at 32K a global
+            # layer's would not fit, so the causal case is checked on the forward only.
+            if W is None:
+                with torch.no_grad():
+                    errs = dict(o=rel_err(o, attention_ref(q.float(), k.float(), v.float(), p, p, **kw)))
+            else:
+                o_r, g_r = attn_fwd_bwd(attention_ref, q.float(), k.float(), v.float(), go.float(), p, p, **kw)
+                errs = dict(o=rel_err(o, o_r), **{f"grad_{n}": rel_err(a, b) for n, a, b in zip("qkv", g, g_r)})
+                del o_r, g_r
+            del o, g
+            _free()
+            fwd = cuda_ms(lambda: flex(q, k, v, p, p, **kw), 3, args.repeats)
+            fwd_bwd = cuda_ms(lambda: attn_fwd_bwd(flex, q, k, v, go, p, p, **kw), 3, args.repeats)
+            row = dict(section="attention", case=label, L=L, q_heads=16, kv_heads=K, window=W, docs=docs,
+                       fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, first_call_s=first_s, rel_err=errs)
+            if W is None and docs is None:
+                causal_ms = fwd_bwd
+            elif causal_ms is not None:
+                ratio = pairs(L, W) / pairs(L, None)
+                row.update(pair_ratio=ratio, floor_fwd_bwd_ms=causal_ms * ratio,
+                           x_floor=fwd_bwd / (causal_ms * ratio))
+            _row(rows, **row)
+        except Exception as e:  # noqa: BLE001
+            _row(rows, section="attention", case=label, window=W, error=f"{type(e).__name__}: {e}"[:2000])
+        _free()
+    # A document block mask depends on the data: built once per forward (all layers share it).
+    seq = (torch.arange(L, device=DEV) // (L // 8))[None].int()
+    w_t = flex_backend._window_tensor(1024, torch.device(DEV))
+    build = flex_backend._block_mask_fn(torch.device(DEV))
+    ms = cuda_ms(lambda: build(flex_backend._mask_mod(w_t, seq, seq, None), 1, None, L, L, device=DEV), 2, 10)
+    _row(rows, section="attention", case="build document block mask (per forward)", L=L, window=1024, ms=ms)
+
+
+# ------------------------------------------------------------------ decode
+
+
+def bench_decode(rows: list, args) -> None:
+    inp = ssd_inputs(1, seed=3)
+    g = torch.Generator(device=DEV).manual_seed(4)
+    state0 = torch.randn(1, 32, 64, 128, device=DEV, generator=g)
+    step_args = [inp["x"][:, 0], inp["dt"][:, 0], inp["A"], inp["B"][:, 0], inp["C"][:, 0], inp["D"]]
+    with torch.no_grad():
+        s_ref = state0.clone()
+        y_ref = ssd_step_ref(s_ref, *(a.float() for a in step_args))
+        for name in ["mamba_ssm", "compile", "reference"]:
+            try:
+                k = resolve_kernels(KernelConfig(ssd=name), DEV)
+            except RuntimeError as e:
+                _row(rows, section="decode", op="ssd step", backend=name, error=str(e))
+                continue
+            s = state0.clone()
+            y = k.ssd_step(s, *step_args)
+            errs = dict(y=rel_err(y, y_ref), state=rel_err(s, s_ref))
+            ms = cuda_ms(lambda: k.ssd_step(s, *step_args), 20, 200)
+            _row(rows, section="decode", op="ssd step", backend=name, state="1 x 32 x 64 x 128 fp32",
+                 ms=ms, rel_err=errs)
+
+        for label, slots, W in [("ring cache, W=1024", 1024, 1024), ("global cache, 32K context", L, None)]:
+            g = torch.Generator(device=DEV).manual_seed(5)
+            q = torch.randn(1, 1, 16, 64, device=DEV, generator=g).bfloat16()
+            kc = torch.randn(1, slots + 1, 4, 64, device=DEV, generator=g).bfloat16()
+            vc = torch.randn(1, slots + 1, 4, 64, device=DEV, generator=g).bfloat16()
+            # Token n of the context sits in slot n % slots; the new token (position L) is last.
+            ctx = torch.arange(L - slots, L, device=DEV)
+            cpos = torch.empty(slots, dtype=torch.long, device=DEV)
+            cpos[ctx % slots] = ctx
+            kpos = torch.cat([cpos, torch.tensor([L], device=DEV)])[None]
+            qpos = torch.tensor([[L]], device=DEV)
+            o_ref = attention_ref(q.float(), kc.float(), vc.float(), qpos, kpos, window=W)
+            for name in ["flex", "reference"]:
+                fn = resolve_kernels(KernelConfig(attention=name), DEV).attention
+                o = fn(q, kc, vc, qpos, kpos, window=W)
+                ms = cuda_ms(lambda: fn(q, kc, vc, qpos, kpos, window=W), 20, 200)
+                _row(rows, section="decode", op=f"attention step, {label}", backend=name, ms=ms,
+                     rel_err=dict(o=rel_err(o, o_ref)))
+
+
+def print_table(rows: list) -> None:
+    print("\n| section | case | backend | fwd ms | fwd+bwd ms | x floor | rel err (max over outputs, grads) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['section']} | {r.get('case', r.get('op', ''))} | {r.get('backend', 'flex')} | error: "
+                  f"{r['error'][:120]} | | | |")
+            continue
+        err = max(r["rel_err"].values()) if "rel_err" in r else float("nan")
+        fwd = r.get("fwd_ms", r.get("ms"))
+        case = r.get("case", r.get("op", f"L={L}")) + (f", W={r['window']}" if r.get("window") else "")
+        print(f"| {r['section']} | {case} | {r.get('backend', 'flex')} | "
+              f"{fwd:.3f} | {r.get('fwd_bwd_ms', float('nan')):.3f} | {r.get('x_floor', float('nan')):.2f} | "
+              f"{err:.1e} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default="ssd,attention,decode")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels_gpu.json"))
+    ap.add_argument("--commit", default="unknown")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels_gpu.py needs a CUDA device")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
+                commit=args.commit, command=" ".join(sys.argv))
+    for mod in ("triton", "mamba_ssm"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except ImportError as e:
+            meta[mod] = f"not importable: {e}"
+    print(json.dumps(meta), flush=True)
+    rows: list = []
+    sections = {"ssd": bench_ssd, "attention": bench_attention, "decode": bench_decode}
+    for name in args.sections.split(","):
+        t0 = time.perf_counter()
+        sections[name](rows, args)
+        print(f"# section {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

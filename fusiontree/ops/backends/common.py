@@ -1,0 +1,22 @@
+"""Helpers shared by backends that need no optional package (so CPU tests can import them).
+
+Legend: B batch, T time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def canonical_seq_idx(seq_idx_BT: Tensor) -> Tensor:
+    """Relabel document ids as 0, 1, 2, ... in order of appearance along each row (int32).
+
+    The reference starts a new document wherever the id changes between neighbours, and the
+    initial state belongs to the first document whatever its id. Kernels that instead compare
+    ids for equality and give the initial state to id 0 (mamba-ssm) agree with the reference
+    on the relabelled ids, also for rows that start at an id other than 0 or reuse an id.
+    Computed on the device, without a host sync."""
+    change_BT = seq_idx_BT[:, 1:] != seq_idx_BT[:, :-1]
+    return F.pad(torch.cumsum(change_BT, dim=1, dtype=torch.int32), (1, 0)).contiguous()

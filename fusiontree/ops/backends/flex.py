@@ -1,0 +1,209 @@
+"""Attention backend `flex`: FlexAttention and PyTorch SDPA under the contract of `attention_ref`.
+
+Legend: B batch, T queries, S keys (S0 cached + the T new ones), H query heads, K kv heads,
+G = H // K query heads per kv head, D head dim.
+
+The regime is told apart by shapes and tensor identity alone, so choosing costs no host sync:
+
+- S == T, no cache (training, prefill). Positions are taken to advance by one per token inside
+  a document: the assumption `attention_ref` already makes for its blocking, and what the
+  model produces for plain rows, packed documents and left-padded prompts. The causal, window
+  and document rules then become rules on indices, so the kernels skip whole blocks.
+  * No document mask, `k_pos is q_pos` (the model passes the very same tensor when no token is
+    padding) and a global layer or a window >= T: SDPA with `is_causal` (flash kernel).
+  * Otherwise FlexAttention. Its block mask depends only on (T, window) when there is neither
+    a document mask nor padding, and is cached per shape. With document masks or padding
+    (keys with k_pos < 0) it depends on the data and is built once per forward: it is cached
+    on the identity and version of the seq / k_pos tensors, which all layers of one forward
+    share, so the layers of a forward build it once per window.
+  A padding query sees no key on this path and gets zero (the reference leaves that row to its
+  blocking, and the model discards it); every real token gets the reference's result.
+- S > T (chunked prefill or decode with a cache; cached slots in any order, empty slots at
+  position -1): SDPA with a boolean mask computed from positions by the reference's rule. That
+  is the right algorithm here: the cache is not in position order and T is small. GQA folds the
+  G query heads of each kv head into the query axis, so the cache is never copied per head.
+
+On CUDA, FlexAttention and block-mask construction are compiled (torch.compile, once per
+signature). On CPU they run uncompiled (materialising T x S scores) and FlexAttention has no
+backward there: that path exists to test the masking logic on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+# A global layer on the FlexAttention path: a window longer than any sequence (int32 index math).
+_NO_WINDOW = 2**30
+# SDPA kernels allowed for the unmasked causal path on CUDA. The math kernel is left out on
+# purpose: at 32K tokens it would build a 32K x 32K score matrix per head and run out of memory.
+_FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+_compiled: dict[str, object] = {}
+
+
+def _flex_fn(device: torch.device):
+    if device.type != "cuda":
+        return flex_attention
+    if "flex" not in _compiled:
+        _compiled["flex"] = torch.compile(flex_attention)
+    return _compiled["flex"]
+
+
+def _block_mask_fn(device: torch.device):
+    if device.type != "cuda":
+        return create_block_mask
+    if "block_mask" not in _compiled:
+        # Compiled, create_block_mask evaluates the mask block by block instead of building
+        # the full T x T boolean mask first (1 GiB at 32K).
+        _compiled["block_mask"] = torch.compile(create_block_mask)
+    return _compiled["block_mask"]
+
+
+@lru_cache(maxsize=16)
+def _window_tensor(window: int, device: torch.device) -> Tensor:
+    # A tensor, not a Python int, inside the mask: every window shares one compiled kernel.
+    return torch.tensor(window, dtype=torch.int32, device=device)
+
+
+def _mask_mod(window_t: Tensor, q_seq_BT: Tensor | None, k_seq_BS: Tensor | None, k_pos_BS: Tensor | None):
+    """Index-based rule (positions advance by one per token inside a document), plus the
+    document and padding rules read from data when given."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = (kv_idx <= q_idx) & (q_idx - kv_idx < window_t)
+        if q_seq_BT is not None:
+            keep = keep & (q_seq_BT[b, q_idx] == k_seq_BS[b, kv_idx])
+        if k_pos_BS is not None:
+            keep = keep & (k_pos_BS[b, kv_idx] >= 0)
+        return keep
+    return mask_mod
+
+
+@lru_cache(maxsize=64)
+def _index_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
+    mask_mod = _mask_mod(_window_tensor(window, device), None, None, None)
+    return _block_mask_fn(device)(mask_mod, None, None, T, T, device=device)
+
+
+# key -> ((tensor, version) per data tensor, block mask); one entry per key, so at most a few.
+_data_block_masks: dict[tuple, tuple[list, BlockMask]] = {}
+
+
+def _same_data(saved: list, tensors: tuple) -> bool:
+    for (t0, version), t in zip(saved, tensors):
+        if t0 is not t:
+            return False
+        # Inference tensors keep no version counter, so in-place edits cannot be detected.
+        if t is not None and (t.is_inference() or t._version != version):
+            return False
+    return True
+
+
+def _data_block_mask(T: int, window: int, q_seq_BT: Tensor | None, k_seq_BS: Tensor | None,
+                     k_pos_BS: Tensor | None, device: torch.device) -> BlockMask:
+    Bsz = (q_seq_BT if q_seq_BT is not None else k_pos_BS).shape[0]
+    key = (device, Bsz, T, window, q_seq_BT is None, k_pos_BS is None)
+    tensors = (q_seq_BT, k_seq_BS, k_pos_BS)
+    hit = _data_block_masks.get(key)
+    if hit is not None and _same_data(hit[0], tensors):
+        return hit[1]
+    mask_mod = _mask_mod(_window_tensor(window, device), q_seq_BT, k_seq_BS, k_pos_BS)
+    block_mask = _block_mask_fn(device)(mask_mod, Bsz, None, T, T, device=device)
+    # The block mask's mask_mod holds these tensors, so none of them can be freed and its
+    # address reused while the entry lives: identity plus version identifies the data.
+    saved = [(t, None if t is None or t.is_inference() else t._version) for t in tensors]
+    _data_block_masks[key] = (saved, block_mask)
+    return block_mask
+
+
+def _expand_kv_heads(t_BTKD: Tensor, G: int) -> Tensor:
+    return t_BTKD if G == 1 else t_BTKD.repeat_interleave(G, dim=2)  # head h reads kv head h // G
+
+
+def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    G = q.shape[2] // k.shape[2]
+    # kv heads are expanded (O(T * H * D) memory) rather than passed with enable_gqa, which
+    # not every fused SDPA kernel accepts; the flash kernel then always applies.
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, _expand_kv_heads(k, G), _expand_kv_heads(v, G)))
+    if q.is_cuda:
+        with sdpa_kernel(_FUSED_SDPA):
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    return o.transpose(1, 2)
+
+
+def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
+    """The reference's rule on positions, as one boolean [B, T, S] mask."""
+    K = k.shape[2]
+    G = q.shape[2] // K
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= (qp - kp) < window
+    if q_seq is not None:
+        mask &= q_seq[:, :, None] == k_seq[:, None, :]
+    seen_BT = mask.any(dim=-1)
+    # A query that sees no key would be a 0/0 softmax: let it see every key, then zero its row.
+    mask = mask | ~seen_BT[..., None]
+    T, S = mask.shape[1:]
+    mask = mask[:, None, None].expand(-1, 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
+    qf = rearrange(q, "b t (k g) d -> b k (g t) d", k=K)
+    o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    o = rearrange(o, "b k (g t) d -> b t (k g) d", g=G)
+    return o * seen_BT[:, :, None, None].to(o.dtype)
+
+
+def attention_flex(
+    q_BTHD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKD: Tensor,
+    q_pos_BT: Tensor,
+    k_pos_BS: Tensor,
+    window: int | None = None,
+    q_seq_BT: Tensor | None = None,
+    k_seq_BS: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD."""
+    if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
+        raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
+                         f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
+    Bsz, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    if S < T or H % K or k_BSKD.shape[3] != D:
+        raise ValueError(f"need S >= T keys (cache + the queries' own), H % K == 0 and equal head "
+                         f"dims; got T={T}, S={S}, H={H}, K={K}, q head dim {D}, k head dim {k_BSKD.shape[3]}")
+    if (q_seq_BT is None) != (k_seq_BS is None):
+        raise ValueError("pass both q_seq_BT and k_seq_BS (document masks) or neither")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+    if S > T:
+        return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
+
+    padded = k_pos_BS is not q_pos_BT
+    if q_seq_BT is None and not padded and (window is None or window >= T):
+        return _causal_sdpa(q_BTHD, k_BSKD, v_BSKD, scale)
+
+    if not q_BTHD.is_cuda and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q_BTHD, k_BSKD, v_BSKD)):
+        raise ValueError("the flex attention backend has no backward on CPU (FlexAttention runs "
+                         "forward-only there); train on CPU with kernels.attention=reference")
+    w = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
+    device = q_BTHD.device
+    if q_seq_BT is None and not padded:
+        block_mask = _index_block_mask(T, w, device)
+    else:
+        block_mask = _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, device)
+    o = _flex_fn(device)(q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
+                         block_mask=block_mask, scale=scale, enable_gqa=K != H)
+    return o.transpose(1, 2)

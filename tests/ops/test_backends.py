@@ -1,0 +1,183 @@
+"""Backend selection, and the backends' logic that runs on CPU: FlexAttention's masks (forward;
+FlexAttention has no CPU backward), the SDPA paths, seq_idx relabelling, the compiled decode step.
+The GPU kernels themselves are tested in test_gpu_backends.py."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from fusiontree import ops
+from fusiontree.config import KernelConfig
+from fusiontree.models.hybrid import positions_from_seq_idx
+from fusiontree.ops import resolve_kernels
+from fusiontree.ops.attention import attention_ref
+from fusiontree.ops.backends.common import canonical_seq_idx
+from fusiontree.ops.backends.flex import attention_flex
+from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_uncompiled_flex():
+    # FlexAttention warns that it runs unfused without torch.compile, which is the point here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        yield
+
+
+# ------------------------------------------------------------------ selection
+
+
+def test_auto_on_cpu_picks_the_references():
+    k = resolve_kernels(KernelConfig(), "cpu")
+    assert (k.ssd_name, k.attention_name) == ("reference", "reference")
+    assert k.describe() == "ssd=reference attention=reference conv1d=reference"
+
+
+def test_unknown_backend_is_a_value_error_listing_the_choices():
+    with pytest.raises(ValueError, match=r"not a known backend.*'compile'.*'mamba_ssm'"):
+        resolve_kernels(KernelConfig(ssd="triton"), "cpu")
+    with pytest.raises(ValueError, match=r"not a known backend.*'flex'"):
+        resolve_kernels(KernelConfig(attention="flash_attn"), "cpu")
+
+
+def test_named_backend_that_cannot_load_raises_with_the_reason():
+    with pytest.raises(RuntimeError, match="kernels.ssd='mamba_ssm' cannot load on cpu: .*CUDA device"):
+        resolve_kernels(KernelConfig(ssd="mamba_ssm"), "cpu")
+
+
+def _fake(name, fail_with=None):
+    def loader(device):
+        if fail_with is not None:
+            raise fail_with
+        return dict(ssd_chunked=name, ssd_step=name, conv1d=name, conv1d_step=name)
+    return loader
+
+
+def test_auto_on_cuda_takes_the_first_backend_that_loads_and_logs_the_others(monkeypatch, caplog):
+    table = {"mamba_ssm": _fake("m", ImportError("No module named 'mamba_ssm'")),
+             "compile": _fake("c"), "reference": _fake("r")}
+    monkeypatch.setattr(ops, "SSD_BACKENDS", table)
+    monkeypatch.setattr(ops, "ATTENTION_BACKENDS", {"flex": lambda d: dict(attention="f"),
+                                                    "reference": lambda d: dict(attention="r")})
+    with caplog.at_level(logging.INFO, logger="fusiontree.ops"):
+        k = resolve_kernels(KernelConfig(), "cuda")
+    assert (k.ssd_name, k.ssd_chunked, k.attention_name, k.attention) == ("compile", "c", "flex", "f")
+    assert "mamba_ssm unavailable (No module named 'mamba_ssm')" in caplog.text
+    # and a named backend never falls back, even when another one would load
+    with pytest.raises(RuntimeError, match="kernels.ssd='mamba_ssm' cannot load on cuda: No module named"):
+        resolve_kernels(KernelConfig(ssd="mamba_ssm"), "cuda")
+
+
+def test_auto_on_cuda_prefers_mamba_ssm_then_compile_then_flex():
+    order = ops.AUTO_ORDER["cuda"]
+    assert order.index("mamba_ssm") < order.index("compile") < order.index("reference")
+    assert order.index("flex") < order.index("reference")
+
+
+def test_flex_and_compile_load_on_cpu_when_named():
+    k = resolve_kernels(KernelConfig(ssd="compile", attention="flex"), "cpu")
+    assert (k.ssd_name, k.attention_name, k.attention) == ("compile", "flex", attention_flex)
+
+
+# ------------------------------------------------------------------ flex attention on CPU
+
+
+def _qkv(B, T, S0, H, K, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, H, D, generator=g), torch.randn(B, S0 + T, K, D, generator=g),
+            torch.randn(B, S0 + T, K, D, generator=g))
+
+
+@pytest.mark.parametrize("T", [1, 63, 300])
+@pytest.mark.parametrize("window", [None, 1, 7, 128, 1000])
+def test_flex_training_path_matches_reference(T, window):
+    q, k, v = _qkv(2, T, 0, 6, 2, 16, seed=T)
+    pos = torch.arange(T).expand(2, T)
+    torch.testing.assert_close(attention_flex(q, k, v, pos, pos, window=window),
+                               attention_ref(q, k, v, pos, pos, window=window), **TOL)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_flex_document_masks_match_reference(window):
+    seq = torch.tensor([[0] * 40 + [1] + [2] * 109, [7] * 100 + [3] * 50])  # ids need not be sorted
+    pos = positions_from_seq_idx(seq)
+    q, k, v = _qkv(2, 150, 0, 4, 4, 16, seed=1)
+    o = attention_flex(q, k, v, pos, pos, window=window, q_seq_BT=seq, k_seq_BS=seq)
+    torch.testing.assert_close(o, attention_ref(q, k, v, pos, pos, window=window, q_seq_BT=seq, k_seq_BS=seq),
+                               **TOL)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_flex_left_padding_matches_reference_on_real_tokens(window):
+    T = 70
+    real = torch.ones(2, T, dtype=torch.bool)
+    real[0, :13] = False
+    pos = (real.long().cumsum(1) - 1).clamp(min=0)
+    kpos = pos.masked_fill(~real, -1)
+    q, k, v = _qkv(2, T, 0, 4, 2, 16, seed=2)
+    o = attention_flex(q, k, v, pos, kpos, window=window)
+    torch.testing.assert_close(o[real], attention_ref(q, k, v, pos, kpos, window=window)[real], **TOL)
+    assert torch.isfinite(o).all() and o[0, :13].abs().max() == 0  # padding queries see nothing
+
+
+@pytest.mark.parametrize("window", [3, 16, None])
+@pytest.mark.parametrize("T", [1, 21])
+def test_flex_cached_path_matches_reference(window, T):
+    """Cached keys in ring order, empty slots, a row whose query sees no key at all."""
+    S0 = 16
+    q, k, v = _qkv(3, T, S0, 4, 2, 16, seed=3)
+    qpos = torch.arange(S0, S0 + T).expand(3, T).clone()
+    cpos = torch.stack([torch.randperm(S0), torch.randperm(S0), torch.randperm(S0)])
+    cpos[1, :5] = -1
+    kpos = torch.cat([cpos, qpos], 1)
+    kpos[2] = -1  # row 2: nothing visible
+    o = attention_flex(q, k, v, qpos, kpos, window=window)
+    torch.testing.assert_close(o, attention_ref(q, k, v, qpos, kpos, window=window), **TOL)
+    assert o[2].abs().max() == 0
+
+
+def test_flex_rejects_bad_input_and_cpu_backward():
+    q, k, v = _qkv(1, 8, 0, 4, 3, 16, seed=0)
+    pos = torch.arange(8)[None]
+    with pytest.raises(ValueError, match="H % K == 0"):
+        attention_flex(q, k, v, pos, pos)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 8, 0, 4, 2, 16, seed=0))
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        attention_flex(q, k, v, pos, pos, window=4)
+    with pytest.raises(ValueError, match="both q_seq_BT and k_seq_BS"):
+        attention_flex(q, k, v, pos, pos, window=4, q_seq_BT=torch.zeros(1, 8, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ SSD helpers on CPU
+
+
+def test_canonical_seq_idx_keeps_the_reference_semantics():
+    seq = torch.tensor([[5, 5, 7, 7, 5, 5, 5, 2], [0, 0, 0, 0, 0, 0, 0, 0], [3, 1, 1, 1, 1, 1, 4, 4]])
+    assert canonical_seq_idx(seq).tolist() == [[0, 0, 1, 1, 2, 2, 2, 3], [0] * 8, [0, 1, 1, 1, 1, 1, 2, 2]]
+    assert canonical_seq_idx(seq).dtype == torch.int32
+    g = torch.Generator().manual_seed(0)
+    B, T, H, P, G, N = 3, 8, 2, 3, 1, 4
+    x, Bm, Cm = torch.randn(B, T, H, P, generator=g), torch.randn(B, T, G, N, generator=g), torch.randn(B, T, G, N, generator=g)
+    dt, A, h0 = torch.rand(B, T, H, generator=g), -torch.rand(H, generator=g), torch.randn(B, H, P, N, generator=g)
+    y, f = ssd_chunked_ref(x, dt, A, Bm, Cm, chunk_size=4, initial_state_BHPN=h0, seq_idx_BT=seq)
+    y2, f2 = ssd_chunked_ref(x, dt, A, Bm, Cm, chunk_size=4, initial_state_BHPN=h0, seq_idx_BT=canonical_seq_idx(seq))
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(f, f2)
+
+
+def test_compiled_decode_step_matches_reference_on_cpu():
+    k = resolve_kernels(KernelConfig(ssd="compile"), "cpu")
+    g = torch.Generator().manual_seed(0)
+    B, H, P, G, N = 2, 4, 8, 2, 16
+    x, dt = torch.randn(B, H, P, generator=g), torch.rand(B, H, generator=g) * 0.3
+    A, D = -(torch.rand(H, generator=g) + 0.2), torch.randn(H, generator=g)
+    Bm, Cm = torch.randn(B, G, N, generator=g), torch.randn(B, G, N, generator=g)
+    state = torch.randn(B, H, P, N, generator=g)
+    state_ref = state.clone()
+    y = k.ssd_step(state, x, dt, A, Bm, Cm, D)
+    torch.testing.assert_close(y, ssd_step_ref(state_ref, x, dt, A, Bm, Cm, D), **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)
