@@ -232,17 +232,74 @@ class GenerateConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How each layer is split across GPUs (see fusiontree/parallel/). The data-parallel size
+    is what is left: world size // tensor_parallel."""
+    tensor_parallel: int = 1
+    # Norms, residuals and gates run on sequence shards; all-gather before the column-parallel
+    # projections, reduce-scatter after the row-parallel ones (needs tensor_parallel > 1).
+    sequence_parallel: bool = False
+
+    def validate(self, model: ModelConfig, seq_lens: typing.Iterable[int] = ()) -> None:
+        """`seq_lens`: training sequence lengths the run will use (checked under sequence
+        parallelism, as is model.max_seq_len)."""
+        tp = self.tensor_parallel
+
+        def bad(msg: str) -> None:
+            raise ValueError(f"parallel config: {msg}")
+
+        def divisors_of(n: int) -> list[int]:
+            return [d for d in range(1, n + 1) if n % d == 0]
+
+        if tp < 1:
+            bad(f"tensor_parallel={tp} must be >= 1")
+        if self.sequence_parallel and tp == 1:
+            bad("sequence_parallel=true shards the sequence over the tensor-parallel group, so it needs "
+                "tensor_parallel > 1; set sequence_parallel=false or raise tensor_parallel")
+        if tp == 1:
+            return
+        if model.has_attention:
+            if model.n_heads % tp:
+                bad(f"model.n_heads={model.n_heads} is not divisible by tensor_parallel={tp}; pick "
+                    f"tensor_parallel among {divisors_of(model.n_heads)}")
+            if model.n_kv_heads % tp and tp % model.n_kv_heads:
+                bad(f"model.n_kv_heads={model.n_kv_heads} and tensor_parallel={tp}: kv heads are split "
+                    "when tensor_parallel divides them and replicated when n_kv_heads divides "
+                    f"tensor_parallel; pick tensor_parallel among {divisors_of(model.n_kv_heads)} or a "
+                    f"multiple of {model.n_kv_heads}")
+        if model.has_mamba:
+            if model.ssm_heads % tp:
+                bad(f"Mamba heads (ssm_expand*d_model/ssm_head_dim = {model.ssm_heads}) are not divisible "
+                    f"by tensor_parallel={tp}; pick tensor_parallel among {divisors_of(model.ssm_heads)}")
+            if model.ssm_groups % tp:
+                bad(f"model.ssm_groups={model.ssm_groups} is not divisible by tensor_parallel={tp} (each "
+                    "rank keeps whole SSM groups, B/C and the gated norm are per group); set ssm_groups "
+                    f"to a multiple of {tp} that divides the {model.ssm_heads} Mamba heads")
+        if model.mlp_hidden_size % tp:
+            bad(f"MLP hidden size {model.mlp_hidden_size} is not divisible by tensor_parallel={tp}; set "
+                f"model.mlp_hidden to a multiple of {tp}")
+        if self.sequence_parallel:
+            for name, n in [("model.max_seq_len", model.max_seq_len)] + \
+                    [("sequence length", n) for n in seq_lens]:
+                if n % tp:
+                    bad(f"{name}={n} is not divisible by tensor_parallel={tp}, which sequence parallelism "
+                        f"needs; use lengths that are multiples of {tp} or set sequence_parallel=false")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("debug"))
     kernels: KernelConfig = field(default_factory=KernelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1234
     out_dir: str = "runs/default"
 
     def validate(self) -> None:
         self.model.validate()
+        self.parallel.validate(self.model)
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}; lower one or raise the other")
