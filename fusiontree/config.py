@@ -287,6 +287,76 @@ class ParallelConfig:
 
 
 @dataclass
+class CurriculumStage:
+    seq_len: int = 512  # tokens per sample; must be a bucket of the built shards
+    # The stage ends once training has seen this many tokens (all ranks together, counted
+    # from the start of the run); 0 on the last stage: it runs to the end of training.
+    until_tokens: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Shards, batch geometry and the length curriculum (fusiontree/data/loader.py)."""
+    shards_dir: str = "data/shards"  # the --output of data_pipeline/build_shards.py
+    tokenizer: str = ""  # a .model file; "": the tokenizer.model of shards_dir
+    # Tokens per optimizer step over all ranks, the same in every curriculum stage.
+    global_batch_tokens: int = 16384
+    # Tokens per micro-batch per rank. micro-batch size = micro_batch_tokens // seq_len, so
+    # longer sequences come in smaller micro-batches, and the gradient-accumulation steps,
+    # global_batch_tokens // (micro_batch_tokens * data-parallel size), never change.
+    micro_batch_tokens: int = 4096
+    curriculum: list[CurriculumStage] = field(default_factory=lambda: [
+        CurriculumStage(seq_len=512, until_tokens=1_638_400), CurriculumStage(seq_len=1024, until_tokens=0)])
+    num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the training process
+    prefetch_factor: int = 4  # micro-batches each worker keeps ready
+    shuffle: bool = True  # reshuffle shards and samples every epoch (seeded by the run's seed)
+    # At loader start: `size` stats every shard; `sha256` also hashes them (each rank hashes
+    # its share) against the manifest. A mismatch is an error naming the shard.
+    verify_shards: Literal["sha256", "size", "none"] = "sha256"
+    # An unreadable shard while training: `error` stops naming it; `skip` logs it, counts it
+    # and fills its samples' slots with readable samples (batches keep their size on every rank).
+    on_corrupt_shard: Literal["error", "skip"] = "error"
+    # Resuming from loader state written with another data-parallel size, worker count,
+    # seed, micro_batch_tokens or shard build cannot replay the same samples: `error`
+    # refuses; `next_epoch` starts every bucket at its next epoch.
+    resume_mismatch: Literal["error", "next_epoch"] = "error"
+
+    def tokenizer_path(self) -> Path:
+        return Path(self.tokenizer) if self.tokenizer else Path(self.shards_dir) / "tokenizer.model"
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"data config: {msg}")
+
+        if self.micro_batch_tokens < 1 or self.global_batch_tokens < 1:
+            bad(f"micro_batch_tokens={self.micro_batch_tokens} and global_batch_tokens={self.global_batch_tokens} "
+                "must be positive")
+        if self.global_batch_tokens % self.micro_batch_tokens:
+            bad(f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_tokens="
+                f"{self.micro_batch_tokens}; make it one (global = micro x grad-accumulation steps x "
+                "data-parallel size)")
+        if not self.curriculum:
+            bad("curriculum is empty; give at least one stage, e.g. [{seq_len: 512, until_tokens: 0}]")
+        for i, stage in enumerate(self.curriculum):
+            where = f"curriculum[{i}]"
+            if stage.seq_len < 1:
+                bad(f"{where}.seq_len={stage.seq_len} must be positive")
+            if self.micro_batch_tokens % stage.seq_len:
+                bad(f"{where}.seq_len={stage.seq_len} does not divide micro_batch_tokens={self.micro_batch_tokens}"
+                    " (micro-batch size = micro_batch_tokens // seq_len); use a micro_batch_tokens that is a "
+                    f"multiple of every stage's seq_len, e.g. {max(s.seq_len for s in self.curriculum)}")
+            last = i == len(self.curriculum) - 1
+            if stage.until_tokens < 0 or (stage.until_tokens == 0 and not last):
+                bad(f"{where}.until_tokens={stage.until_tokens}: every stage but the last needs a positive "
+                    "until_tokens (where it ends, in tokens seen); the last may use 0 (runs to the end)")
+            if i and 0 < stage.until_tokens <= self.curriculum[i - 1].until_tokens:
+                bad(f"{where}.until_tokens={stage.until_tokens} must exceed the previous stage's "
+                    f"{self.curriculum[i - 1].until_tokens}; stages are listed in training order")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            bad(f"num_workers={self.num_workers} must be >= 0 and prefetch_factor={self.prefetch_factor} >= 1")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: model_preset("debug"))
     kernels: KernelConfig = field(default_factory=KernelConfig)
@@ -294,12 +364,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 1234
     out_dir: str = "runs/default"
 
     def validate(self) -> None:
         self.model.validate()
         self.parallel.validate(self.model)
+        self.data.validate()
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
                              f"{self.model.max_seq_len}; lower one or raise the other")
