@@ -5,14 +5,16 @@
 Steps (`data_pipeline/build_shards.py` is the command line for this):
 
 1. Inputs become read units (fusiontree/data/corpus.py); each document is assigned to the
-   train or val split by a seeded hash of its group (its file), so no document, and no file,
-   lands in both.
+   train or val split by a seeded hash of its group (its file's path relative to the inputs;
+   each jsonl line is a group of its own), so no document lands in both splits.
 2. Unless a tokenizer is given, SentencePiece BPE is trained on a seeded sample of the
    train split's lines (`tokenizer_sample_mb`), with `workers` threads.
 3. A pool of `workers` processes reads and tokenizes the units in input order; each document
    gets eos at its end.
-4. Documents are packed per split in chunks of about `chunk_tokens` tokens (bounded memory;
-   fusiontree/data/packing.py) and written as shards per bucket (fusiontree/data/shards.py).
+4. Documents are packed per split in chunks of about `chunk_tokens` tokens
+   (fusiontree/data/packing.py) and written as shards per bucket (fusiontree/data/shards.py).
+   Memory holds one chunk per split plus the units in flight; a .jsonl.gz file is one unit,
+   so split very large ones (plain .jsonl is read in 8 MB ranges).
 5. manifest.json is written last: a directory with a manifest holds a complete build.
 
 The same inputs and arguments give byte-identical shards, tokenizer and manifest.
@@ -52,12 +54,14 @@ class BuildArgs:
     seq_lengths: list[int] = field(default_factory=lambda: list(DEFAULT_SEQ_LENGTHS))
     # Wanted share of the tokens per bucket, in the order of seq_lengths (empty: equal shares).
     bucket_shares: list[float] = field(default_factory=list)
-    val_fraction: float = 0.01
+    val_fraction: float = 0.02
     workers: int = field(default_factory=corpus.cpu_count)
     shard_size: int = 1024  # samples per shard
     seed: int = 1234
     text_field: str = "text"  # jsonl: the key holding the text
-    tokenizer_sample_mb: float = 16.0  # train-split text the tokenizer is trained on
+    # Train-split text the tokenizer is trained on. On the default corpus 8 MB compresses 0.7%
+    # worse than 16 MB and trains in half the time (1.3 s vs 2.4 s on 2 cores).
+    tokenizer_sample_mb: float = 8.0
     chunk_tokens: int = 32 << 20  # documents packed together (memory bound of packing)
     progress: bool = True
 
@@ -153,7 +157,8 @@ def _prepare_output(out: Path) -> None:
 
 
 def _tokenizer_sample(units: list[Unit], args: BuildArgs, tqdm) -> tuple[list[str], int]:
-    """Lines from train-split documents, taking units in a seeded order until the budget."""
+    """Lines (characters counted) of train-split documents, taking units in a seeded order
+    until the budget."""
     order = sorted(units, key=lambda u: hashlib.sha256(f"{args.seed}\0{u.kind}\0{u.name}\0{u.start}".encode()).digest())
     budget = int(args.tokenizer_sample_mb * 1e6)
     lines: list[str] = []
@@ -163,10 +168,13 @@ def _tokenizer_sample(units: list[Unit], args: BuildArgs, tqdm) -> tuple[list[st
         with tqdm(total=min(budget, corpus.total_bytes(units)), unit="B", unit_scale=True, desc="tokenizer sample",
                   disable=not args.progress, file=sys.stderr) as bar:
             for got, _ in _imap(pool, _sample_lines, order):
-                lines.extend(got)
-                n = sum(len(line) + 1 for line in got)
-                size += n
-                bar.update(min(n, bar.total - bar.n))
+                before = size
+                for line in got:  # a single big unit must not blow the budget
+                    lines.append(line)
+                    size += len(line) + 1
+                    if size >= budget:
+                        break
+                bar.update(min(size - before, bar.total - bar.n))
                 if size >= budget:
                     break
     finally:
@@ -188,16 +196,16 @@ def build_shards(args: BuildArgs) -> dict:
     if not units:
         raise ValueError("no input: every --input was empty")
     out = Path(args.output)
-    _prepare_output(out)
-
-    # tokenizer
     t0 = time.perf_counter()
     tok_info: dict = {"path": TOKENIZER_FILE}
-    if args.tokenizer:
+    if args.tokenizer:  # read before the output is cleared: it may be the previous build's tokenizer
         sp = load_sentencepiece(args.tokenizer)  # checks existence, special ids, byte fallback
         model = Path(args.tokenizer).read_bytes()
         tok_info.update(trained=False, source=str(args.tokenizer))
-    else:
+    _prepare_output(out)
+
+    # tokenizer
+    if not args.tokenizer:
         lines, sample_bytes = _tokenizer_sample(units, args, tqdm)
         if not lines:
             raise ValueError("the train split has no text to train a tokenizer on; give more input "
@@ -255,7 +263,7 @@ def build_shards(args: BuildArgs) -> dict:
                 bar.update(size)
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate()  # every task has returned unless an error got us here
             pool.join()
     for split in SPLITS:
         flush(split)
@@ -275,6 +283,7 @@ def build_shards(args: BuildArgs) -> dict:
     build_args["seq_lengths"] = seq_lengths
     build_args["bucket_shares"] = shares
     build_args["inputs"] = list(args.inputs) or ["<default corpus>"]
+    build_args["vocab_size"] = vocab_size  # a reused tokenizer brings its own
     manifest = {
         "format": FORMAT,
         "corpus": "; ".join(args.inputs) if args.inputs else corpus.describe_default_corpus(),

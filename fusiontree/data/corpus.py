@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import sysconfig
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,7 +129,11 @@ def read_unit(unit: Unit, text_field: str = "text") -> ReadResult:
         return out
     if unit.kind == "text":
         out.stats.files += 1
-        text = decode_utf8(Path(unit.path).read_bytes(), out.stats)
+        try:
+            data = Path(unit.path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read input {unit.path}: {e}") from e
+        text = decode_utf8(data, out.stats)
         _keep(out.docs, out.stats, unit.name, unit.name, text)
         if unit.docstrings:
             m = _DOCSTRING.match(text)
@@ -137,17 +142,22 @@ def read_unit(unit: Unit, text_field: str = "text") -> ReadResult:
         return out
     if unit.kind == "jsonl.gz":
         out.stats.files += 1
-        with gzip.open(unit.path, "rb") as f:
-            for i, raw in enumerate(f):
-                _jsonl_line(raw, f"{unit.name}:{i}", text_field, out)
+        i = 0
+        try:
+            with gzip.open(unit.path, "rb") as f:
+                for i, raw in enumerate(f):
+                    _jsonl_line(raw, f"{unit.name}:{i}", text_field, out)
+        except (OSError, EOFError, zlib.error) as e:
+            # A damaged archive is not a bad line: what follows the damage is unknowable.
+            raise ValueError(f"input {unit.path} is not a readable gzip file (after line {i}: {e}); "
+                             "re-create it or leave it out of --input") from e
         return out
     assert unit.kind == "jsonl", unit
     out.stats.files += unit.start == 0
     with open(unit.path, "rb") as f:
         pos = unit.start
-        f.seek(pos)
         if pos > 0:
-            # The line running through `start` belongs to the previous range.
+            # The line running through `start` belongs to the previous range (it began there).
             f.seek(pos - 1)
             pos += len(f.readline()) - 1
         while pos < unit.end:

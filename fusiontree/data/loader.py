@@ -313,8 +313,10 @@ class TrainLoader:
         if self.num_workers == 0:
             self._it = iter(ds)
         else:
+            # Pinned batches let the trainer's .to(device, non_blocking=True) overlap the copy.
             self._it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                                        prefetch_factor=self.cfg.prefetch_factor))
+                                                        prefetch_factor=self.cfg.prefetch_factor,
+                                                        pin_memory=torch.cuda.is_available()))
         self._it_seq_len = seq_len
 
     def close(self) -> None:

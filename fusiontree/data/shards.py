@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,7 +243,8 @@ def read_shard_range(shard: ShardInfo, start: int, stop: int, seq_len: int, toke
                     return out, f"sample {key} holds token id {int(tokens_T.max())} >= vocab size {vocab_size}"
                 out.append((index, tokens_T, starts_D))
                 expected += 1
-    except Exception as e:  # tarfile, OS and webdataset errors all mean: this shard is unreadable here
+    except (OSError, EOFError, tarfile.TarError, ValueError) as e:  # ValueError: webdataset's duplicate member
+        # Any of these means the shard is unreadable from here on; the caller decides what that costs.
         return out, f"{type(e).__name__}: {e}"
     if expected < stop:
         return out, f"ends after {expected} samples, the manifest says it holds {shard.samples}"

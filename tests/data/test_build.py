@@ -123,6 +123,9 @@ def test_reused_tokenizer_gives_the_same_shards(built, corpus_dir, tmp_path):
     assert summary["tokenizer"]["trained"] is False
     a, b = tree_bytes(root), tree_bytes(out)
     assert all(a[k] == b[k] for k in a if k.endswith(".tar") or k == "tokenizer.model")
+    # rebuilding in place with the build's own tokenizer (which the rebuild replaces)
+    build_shards(build_args(corpus_dir, out, tokenizer=str(out / "tokenizer.model")))
+    assert tree_bytes(out)["tokenizer.model"] == a["tokenizer.model"]
 
 
 def test_tokenizer_ids_and_round_trip(built):
@@ -196,3 +199,26 @@ def test_command_line(corpus_dir, tmp_path):
     res = subprocess.run([sys.executable, str(script), "--input", str(tmp_path / "nothing-here"), "--output",
                           str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "nothing-here" in res.stderr and "no such file" in res.stderr
+
+
+def test_jsonl_byte_ranges_read_every_line_once(tmp_path, monkeypatch):
+    from fusiontree.data import corpus
+
+    monkeypatch.setattr(corpus, "JSONL_RANGE_BYTES", 50)  # many ranges, cutting lines anywhere
+    texts = [f"line {i} " + "x" * (i * 7 % 40) for i in range(40)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    units = corpus.input_units([str(path)])
+    assert len(units) > 20
+    got = [d.text for u in units for d in corpus.read_unit(u).docs]
+    assert got == texts
+
+
+def test_damaged_gzip_input_is_an_error_naming_it(corpus_dir, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    data = (corpus_dir / "more.jsonl.gz").read_bytes()
+    (src / "cut.jsonl.gz").write_bytes(data[:len(data) // 2])
+    (src / "doc.txt").write_text((corpus_dir / "doc_001.txt").read_text() * 20)
+    with pytest.raises(ValueError, match="cut.jsonl.gz is not a readable gzip file"):
+        build_shards(build_args(src, tmp_path / "out", val_fraction=0.0))
