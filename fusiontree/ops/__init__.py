@@ -7,7 +7,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 
 | op | backends | `auto` on CUDA | `auto` on CPU |
 | --- | --- | --- | --- |
-| ssd (chunked scan + decode step) | `reference`, `compile` (torch.compile of the reference), `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else compile, else reference | reference |
+| ssd (chunked scan + decode step) | `reference`, `compile` (torch.compile of the reference), `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
 
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
@@ -96,8 +96,10 @@ ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
 # On CPU only the references: FlexAttention has no CPU backward, and compiling the SSD on CPU
-# costs more start-up time than it saves at CPU model sizes.
-AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "compile", "flex", "reference"]}
+# costs more start-up time than it saves at CPU model sizes. `compile` is not in CUDA's list:
+# on torch 2.11 (the GPU machine's) Inductor fails to generate the backward's cumsum (a split
+# scan) from T = 1000 on, so `auto` must not pick it for training; name it to use it.
+AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "reference"]}
 
 
 def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str, dict]:

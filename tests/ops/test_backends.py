@@ -60,6 +60,7 @@ def _fake(name, fail_with=None):
 def test_auto_on_cuda_takes_the_first_backend_that_loads_and_logs_the_others(monkeypatch, caplog):
     table = {"mamba_ssm": _fake("m", ImportError("No module named 'mamba_ssm'")),
              "compile": _fake("c"), "reference": _fake("r")}
+    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ["mamba_ssm", "compile", "flex", "reference"])
     monkeypatch.setattr(ops, "SSD_BACKENDS", table)
     monkeypatch.setattr(ops, "ATTENTION_BACKENDS", {"flex": lambda d: dict(attention="f"),
                                                     "reference": lambda d: dict(attention="r")})
@@ -72,10 +73,11 @@ def test_auto_on_cuda_takes_the_first_backend_that_loads_and_logs_the_others(mon
         resolve_kernels(KernelConfig(ssd="mamba_ssm"), "cuda")
 
 
-def test_auto_on_cuda_prefers_mamba_ssm_then_compile_then_flex():
+def test_auto_on_cuda_prefers_mamba_ssm_and_flex_and_never_compile():
     order = ops.AUTO_ORDER["cuda"]
-    assert order.index("mamba_ssm") < order.index("compile") < order.index("reference")
+    assert order.index("mamba_ssm") < order.index("reference")
     assert order.index("flex") < order.index("reference")
+    assert "compile" not in order  # fails in Inductor's backward codegen on torch 2.11
 
 
 def test_flex_and_compile_load_on_cpu_when_named():
@@ -111,9 +113,20 @@ def test_flex_document_masks_match_reference(window):
                                **TOL)
 
 
+def test_flex_keeps_two_runs_of_one_document_id_apart():
+    """A document is a contiguous run of one id (as for the SSD, conv1d and the model's
+    positions); FlexAttention relabels ids per run. 300 tokens: past the short-input path."""
+    seq = torch.tensor([[4] * 100 + [5] * 100 + [4] * 100])
+    runs = canonical_seq_idx(seq)
+    pos = positions_from_seq_idx(seq)
+    q, k, v = _qkv(1, 300, 0, 4, 2, 16, seed=5)
+    o = attention_flex(q, k, v, pos, pos, window=None, q_seq_BT=seq, k_seq_BS=seq)
+    torch.testing.assert_close(o, attention_ref(q, k, v, pos, pos, q_seq_BT=runs, k_seq_BS=runs), **TOL)
+
+
 @pytest.mark.parametrize("window", [None, 16])
-def test_flex_left_padding_matches_reference_on_real_tokens(window):
-    T = 70
+@pytest.mark.parametrize("T", [70, 300])  # the short-input (masked SDPA) and FlexAttention paths
+def test_flex_left_padding_matches_reference_on_real_tokens(window, T):
     real = torch.ones(2, T, dtype=torch.bool)
     real[0, :13] = False
     pos = (real.long().cumsum(1) - 1).clamp(min=0)
@@ -121,7 +134,9 @@ def test_flex_left_padding_matches_reference_on_real_tokens(window):
     q, k, v = _qkv(2, T, 0, 4, 2, 16, seed=2)
     o = attention_flex(q, k, v, pos, kpos, window=window)
     torch.testing.assert_close(o[real], attention_ref(q, k, v, pos, kpos, window=window)[real], **TOL)
-    assert torch.isfinite(o).all() and o[0, :13].abs().max() == 0  # padding queries see nothing
+    assert torch.isfinite(o).all()
+    if T >= 128:
+        assert o[0, :13].abs().max() == 0  # on the FlexAttention path padding queries see nothing
 
 
 @pytest.mark.parametrize("window", [3, 16, None])
@@ -145,11 +160,12 @@ def test_flex_rejects_bad_input_and_cpu_backward():
     pos = torch.arange(8)[None]
     with pytest.raises(ValueError, match="H % K == 0"):
         attention_flex(q, k, v, pos, pos)
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 8, 0, 4, 2, 16, seed=0))
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 200, 0, 4, 2, 16, seed=0))
+    pos = torch.arange(200)[None]
     with pytest.raises(ValueError, match="no backward on CPU"):
         attention_flex(q, k, v, pos, pos, window=4)
     with pytest.raises(ValueError, match="both q_seq_BT and k_seq_BS"):
-        attention_flex(q, k, v, pos, pos, window=4, q_seq_BT=torch.zeros(1, 8, dtype=torch.long))
+        attention_flex(q, k, v, pos, pos, window=4, q_seq_BT=torch.zeros(1, 200, dtype=torch.long))
 
 
 # ------------------------------------------------------------------ SSD helpers on CPU

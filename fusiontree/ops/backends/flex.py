@@ -9,6 +9,9 @@ The regime is told apart by shapes and tensor identity alone, so choosing costs 
   a document: the assumption `attention_ref` already makes for its blocking, and what the
   model produces for plain rows, packed documents and left-padded prompts. The causal, window
   and document rules then become rules on indices, so the kernels skip whole blocks.
+  * T below one FlexAttention block (128): SDPA with the reference's boolean mask on
+    positions (T x T is tiny there). On torch 2.11 Inductor found no kernel configuration
+    for FlexAttention at T = 63, so short sequences never take that path.
   * No document mask, `k_pos is q_pos` (the model passes the very same tensor when no token is
     padding) and a global layer or a window >= T: SDPA with `is_causal` (flash kernel).
   * Otherwise FlexAttention. Its block mask depends only on (T, window) when there is neither
@@ -16,8 +19,12 @@ The regime is told apart by shapes and tensor identity alone, so choosing costs 
     (keys with k_pos < 0) it depends on the data and is built once per forward: it is cached
     on the identity and version of the seq / k_pos tensors, which all layers of one forward
     share, so the layers of a forward build it once per window.
-  A padding query sees no key on this path and gets zero (the reference leaves that row to its
+  A padding query sees no key on the FlexAttention path and gets zero (the reference leaves that row to its
   blocking, and the model discards it); every real token gets the reference's result.
+  A document is a contiguous run of one seq id, as for the SSD and conv1d references and the
+  model's positions (`positions_from_seq_idx`). `attention_ref` compares ids for equality, so
+  in a row that reuses an id for two separate runs it lets the later run see the earlier one
+  up to equal positions; FlexAttention keeps the runs apart (ids are relabelled per run).
 - S > T (chunked prefill or decode with a cache; cached slots in any order, empty slots at
   position -1): SDPA with a boolean mask computed from positions by the reference's rule. That
   is the right algorithm here: the cache is not in position order and T is small. GQA folds the
@@ -40,6 +47,10 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from fusiontree.ops.backends.common import canonical_seq_idx
+
+# Shorter training/prefill inputs take the masked SDPA path (one FlexAttention block is 128).
+_FLEX_MIN_T = 128
 # A global layer on the FlexAttention path: a window longer than any sequence (int32 index math).
 _NO_WINDOW = 2**30
 # SDPA kernels allowed for the unmasked causal path on CUDA. The math kernel is left out on
@@ -114,10 +125,13 @@ def _data_block_mask(T: int, window: int, q_seq_BT: Tensor | None, k_seq_BS: Ten
     hit = _data_block_masks.get(key)
     if hit is not None and _same_data(hit[0], tensors):
         return hit[1]
-    mask_mod = _mask_mod(_window_tensor(window, device), q_seq_BT, k_seq_BS, k_pos_BS)
+    # Relabelled ids: one per contiguous run, so a reused id never joins two runs.
+    q_runs = None if q_seq_BT is None else canonical_seq_idx(q_seq_BT)
+    k_runs = q_runs if k_seq_BS is q_seq_BT else canonical_seq_idx(k_seq_BS)
+    mask_mod = _mask_mod(_window_tensor(window, device), q_runs, k_runs, k_pos_BS)
     block_mask = _block_mask_fn(device)(mask_mod, Bsz, None, T, T, device=device)
-    # The block mask's mask_mod holds these tensors, so none of them can be freed and its
-    # address reused while the entry lives: identity plus version identifies the data.
+    # The entry holds these tensors, so none of them can be freed and its address reused
+    # while the entry lives: identity plus version identifies the data.
     saved = [(t, None if t is None or t.is_inference() else t._version) for t in tensors]
     _data_block_masks[key] = (saved, block_mask)
     return block_mask
@@ -187,7 +201,7 @@ def attention_flex(
         raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
-    if S > T:
+    if S > T or T < _FLEX_MIN_T:
         return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
 
     padded = k_pos_BS is not q_pos_BT
