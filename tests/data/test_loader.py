@@ -12,6 +12,7 @@ import torch
 from fusiontree.config import CurriculumStage, DataConfig, load_config
 from fusiontree.data import (CorruptShardError, build_train_loader, build_val_loaders, load_tokenizer,
                              positions_from_doc_starts)
+from fusiontree.data.tokenizer import train_tokenizer
 
 GLOBAL, MICRO = 1024, 256  # 2 ranks: 2 micro-batches per rank per step
 
@@ -209,12 +210,17 @@ def test_resume_with_another_world_size(built):
     assert lenient.tokens_seen == 3 * GLOBAL and lenient.epoch(64) == 1
 
 
-def test_tokenizer_must_match_the_shards(built, tmp_path):
+def test_tokenizer_must_match_the_shards(built, corpus_dir, tmp_path):
     sp = load_tokenizer(data_cfg(built[0]))
     assert sp.vocab_size() == 400 and sp.eos_id() == 3
+    copy = tmp_path / "copy.model"
+    copy.write_bytes((built[0] / "tokenizer.model").read_bytes())
+    assert load_tokenizer(data_cfg(built[0], tokenizer=str(copy))).vocab_size() == 400
     other = tmp_path / "other.model"
-    other.write_bytes((built[0] / "tokenizer.model").read_bytes() + b"")
-    assert load_tokenizer(data_cfg(built[0], tokenizer=str(other))).vocab_size() == 400
+    lines = [line for p in sorted(corpus_dir.glob("doc_00*.txt")) for line in p.read_text().splitlines()]
+    other.write_bytes(train_tokenizer(lines, 350, num_threads=1, seed=0))
+    with pytest.raises(ValueError, match="is not the one the shards"):
+        load_tokenizer(data_cfg(built[0], tokenizer=str(other)))
     with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer(data_cfg(built[0], tokenizer=str(tmp_path / "missing.model")))
 
