@@ -1,5 +1,7 @@
 """Webdataset shards of packed samples and their manifest: writing, verifying, reading.
 
+Shapes: T = tokens per sample (the bucket's sequence length), D = document pieces in a sample.
+
 Layout of a build (all paths in the manifest are relative to its directory):
 
     manifest.json
