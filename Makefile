@@ -26,8 +26,17 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[train,dev]"
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/python launch/main.py
+RUN_DIR ?= runs/default-$(shell date +%Y%m%d-%H%M%S)
+
+# The main job: build the default shards (once), train `tiny` on CPU through the deepspeed
+# launcher (2 processes, ZeRO-2), evaluate, print a generation sample.
+run: $(STAMP) data/shards/manifest.json
+	$(BIN)/deepspeed --num_gpus 2 launch/train.py --ds_config configs/ds/zero2.json \
+	  --config configs/default_cpu.yaml --out_dir=$(RUN_DIR)
+	@echo "run directory: $(RUN_DIR) (metrics.jsonl, loss_curve.png, sample.txt, checkpoints/)"
+
+data/shards/manifest.json: | $(STAMP)
+	$(BIN)/python data_pipeline/build_shards.py --output data/shards
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

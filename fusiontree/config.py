@@ -64,6 +64,9 @@ class ModelConfig:
     mlp_hidden: int = 0  # 0: SwiGLU's 8/3 * d_model rounded up to a multiple of 64
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Branches removed by a pruning plan, as "LAYER:attention" or "LAYER:mamba". A pruned
+    # parallel block keeps its gate: the remaining branch keeps its weight g or 1 - g.
+    pruned: list[str] = field(default_factory=list)
 
     # ---- derived sizes
     @property
@@ -91,6 +94,12 @@ class ModelConfig:
     @property
     def has_mamba(self) -> bool:
         return self.mixer in ("hybrid", "mamba")
+
+    def layer_has_attention(self, layer_idx: int) -> bool:
+        return self.has_attention and f"{layer_idx}:attention" not in self.pruned
+
+    def layer_has_mamba(self, layer_idx: int) -> bool:
+        return self.has_mamba and f"{layer_idx}:mamba" not in self.pruned
 
     def layer_is_global(self, layer_idx: int) -> bool:
         return self.attn_pattern[layer_idx % len(self.attn_pattern)] == "G"
@@ -130,6 +139,13 @@ class ModelConfig:
                 bad(f"srte_dim={self.srte_dim} must be an even number >= 0 (0 disables SRTE)")
         if self.gate == "token" and self.gate_rank <= 0:
             bad(f"gate_rank={self.gate_rank} must be > 0 for the per-token gate")
+        for entry in self.pruned:
+            layer, _, branch = entry.partition(":")
+            if not layer.isdigit() or int(layer) >= self.n_layers or branch not in ("attention", "mamba"):
+                bad(f"pruned entry {entry!r} must look like 'LAYER:attention' or 'LAYER:mamba' with "
+                    f"0 <= LAYER < n_layers={self.n_layers}")
+            if branch == "attention" and not self.has_attention or branch == "mamba" and not self.has_mamba:
+                bad(f"pruned entry {entry!r} names a branch that mixer={self.mixer!r} does not have")
         if self.block == "serial" and self.mixer != "hybrid":
             bad("block='serial' chains Mamba then attention, so it needs mixer='hybrid'")
 
@@ -213,13 +229,46 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
-    seq_len: int = 128
-    micro_batch_size: int = 8
+    steps: int = 200  # optimizer steps
     lr_peak: float = 3e-3
+    lr_min_ratio: float = 0.1  # final lr = lr_peak * lr_min_ratio
+    lr_warmup_steps: int = 20
+    lr_decay: Literal["cosine", "wsd", "constant"] = "cosine"
+    lr_decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
     weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
-    log_every_steps: int = 5
+    # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # Non-finite loss or gradients skip the step; this many in a row stop the run.
+    max_bad_steps: int = 5
+    log_every_steps: int = 10
+    eval_every_steps: int = 100
+    eval_batches: int = 4
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: int = 3
+    gate_stats_every_steps: int = 25
+    wandb_project: str = "fusiontree"
+    peak_flops_per_device: float = 0.0  # 0: the GPU's known bf16 peak, or measured on CPU
+    # Fault injection for tests: make the loss of these optimizer steps (1-based) non-finite.
+    inject_nan_steps: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"train.steps={self.steps} must be >= 1")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"train.lr_min_ratio={self.lr_min_ratio} must lie in [0, 1]")
+        if self.lr_warmup_steps < 0 or self.lr_warmup_steps > self.steps:
+            raise ValueError(f"train.lr_warmup_steps={self.lr_warmup_steps} must lie in [0, train.steps]")
+        for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "gate_stats_every_steps",
+                     "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass
@@ -370,11 +419,13 @@ class RunConfig:
 
     def validate(self) -> None:
         self.model.validate()
-        self.parallel.validate(self.model)
+        self.train.validate()
         self.data.validate()
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
-                             f"{self.model.max_seq_len}; lower one or raise the other")
+        seq_lens = [s.seq_len for s in self.data.curriculum]
+        self.parallel.validate(self.model, seq_lens)
+        if max(seq_lens) > self.model.max_seq_len:
+            raise ValueError(f"data.curriculum reaches seq_len={max(seq_lens)}, beyond model.max_seq_len="
+                             f"{self.model.max_seq_len}; raise model.max_seq_len or shorten the curriculum")
 
 
 # ----------------------------------------------------------------------------------------

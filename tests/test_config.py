@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pretrain_v1_selects_a_preset_and_overrides_fields(tmp_path):
     cfg = load_config(ROOT / "configs/pretrain_v1.yaml")
     assert cfg.model.preset == "small" and cfg.model.d_model == 1024 and cfg.model.n_layers == 12
-    assert cfg.train.seq_len == 4096
-    cfg2 = load_config(ROOT / "configs/pretrain_v1.yaml", ["--model.window=2048", "--train.steps", "7",
+    assert cfg.data.curriculum[-1].seq_len == 4096
+    cfg2 = load_config(ROOT / "configs/pretrain_v1.yaml", ["--model.window=2048", "--train.steps", "7", "--train.lr_warmup_steps=2",
                                                            "--model.preset=tiny"])
     assert cfg2.model.window == 2048 and cfg2.train.steps == 7 and cfg2.model.d_model == 256
     # the resolved config round-trips through YAML
@@ -51,7 +51,8 @@ def test_types_and_choices_are_checked():
     (["--model.attn_pattern=LXG"], "attn_pattern='LXG'"),
     (["--model.ssm_groups=3"], "must be divisible by ssm_groups=3"),
     (["--model.block=serial", "--model.mixer=attention"], "block='serial'"),
-    (["--train.seq_len=4096"], "train.seq_len=4096 exceeds model.max_seq_len=2048"),
+    (["--data.curriculum=[{seq_len: 4096, until_tokens: 0}]", "--data.micro_batch_tokens=4096"],
+     "data.curriculum reaches seq_len=4096, beyond model.max_seq_len=2048"),
     (["--model.preset=huge"], "unknown model preset 'huge'"),
 ])
 def test_validation_says_how_to_fix(override, match):

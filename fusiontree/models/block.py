@@ -92,14 +92,16 @@ class HybridBlock(nn.Module):
         self.layer_idx = layer_idx
         self.serial = cfg.block == "serial"
         self.norm_in = RMSNorm(d, eps)
-        self.attn = LocalGlobalAttention(cfg, layer_idx, kernels) if cfg.has_attention else None
-        self.mamba = Mamba2Mixer(cfg, layer_idx, kernels) if cfg.has_mamba else None
+        self.attn = LocalGlobalAttention(cfg, layer_idx, kernels) if cfg.layer_has_attention(layer_idx) else None
+        self.mamba = Mamba2Mixer(cfg, layer_idx, kernels) if cfg.layer_has_mamba(layer_idx) else None
         self.norm_attn = RMSNorm(d, eps) if self.attn is not None else None
         self.norm_mamba = RMSNorm(d, eps) if self.mamba is not None else None
         self.srte = SRTE(cfg.srte_dim, d, cfg.srte_max_period) if self.mamba is not None and cfg.srte_dim else None
         self.norm_in2 = RMSNorm(d, eps) if self.serial else None
-        fused = not self.serial and self.attn is not None and self.mamba is not None
-        self.gate = GateFusion(d, cfg.gate, cfg.gate_rank, cfg.init_std) if fused else None
+        # A parallel hybrid block keeps its gate when pruning removed one branch, so the other
+        # keeps exactly the weight it had; with both branches gone only the MLP is left.
+        gated = not self.serial and cfg.mixer == "hybrid" and (self.attn is not None or self.mamba is not None)
+        self.gate = GateFusion(d, cfg.gate, cfg.gate_rank, cfg.init_std) if gated else None
         self.norm_mlp = RMSNorm(d, eps)
         self.mlp = SwiGLU(d, cfg.mlp_hidden_size)
         self.n_layers, self.init_std = cfg.n_layers, cfg.init_std
@@ -129,13 +131,18 @@ class HybridBlock(nn.Module):
         g = None
         h = self.norm_in(x_BTD)
         if self.serial:
-            x_BTD = x_BTD + self._mamba(h, info, mamba_state)
-            x_BTD = x_BTD + self._attn(self.norm_in2(x_BTD), info, attn_cache)
+            if self.mamba is not None:
+                x_BTD = x_BTD + self._mamba(h, info, mamba_state)
+            if self.attn is not None:
+                x_BTD = x_BTD + self._attn(self.norm_in2(x_BTD), info, attn_cache)
         elif self.gate is not None:
-            a = self._attn(h, info, attn_cache)
-            m = self._mamba(h, info, mamba_state)
             g = self.gate(h)
-            x_BTD = x_BTD + (g * a.float() + (1 - g) * m.float()).to(x_BTD.dtype)
+            y = 0.0
+            if self.attn is not None:
+                y = y + g * self._attn(h, info, attn_cache).float()
+            if self.mamba is not None:
+                y = y + (1 - g) * self._mamba(h, info, mamba_state).float()
+            x_BTD = x_BTD + y.to(x_BTD.dtype)
         elif self.attn is not None:
             x_BTD = x_BTD + self._attn(h, info, attn_cache)
         else:

@@ -1,0 +1,75 @@
+"""Process-group set-up for every launcher: `deepspeed`, `torchrun`, Slurm's srun, plain python.
+
+The rank, world size and local rank come from the environment (RANK / WORLD_SIZE /
+LOCAL_RANK, or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), or from `--local_rank`
+when a launcher passes only that; a plain `python` run is a world of one. CPU runs use gloo,
+GPU runs NCCL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for n in names:
+        if os.environ.get(n, "") != "":
+            return int(os.environ[n])
+    return default
+
+
+def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
+                     timeout_s: int = 1800) -> DistInfo:
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=local_rank_arg if local_rank_arg is not None else 0)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no GPU is visible; use auto or cpu")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev, backend = torch.device("cuda", local), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world)
+    return DistInfo(rank, world, local, dev, backend)
+
+
+def all_reduce_max(flag: float, device: torch.device) -> float:
+    """Agree on a value across ranks (a deliberate sync: used for stop/skip decisions)."""
+    t = torch.tensor([flag], dtype=torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def shutdown() -> None:
+    """End the process group cleanly so that exits are not flaky."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

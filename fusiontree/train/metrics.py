@@ -1,0 +1,157 @@
+"""Run observability: console progress, metrics.jsonl, wandb (rank 0, offline by default),
+throughput / MFU / memory accounting and the loss-curve PNG.
+
+Only rank 0 writes; other ranks get a `MetricsSink` that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fusiontree.train")
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device name.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def device_peak_flops(device: torch.device, configured: float = 0.0) -> tuple[float, str]:
+    """The FLOP/s that MFU divides by, and where the number comes from."""
+    if configured > 0:
+        return configured, "train.peak_flops_per_device"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peak, f"{name} dense bf16 peak"
+        return 0.0, f"unknown peak for {name}; set train.peak_flops_per_device"
+    # CPU: measured fp32 matmul throughput of this process's threads (no published peak).
+    # The best of several timings approximates the peak; contention only makes timings slower.
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best, f"best fp32 {n}^3 matmul on {torch.get_num_threads()} CPU thread(s)"
+
+
+def memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+class MetricsSink:
+    """No-op sink for ranks other than 0."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def progress(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RankZeroMetrics(MetricsSink):
+    def __init__(self, run_dir: Path, total_steps: int, config: dict, project: str, start_step: int = 0):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            # A resumed run repeats the steps after its checkpoint: drop their old rows.
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        self.file = open(self.path, "a")
+        self.total_steps = total_steps
+        self.wandb = None
+        mode = os.environ.get("WANDB_MODE", "offline")
+        if mode != "disabled":
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode,
+                                        name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
+            except Exception as e:  # wandb is observability only; the run goes on and says so
+                log.warning("wandb disabled for this run: %s", e)
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", file=sys.stderr,
+                            dynamic_ncols=True, disable=not sys.stderr.isatty())
+        except ImportError:
+            self.bar = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, "time": time.time(), **metrics}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def progress(self, step: int, metrics: dict) -> None:
+        keys = [("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:.0f}"),
+                ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}"), ("skipped_steps", "{:d}"), ("seq_len", "{:d}")]
+        parts = [f"{k} {fmt.format(metrics[k])}" for k, fmt in keys if metrics.get(k) is not None]
+        if self.bar is not None and not self.bar.disable:
+            self.bar.n = step
+            self.bar.set_postfix_str(" ".join(parts), refresh=True)
+        else:
+            log.info("step %d/%d %s", step, self.total_steps, " ".join(parts))
+
+    def close(self) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        plot_loss_curve(self.path, self.run_dir / "loss_curve.png")
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable id per run directory, so a resumed run continues the same wandb run."""
+    path = run_dir / "wandb_id.txt"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            train.append((row["step"], row["loss"]))
+        if "val_loss" in row:
+            val.append((row["step"], row["val_loss"]))
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""Optimizer, parameter groups and learning-rate schedules.
+
+- Weight decay skips every parameter tagged `_no_weight_decay` (norm gains, biases, A_log, D,
+  dt_bias, gate logits) and every 1-D parameter.
+- `SkippableAdamW` is torch's AdamW with one addition: `step()` applies nothing when any
+  gradient it sees is non-finite (on any rank of its group) or when the trainer asked to skip.
+  It sits under DeepSpeed (ZeRO 0-3 all call the base optimizer's step on the fp32 master
+  weights), so a bad step leaves weights, Adam moments and step counts untouched at every
+  ZeRO stage and precision, and the trainer counts and logs it.
+- The schedule is a pure function of the number of applied optimizer steps (linear warmup,
+  then cosine or warmup-stable-decay to `lr_peak * lr_min_ratio`), so resuming needs no
+  scheduler state and a skipped step does not advance it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    def __init__(self, params, group: dist.ProcessGroup | None = None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.skip_next = False
+        self.last_step_skipped = False
+        self.sync_group = group
+
+    def _grads_finite(self) -> bool:
+        sq = [p.grad.float().pow(2).sum() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros((), dtype=torch.float32) if not sq else (~torch.isfinite(torch.stack(sq).sum())).float()
+        if dist.is_available() and dist.is_initialized():
+            # Deliberate collective: every rank must skip together (ZeRO ranks hold different shards).
+            dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            bad = bad.to(dev)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.sync_group)
+        return not bool(bad.item())  # host sync: the skip decision
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        finite = self._grads_finite()
+        self.last_step_skipped = self.skip_next or not finite
+        self.skip_next = False
+        if self.last_step_skipped:
+            return None
+        return super().step(closure)
+
+
+def lr_at(step: int, lr_peak: float, warmup_steps: int, total_steps: int, decay: str = "cosine",
+          lr_min_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+    """Learning rate for optimizer step `step` (0-based, counting applied steps)."""
+    lr_min = lr_peak * lr_min_ratio
+    if warmup_steps and step < warmup_steps:
+        return lr_peak * (step + 1) / warmup_steps
+    if decay == "constant":
+        return lr_peak
+    if decay == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return lr_min + 0.5 * (lr_peak - lr_min) * (1 + math.cos(math.pi * t))
+    if decay == "wsd":
+        decay_steps = max(1, int(round(decay_fraction * total_steps)))
+        start = total_steps - decay_steps
+        if step < start:
+            return lr_peak
+        t = min(1.0, (step - start) / decay_steps)
+        return lr_peak - (lr_peak - lr_min) * t
+    raise ValueError(f"train.lr_decay={decay!r}; use cosine, wsd or constant")

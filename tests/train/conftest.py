@@ -1,0 +1,76 @@
+"""Shards and launch helpers for end-to-end training runs (debug preset, CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusiontree.data.build import BuildArgs, build_shards
+from fusiontree.data.corpus import stdlib_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train_shards") / "shards"
+    inputs = [str(stdlib_dir() / d) for d in ("json", "email", "logging", "unittest")]
+    build_shards(BuildArgs(inputs=inputs, output=str(out), vocab_size=512, seq_lengths=[64, 128],
+                           val_fraction=0.1, workers=2, seed=3, progress=False))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, shards: Path, out_dir: Path, **train) -> Path:
+    cfg = {"model": {"preset": "debug", "vocab_size": 512},
+           "data": {"shards_dir": str(shards), "global_batch_tokens": 1024, "micro_batch_tokens": 256,
+                    "num_workers": 1,
+                    "curriculum": [{"seq_len": 64, "until_tokens": 5120}, {"seq_len": 128, "until_tokens": 0}]},
+           "train": {"steps": 10, "lr_warmup_steps": 2, "log_every_steps": 1, "eval_every_steps": 5,
+                     "eval_batches": 2, "checkpoint_every_steps": 3, "gate_stats_every_steps": 2, **train},
+           "out_dir": str(out_dir)}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+             TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions")))
+    e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
+    return e
+
+
+def train_cmd(config: Path, launcher: str = "deepspeed", nproc: int = 2, zero: int = 2, extra=()) -> list[str]:
+    script = [str(ROOT / "launch/train.py"), "--ds_config", str(ROOT / f"configs/ds/zero{zero}.json"),
+              "--config", str(config), *extra]
+    if launcher == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *script]
+    return [sys.executable, *script]
+
+
+def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

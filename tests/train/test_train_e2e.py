@@ -1,0 +1,110 @@
+"""launch/train.py end to end: launchers, exact resume after SIGKILL, NaN skipping, artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from fusiontree.train.checkpoint import CheckpointManager, safe_load
+from tests.train.conftest import env, losses, metrics, run, train_cmd, write_config, ROOT
+
+
+def _ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shards, zero):
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    _ok(run(train_cmd(write_config(tmp_path / "full.yaml", train_shards, full_dir), zero=zero)))
+    want = losses(full_dir)
+    assert sorted(want) == list(range(1, 11))
+
+    cfg = write_config(tmp_path / "cut.yaml", train_shards, cut_dir)
+    proc = subprocess.Popen(train_cmd(cfg, zero=zero), env=env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # kill once step 7 is logged: after the step-6 checkpoint
+        if (cut_dir / "metrics.jsonl").exists() and max(losses(cut_dir) or [0]) >= 7:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = max(losses(cut_dir))
+    assert 7 <= done < 10, f"the run was not interrupted mid-way (reached step {done})"
+    latest = CheckpointManager(cut_dir / "checkpoints", 0, 2).latest_valid()
+    assert latest is not None and latest.name in ("step_00000006", "step_00000009")
+
+    res = run(train_cmd(cfg, zero=zero, extra=["--resume", "auto"]))
+    _ok(res)
+    assert f"resumed from {latest}" in res.stderr
+    got = losses(cut_dir)
+    assert got == want  # bitwise: same floats at every step
+    # the curriculum moved to seq_len 128 after 5120 tokens, in both runs
+    assert [m["seq_len"] for m in metrics(cut_dir) if "seq_len" in m] == [64] * 5 + [128] * 5
+
+
+def test_run_artifacts_and_checkpoint_contents(tmp_path, train_shards):
+    out = tmp_path / "run"
+    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=6), launcher="python"))
+    _ok(res)
+    for name in ("metrics.jsonl", "loss_curve.png", "config.yaml", "pruning_plan.json", "sample.txt", "logs/rank000.log"):
+        assert (out / name).is_file(), name
+    rows = metrics(out)
+    assert any("val_loss" in r for r in rows) and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert {"grad_norm", "lr", "tokens_per_s", "mfu", "mem_gib", "skipped_steps"} <= set(rows[0])
+    ckpt = CheckpointManager(out / "checkpoints", 0, 1).latest_valid()
+    assert ckpt.name == "step_00000006"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["tokens_seen"] == 6 * 1024 and meta["tokenizer"].endswith("tokenizer.model")
+    trainer = safe_load(ckpt / "trainer_rank00000.pt")
+    assert trainer["state"]["step"] == 6 and "loader" in trainer and "rng" in trainer
+    weights = safe_load(ckpt / "model.pt")
+    assert "embed.weight" in weights
+    # resuming a finished run into the same directory without --resume is refused (no data lost)
+    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=6), launcher="python"))
+    assert res.returncode != 0 and "already holds checkpoints" in res.stderr
+
+
+def test_torchrun_launch_with_zero3(tmp_path, train_shards):
+    out = tmp_path / "run"
+    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=3), launcher="torchrun", zero=3))
+    _ok(res)
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_nan_step_is_skipped_counted_and_training_continues(tmp_path, train_shards):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", train_shards, out, steps=5, inject_nan_steps=[3], checkpoint_every_steps=1)
+    res = run(train_cmd(cfg, nproc=2, zero=2))
+    _ok(res)
+    rows = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert math.isnan(rows[3]["loss"]) and rows[3]["skipped_steps"] == 1
+    assert rows[2]["skipped_steps"] == 0 and rows[5]["skipped_steps"] == 1
+    assert all(math.isfinite(rows[s]["loss"]) for s in (1, 2, 4, 5))
+    assert "step 3 skipped" in res.stderr
+    # no checkpoint was written for the bad step; the weights it would hold equal step 2's
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert "step_00000003" not in steps
+    # the lr schedule did not advance on the skipped step
+    assert rows[4]["lr"] == rows[3]["lr"]
+
+
+def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, train_shards):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", train_shards, out, steps=8, inject_nan_steps=[3, 4, 5],
+                       max_bad_steps=2, checkpoint_every_steps=2)
+    res = run(train_cmd(cfg, launcher="python", zero=0))
+    assert res.returncode != 0
+    assert "3 consecutive steps with non-finite loss" in res.stderr
+    latest = CheckpointManager(out / "checkpoints", 0, 1).latest_valid()
+    assert latest.name == "step_00000002"
+    w = safe_load(latest / "model.pt")
+    assert all(torch.isfinite(t).all() for t in w.values())
