@@ -178,15 +178,16 @@ def _base_presets() -> dict[str, ModelConfig]:
             preset="tiny", vocab_size=8192, d_model=256, n_layers=6, max_seq_len=8192,
             n_heads=4, n_kv_heads=2, window=128, attn_pattern="LLLLLG", ssm_head_dim=32,
             ssm_state=32, chunk_size=64, srte_dim=32, gate_rank=16),
-        # The first validation model: hidden 1024 x 12 layers.
+        # The first validation model: hidden 1024 x 12 layers. 8 SSM groups (and 4 kv heads)
+        # let tensor parallelism split the Mamba branch up to 8 ways (4 for attention kv).
         "small": ModelConfig(
             preset="small", vocab_size=32000, d_model=1024, n_layers=12, max_seq_len=32768,
             n_heads=16, n_kv_heads=4, window=1024, attn_pattern="LLLLLG", ssm_expand=2,
-            ssm_head_dim=64, ssm_state=128, chunk_size=256),
+            ssm_head_dim=64, ssm_state=128, ssm_groups=8, chunk_size=256),
         "1b": ModelConfig(
             preset="1b", vocab_size=32000, d_model=2048, n_layers=20, max_seq_len=32768,
             n_heads=16, n_kv_heads=4, window=1024, attn_pattern="LLLLLG", ssm_expand=1,
-            ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=5632),
+            ssm_head_dim=64, ssm_state=128, ssm_groups=8, chunk_size=256, mlp_hidden=5632),
     }
 
 

@@ -32,7 +32,10 @@ sys.path.insert(0, str(ROOT))
 from fusiontree.config import RunConfig, config_to_dict, dump_config, load_config  # noqa: E402
 from fusiontree.data import build_train_loader, build_val_loaders, load_tokenizer  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
+from fusiontree.models.flops import flops_per_token as model_flops_per_token  # noqa: E402
 from fusiontree.ops import resolve_kernels  # noqa: E402
+from fusiontree.parallel import (DeepSpeedMPU, consolidate_state_dicts, init_parallel_state,  # noqa: E402
+                                 parallelize)
 from fusiontree.train.checkpoint import CheckpointManager  # noqa: E402
 from fusiontree.train.distributed import DistInfo, all_reduce_max, init_distributed, shutdown  # noqa: E402
 from fusiontree.train.gate_monitor import GateMonitor  # noqa: E402
@@ -108,15 +111,33 @@ def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accu
     return ds
 
 
-def consolidated_model_state(engine, zero_stage: int, is_main: bool) -> dict | None:
-    """The full model state dict on rank 0 (collective under ZeRO-3, which shards weights)."""
+def consolidated_model_state(engine, cfg: RunConfig, zero_stage: int, is_main: bool) -> dict | None:
+    """The plain (single-device) model state dict on rank 0. Collective: ZeRO-3 shards the
+    weights over data-parallel ranks, tensor parallelism splits them over its group."""
     module = engine.module
-    if zero_stage < 3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_main else None
-    import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if is_main else None
+    def local() -> dict:
+        sd = module.state_dict()
+        return {k: v.detach().cpu().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            sd = local()
+    else:
+        sd = local()
+    tp = cfg.parallel.tensor_parallel
+    if tp == 1:
+        return sd if is_main else None
+    from megatron.core import parallel_state
+
+    if parallel_state.get_data_parallel_rank() != 0:
+        return None
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [None] * tp if is_main else None
+    dist.gather_object(sd, shards, dst=dist.get_process_group_ranks(group)[0], group=group)
+    return consolidate_state_dicts(shards, cfg.model) if is_main else None
 
 
 # ------------------------------------------------------------------------------ the step
@@ -195,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     di: DistInfo = init_distributed(args.local_rank, cfg.train.device)
+    init_parallel_state(cfg.parallel)  # megatron-core tensor- and data-parallel groups
+    mpu = DeepSpeedMPU()
+    dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
 
     run_dir = Path(cfg.out_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -209,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer.vocab_size() != cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} ids but model.vocab_size="
                          f"{cfg.model.vocab_size}; set --model.vocab_size={tokenizer.vocab_size()}")
-    train_loader = build_train_loader(cfg.data, rank=di.rank, world_size=di.world_size, seed=cfg.seed)
-    val_loaders = build_val_loaders(cfg.data, rank=di.rank, world_size=di.world_size)
+    # the ranks of one tensor-parallel group read the same batches
+    train_loader = build_train_loader(cfg.data, rank=dp_rank, world_size=dp_size, seed=cfg.seed)
+    val_loaders = build_val_loaders(cfg.data, rank=dp_rank, world_size=dp_size)
 
     # model, kernels, precision
     kernels = resolve_kernels(cfg.kernels, di.device)
@@ -220,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     model.activation_checkpointing = cfg.train.activation_checkpointing
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and di.device.type == "cuda")
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters, precision %s, %d process(es)", cfg.model.preset, n_params / 1e6,
-             "bf16" if bf16 else "fp32", di.world_size)
+    log.info("model %s: %.2fM parameters, precision %s, %d process(es): tensor parallel %d%s x data parallel %d",
+             cfg.model.preset, n_params / 1e6, "bf16" if bf16 else "fp32", di.world_size,
+             cfg.parallel.tensor_parallel, " (+ sequence parallel)" if cfg.parallel.sequence_parallel else "",
+             dp_size)
+    if cfg.parallel.tensor_parallel > 1:
+        model = parallelize(model, cfg.parallel)
 
     # DeepSpeed engine over torch's AdamW
     import deepspeed
@@ -229,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = SkippableAdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr_peak,
                                betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
     ds_cfg = deepspeed_config(args.ds_config, cfg, train_loader.micro_batch_size, train_loader.grad_accum_steps, bf16)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, mpu=mpu)
     zero_stage = engine.zero_optimization_stage()
     if cfg.train.compile:
         engine.compile()
@@ -257,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"tokens_seen": state.tokens_seen, "tokenizer": str(cfg.data.tokenizer_path()),
                 "zero_stage": zero_stage, "preset": cfg.model.preset}
         path = ckpt.save(engine, state.step, trainer, dump_config(cfg), meta,
-                         consolidated_model_state(engine, zero_stage, di.is_main))
+                         consolidated_model_state(engine, cfg, zero_stage, di.is_main))
         if di.is_main:
             monitor.export_pruning_plan(path / "pruning_plan.json") if any(s.updates for s in monitor.layers) else None
             log.info("checkpoint %s", path)
@@ -279,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda s, f: stop_signal.__setitem__("got", s))
 
-    flops_per_token = 3 * engine.module.flops_per_token(train_loader.seq_len)
+    flops_cache: dict[int, int] = {}  # of the plain model: a tensor-parallel module counts its share
+
+    def flops_per_token(seq_len: int) -> int:
+        if seq_len not in flops_cache:
+            flops_cache[seq_len] = model_flops_per_token(cfg.model, seq_len)
+        return flops_cache[seq_len]
+
     peak_flops, peak_src = device_peak_flops(di.device, cfg.train.peak_flops_per_device)
     log.info("MFU denominator: %.3g FLOP/s per device (%s)", peak_flops, peak_src)
 
@@ -293,16 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         batches = [train_loader.next_batch() for _ in range(train_loader.grad_accum_steps)]
         m = train_step(engine, optimizer, batches, loss_fn, ctx, gate_hook, zero_stage)
 
-        # one small all-reduce per step: mean loss over ranks, global tokens, stop request
-        red = torch.stack([m["loss"], m["ce"], torch.tensor(float(m["tokens"]), device=di.device),
-                           torch.tensor(float(stop_signal["got"] > 0), device=di.device)]).float()
+        # one small all-reduce per step: mean loss over ranks (equal within a tensor-parallel
+        # group), and whether any rank got a stop signal
+        red = torch.stack([m["loss"], m["ce"], torch.tensor(float(stop_signal["got"] > 0), device=di.device)]).float()
         if dist.is_initialized() and di.world_size > 1:
-            flag = red[3].clone()
+            flag = red[2].clone()
             dist.all_reduce(red)
             red[0:2] /= di.world_size
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            red[3] = flag
-        loss, ce, tokens, stop = (float(x) for x in red.tolist())  # host sync: once per step, for logging
+            red[2] = flag
+        loss, ce, stop = (float(x) for x in red.tolist())  # host sync: once per step, for logging
+        tokens = m["tokens"] * dp_size
         state.step += 1
         state.tokens_seen += int(tokens)
         bad = m["skipped"] or not math.isfinite(loss)
@@ -322,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.metrics = {"loss": loss, "ce": ce, "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": float(m["grad_norm"]), "tokens": int(tokens), "tokens_seen": state.tokens_seen,
                        "tokens_per_s": tps, "seq_len": seq_len, "skipped_steps": state.skipped_steps,
-                       "mfu": (tps / di.world_size) * flops_per_token / peak_flops if peak_flops else None,
+                       "mfu": (tps / di.world_size) * flops_per_token(seq_len) / peak_flops if peak_flops else None,
                        "mem_gib": memory_gib(di.device)}
         ctx.stop_requested = stop > 0
         if state.consecutive_bad > cfg.train.max_bad_steps:
@@ -333,14 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.stop_requested:
             log.warning("stop requested by signal: checkpoint saved at step %d, exiting", state.step)
             break
-        flops_per_token = 3 * engine.module.flops_per_token(train_loader.seq_len)
 
     if not ctx.stop_requested:
         hooks.on_train_end(ctx)
-        weights = consolidated_model_state(engine, zero_stage, di.is_main) if zero_stage == 3 else None
+        sharded = zero_stage == 3 or cfg.parallel.tensor_parallel > 1
+        weights = consolidated_model_state(engine, cfg, zero_stage, di.is_main) if sharded else None
         if di.is_main:
             model = engine.module
-            if weights is not None:  # ZeRO-3 shards the weights: sample from a gathered copy
+            if weights is not None:  # the weights are sharded: sample from a gathered plain copy
                 model = HybridLanguageModel(cfg.model, kernels).to(di.device)
                 model.load_state_dict(weights)
             sample = generate_sample(model, tokenizer, cfg)
