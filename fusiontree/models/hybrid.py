@@ -132,6 +132,9 @@ class HybridLanguageModel(nn.Module):
                 if pmin < 0 or pmax >= cfg.max_seq_len:
                     raise ValueError(f"position_ids must lie in [0, {cfg.max_seq_len}) "
                                      f"(model.max_seq_len), got [{pmin}, {pmax}]")
+            if seq_idx is not None and T > 1 and bool((seq_idx[:, 1:] < seq_idx[:, :-1]).any()):
+                raise ValueError("seq_idx must be non-decreasing along each row (0, 0, 1, 1, 2, ...): a document "
+                                 "index that comes back would join two separate documents in attention")
             if attention_mask is not None and T > 1:
                 m = attention_mask.bool()
                 if bool((m[:, :-1] & ~m[:, 1:]).any()):

@@ -137,6 +137,7 @@ def test_bad_input_raises_clear_errors():
     _bad(model, "left-padded", ok, attention_mask=torch.tensor([[1, 1, 0, 1, 1]] * 2))
     _bad(model, "packed documents", ok, seq_idx=torch.zeros(2, 5, dtype=torch.long),
          past_key_values=model.allocate_inference_cache(2, 8)[0])
+    _bad(model, "seq_idx must be non-decreasing", ok, seq_idx=torch.tensor([[0, 0, 1, 1, 0]] * 2))
     with pytest.raises(ValueError, match="max_length"):
         model.allocate_inference_cache(1, L + 1)
 
