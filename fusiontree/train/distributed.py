@@ -52,6 +52,10 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
         dev, backend = torch.device("cuda", local), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Share the cores among this node's processes instead of oversubscribing them.
+            local_world = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
         import deepspeed
 
