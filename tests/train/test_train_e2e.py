@@ -73,11 +73,16 @@ def test_run_artifacts_and_checkpoint_contents(tmp_path, train_shards):
     assert res.returncode != 0 and "already holds checkpoints" in res.stderr
 
 
-def test_torchrun_launch_with_zero3(tmp_path, train_shards):
-    out = tmp_path / "run"
-    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=3), launcher="torchrun", zero=3))
+def test_torchrun_launch_with_zero3_and_activation_checkpointing(tmp_path, train_shards):
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=3, activation_checkpointing=True),
+                        launcher="torchrun", zero=3))
     _ok(res)
-    assert sorted(losses(out)) == [1, 2, 3]
+    _ok(run(train_cmd(write_config(tmp_path / "r.yaml", train_shards, ref, steps=3), zero=2)))
+    got, want = losses(out), losses(ref)
+    assert sorted(got) == [1, 2, 3]
+    for s in want:  # ZeRO-3 + recomputation change the arithmetic order only
+        assert abs(got[s] - want[s]) < 1e-4, (s, got[s], want[s])
 
 
 def test_nan_step_is_skipped_counted_and_training_continues(tmp_path, train_shards):
