@@ -43,7 +43,8 @@ def parse_case(case: str) -> tuple[str, int, int, bool]:
     return preset, int(seq), int(batch), ckpt
 
 
-def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev: torch.device) -> dict:
+def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev: torch.device,
+             profile_out: str = "") -> dict:
     preset, seq, batch, ckpt = parse_case(case)
     cfg = model_preset(preset)
     torch.manual_seed(0)
@@ -68,6 +69,16 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
         for _ in range(warmup):
             step()
         torch.cuda.synchronize()
+        if profile_out:
+            # One step under the profiler, before (and apart from) the timed steps.
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+            Path(profile_out).write_text(f"{case}\n{table}\n")
+            print(table, flush=True)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
@@ -97,6 +108,7 @@ def main() -> None:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--profile", default="", help="directory: profile one step per case, write the table there")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_gpu.json"))
     args = ap.parse_args()
@@ -105,8 +117,12 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         t0 = time.time()
+        prof = ""
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            prof = str(Path(args.profile) / f"profile_{case.replace('@', '_').replace('+', '_')}.txt")
         r = run_case(case, KernelConfig(ssd=args.ssd, attention=args.attention), args.warmup, args.steps,
-                     torch.device("cuda"))
+                     torch.device("cuda"), prof)
         r["wall_s"] = time.time() - t0
         rows.append(r)
         print(json.dumps(r), flush=True)
