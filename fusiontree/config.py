@@ -543,10 +543,11 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_dicts(a: dict, b: dict) -> dict:
+    """`b` over `a`, recursively for nested dicts (neither is modified)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -567,7 +568,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config must be a mapping at the top level")
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    return config_from_dict(merge_dicts(data, parse_overrides(overrides or [])))
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 from fusiontree.config import ModelConfig
 from fusiontree.models import HybridLanguageModel
+from fusiontree.train.gate_monitor import off_branch
 
 
 def pruned_model_config(cfg: ModelConfig, plan: dict) -> ModelConfig:
@@ -51,3 +52,64 @@ def load_plan(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a pruning plan (no 'prune' list); export one with "
                          "GateMonitor.export_pruning_plan")
     return plan
+
+
+def plan_with_thresholds(plan: dict, off_threshold: float, frac_threshold: float) -> dict:
+    """The plan the same gate statistics give under other thresholds (a GateMonitor plan
+    keeps every layer's evidence under "layers"), with the rule of
+    `GateMonitor.pruning_plan`."""
+    if "layers" not in plan:
+        raise ValueError("this plan has no per-layer evidence ('layers'); re-export it with GateMonitor")
+    prune = []
+    for row in plan["layers"]:
+        branch = off_branch(row["mean_gate"], row["frac_attention_preferred"], off_threshold, frac_threshold)
+        if branch is not None:
+            prune.append({"layer": row["layer"], "branch": branch,
+                          "evidence": {k: v for k, v in row.items() if k not in ("layer", "off")}})
+    return {**plan, "thresholds": {"off_threshold": off_threshold, "frac_threshold": frac_threshold},
+            "prune": prune}
+
+
+def apply_pruning(checkpoint: str | Path, plan: dict | str | Path, out_dir: str | Path) -> Path:
+    """Write a pruned copy of `checkpoint` (a checkpoint or run directory) to `out_dir`:
+    model.pt without the planned branches, config.yaml with `model.pruned` extended,
+    pruning_plan.json (the plan applied) and meta.json (sizes before and after). The result
+    loads with `fusiontree.eval.loading.load_checkpoint`; it holds no optimizer state, so it
+    is for evaluation and inference, not for resuming training. Returns `out_dir`."""
+    from fusiontree.config import dump_config, load_config
+    from fusiontree.eval.loading import resolve_checkpoint
+    from fusiontree.models.flops import count_params
+    from fusiontree.train.checkpoint import safe_load
+
+    src = resolve_checkpoint(checkpoint)
+    plan = load_plan(plan) if not isinstance(plan, dict) else plan
+    if "prune" not in plan:
+        raise ValueError("not a pruning plan (no 'prune' list); export one with GateMonitor.export_pruning_plan")
+    out = Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"out_dir {out} is the source checkpoint; write the pruned copy elsewhere")
+    cfg = load_config(src / "config.yaml")
+    new_model_cfg = pruned_model_config(cfg.model, plan)
+    new_cfg = dataclasses.replace(cfg, model=new_model_cfg)
+    new_cfg.validate()
+    state = safe_load(src / "model.pt")
+    with torch.device("meta"):
+        keep = HybridLanguageModel(new_model_cfg).state_dict()
+    missing = [k for k in keep if k not in state]
+    if missing:
+        raise ValueError(f"{src / 'model.pt'} lacks parameters the pruned model needs: {missing[:5]}")
+    pruned_state = {k: state[k].clone() for k in keep}  # own storage: the file holds only what is kept
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(pruned_state, out / "model.pt")
+    (out / "config.yaml").write_text(dump_config(new_cfg))
+    (out / "pruning_plan.json").write_text(json.dumps(plan, indent=2))
+    old_meta = json.loads((src / "meta.json").read_text()) if (src / "meta.json").is_file() else {}
+    removed = [f"{int(p['layer'])}:{p['branch']}" for p in plan["prune"]]
+    meta = {k: v for k, v in old_meta.items() if k not in ("files", "zero_stage", "world_size")}
+    meta.update({"kind": "pruned", "pruned_from": str(src), "removed": removed,
+                 "params_before": count_params(cfg.model), "params_after": count_params(new_model_cfg),
+                 "model_bytes_before": (src / "model.pt").stat().st_size,
+                 "model_bytes_after": (out / "model.pt").stat().st_size})
+    meta["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != "meta.json"}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return out

@@ -25,6 +25,17 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def off_branch(mean_gate: float, frac_attention: float, off_threshold: float, frac_threshold: float) -> str | None:
+    """The branch a layer's gate has switched off, or None. g weights attention: attention is
+    off when the mean gate is below `off_threshold` and at most `frac_threshold` of the
+    tokens prefer it (g >= 0.5); Mamba, symmetrically."""
+    if mean_gate < off_threshold and frac_attention <= frac_threshold:
+        return "attention"
+    if mean_gate > 1 - off_threshold and (1 - frac_attention) <= frac_threshold:
+        return "mamba"
+    return None
+
+
 @dataclass
 class LayerGateStats:
     updates: int = 0
@@ -96,11 +107,7 @@ class GateMonitor:
         prune, layers = [], []
         for row in self.summary():
             mean, frac = row["mean_gate"], row["attn_frac"]
-            branch = None
-            if mean < off_threshold and frac <= frac_threshold:
-                branch = "attention"
-            elif mean > 1 - off_threshold and (1 - frac) <= frac_threshold:
-                branch = "mamba"
+            branch = off_branch(mean, frac, off_threshold, frac_threshold)
             evidence = {"mean_gate": mean, "frac_attention_preferred": frac,
                         "frac_mamba_preferred": 1 - frac, "updates": row["updates"], "tokens": row["tokens"]}
             layers.append({"layer": row["layer"], "off": branch, **evidence})

@@ -1,0 +1,92 @@
+"""Run untrusted generated Python (HumanEval completions) in a limited subprocess.
+
+Each program runs in a fresh `python -I -S` process (isolated mode, no site-packages, an
+empty environment) inside a temporary working directory that is deleted afterwards. Before
+the program runs, the child limits itself with `resource.setrlimit`:
+
+- address space (`memory_mb`), CPU seconds (`timeout_s`), size of any file it writes (1 MiB),
+  open files (64), no core dumps;
+- and it disables the functions through which a program could damage the machine or escape
+  the time limit (process creation and signals, deleting or renaming files, changing
+  permissions), as OpenAI's human-eval `reliability_guard` does.
+
+The parent enforces a wall-clock limit too and kills the child's whole process group. The
+program passes when it exits with status 0 and the runner reached its end (a random token
+printed after the program, which the program itself cannot know).
+
+This is a guard against accidents of generated code, not a security boundary against code
+written to attack the machine: there is no network or filesystem namespace. Run untrusted
+models' code in a container.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Runs in the child before the program. argv: program path, memory bytes, cpu seconds, token.
+_RUNNER = r'''
+import resource, sys
+_path, _mem, _cpu, _token = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
+resource.setrlimit(resource.RLIMIT_DATA, (_mem, _mem))
+resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+_source = open(_path).read()
+import builtins, os, shutil, subprocess
+for _name in ("system", "fork", "forkpty", "kill", "killpg", "putenv", "remove", "unlink", "rmdir",
+              "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "chown", "fchown",
+              "lchown", "setuid", "setgid", "execv", "execve", "execvp", "spawnv", "spawnve", "posix_spawn"):
+    if hasattr(os, _name):
+        setattr(os, _name, None)
+shutil.rmtree = shutil.move = shutil.chown = None
+subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
+builtins.exit = builtins.quit = None
+_globals = {"__name__": "__main__", "__builtins__": builtins}
+exec(compile(_source, "program.py", "exec"), _globals)
+sys.stdout.write("\n" + _token + "\n")
+sys.stdout.flush()
+'''
+
+
+@dataclass
+class SandboxResult:
+    passed: bool
+    status: str  # "passed" | "failed" | "timed out"
+    detail: str  # the tail of stderr for failures
+
+
+def run_sandboxed(source: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> SandboxResult:
+    """Run `source` as a Python program under the limits above."""
+    if timeout_s <= 0 or memory_mb < 64:
+        raise ValueError(f"need timeout_s > 0 and memory_mb >= 64 (the interpreter itself needs some); "
+                         f"got timeout_s={timeout_s}, memory_mb={memory_mb}")
+    token = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix="ft_sandbox_") as tmp:
+        (Path(tmp) / "program.py").write_text(source)
+        (Path(tmp) / "runner.py").write_text(_RUNNER)
+        cmd = [sys.executable, "-I", "-S", "runner.py", "program.py", str(memory_mb << 20),
+               str(max(1, int(timeout_s + 0.999))), token]
+        proc = subprocess.Popen(cmd, cwd=tmp, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: nothing else is hit
+            proc.communicate()
+            return SandboxResult(False, "timed out", f"wall-clock limit of {timeout_s:g} s")
+    if proc.returncode == 0 and out.decode(errors="replace").rstrip().endswith(token):
+        return SandboxResult(True, "passed", "")
+    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return SandboxResult(False, "timed out", f"CPU limit ({-proc.returncode})")
+    tail = err.decode(errors="replace").strip().splitlines()[-3:]
+    return SandboxResult(False, "failed", " | ".join(tail) or f"exit status {proc.returncode}")
