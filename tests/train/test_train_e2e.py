@@ -115,14 +115,16 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tm
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
-def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, train_shards):
-    """launch/train.py with TP=2 + sequence parallelism (ZeRO-1 over a data-parallel size of 1)
-    gives the single-process run's losses to fp32 round-off, and its model.pt is the plain model."""
+@pytest.mark.parametrize("zero", [1, 3])
+def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, train_shards, zero):
+    """launch/train.py with TP=2 + sequence parallelism (ZeRO-1 or ZeRO-3 over a data-parallel
+    size of 1) gives the single-process run's losses to fp32 round-off, and its model.pt is
+    the plain model."""
     extra = ["--model.ssm_groups=2", "--data.global_batch_tokens=512"]
     one, tp = tmp_path / "one", tmp_path / "tp"
     _ok(run(train_cmd(write_config(tmp_path / "one.yaml", train_shards, one, steps=4), launcher="python",
                       zero=0, extra=extra)))
-    res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4), zero=1,
+    res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4), zero=zero,
                         extra=extra + ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"]))
     _ok(res)
     assert "tensor parallel 2 (+ sequence parallel) x data parallel 1" in res.stderr
@@ -132,6 +134,7 @@ def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, tra
         assert abs(got[s] - want[s]) < 1e-4, (s, got[s], want[s])
     w_one = safe_load(one / "checkpoints/step_00000004/model.pt")
     w_tp = safe_load(tp / "checkpoints/step_00000004/model.pt")
+    assert json.loads((tp / "checkpoints/step_00000004/meta.json").read_text())["zero_stage"] == zero
     assert w_one.keys() == w_tp.keys()
     for k in w_one:
         torch.testing.assert_close(w_tp[k], w_one[k], rtol=1e-3, atol=1e-4, msg=k)
