@@ -12,7 +12,8 @@ the program runs, the child limits itself with `resource.setrlimit`:
 
 The parent enforces a wall-clock limit too and kills the child's whole process group. The
 program passes when it exits with status 0 and the runner reached its end (a random token
-printed after the program, which the program itself cannot know).
+printed after the program, which the program is not handed: it is not in its argv or
+globals, though code that inspects the interpreter's frames could still find it).
 
 This is a guard against accidents of generated code, not a security boundary against code
 written to attack the machine: there is no network or filesystem namespace. Run untrusted
@@ -33,27 +34,33 @@ from pathlib import Path
 # Runs in the child before the program. argv: program path, memory bytes, cpu seconds, token.
 _RUNNER = r'''
 import resource, sys
-_path, _mem, _cpu, _token = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
-resource.setrlimit(resource.RLIMIT_DATA, (_mem, _mem))
-resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-_source = open(_path).read()
-import builtins, os, shutil, subprocess
-for _name in ("system", "fork", "forkpty", "kill", "killpg", "putenv", "remove", "unlink", "rmdir",
-              "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "chown", "fchown",
-              "lchown", "setuid", "setgid", "execv", "execve", "execvp", "spawnv", "spawnve", "posix_spawn"):
-    if hasattr(os, _name):
-        setattr(os, _name, None)
-shutil.rmtree = shutil.move = shutil.chown = None
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
-builtins.exit = builtins.quit = None
-_globals = {"__name__": "__main__", "__builtins__": builtins}
-exec(compile(_source, "program.py", "exec"), _globals)
-sys.stdout.write("\n" + _token + "\n")
-sys.stdout.flush()
+
+
+def _run():
+    path, mem, cpu, token = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    sys.argv = ["program.py"]  # the program is not handed the token
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_DATA, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    source = open(path).read()
+    import builtins, os, shutil, subprocess
+    for name in ("system", "fork", "forkpty", "kill", "killpg", "putenv", "remove", "unlink", "rmdir",
+                 "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "chown", "fchown",
+                 "lchown", "setuid", "setgid", "execv", "execve", "execvp", "spawnv", "spawnve", "posix_spawn"):
+        if hasattr(os, name):
+            setattr(os, name, None)
+    shutil.rmtree = shutil.move = shutil.chown = None
+    subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
+    builtins.exit = builtins.quit = None
+    exec(compile(source, "program.py", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+    sys.stdout.write("\n" + token + "\n")
+    sys.stdout.flush()
+
+
+_run()
 '''
 
 

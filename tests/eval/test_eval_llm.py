@@ -118,6 +118,10 @@ def test_sandbox_limits():
     assert not run_sandboxed("import sys\nsys.exit(0)").passed  # leaving early is not passing
     blocked = run_sandboxed("import os\nos.remove('program.py')")
     assert not blocked.passed and "NoneType" in blocked.detail
+    # the pass token is not handed to the program: echoing the runner's arguments and leaving
+    # with status 0 before the runner prints it does not pass
+    forged = "import os, sys\nprint('\\n'.join(sys.argv))\nsys.stdout.flush()\nos._exit(0)"
+    assert run_sandboxed(forged).status == "failed"
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
