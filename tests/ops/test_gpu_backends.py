@@ -29,7 +29,7 @@ from tests.models.conftest import perturb_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU backends need a CUDA device, and this machine has none "
-                                       "(run these through the device tool)")
+                                       "(run them on a GPU machine)")
 
 DEV = "cuda"
 REQUIRED = set(filter(None, os.environ.get("FUSIONTREE_REQUIRE_BACKENDS", "").split(",")))
