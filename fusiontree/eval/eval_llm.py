@@ -219,9 +219,12 @@ def perplexity_on_files(model, sp, files: list[Path], seq_len: int, batch_size: 
     from fusiontree.data.tokenizer import EOS_ID
 
     rows: list[list[int]] = []
-    n = 0
+    n, used = 0, 0
     for f in files:
+        if n >= max_tokens:
+            break
         ids = sp.encode(f.read_text(errors="replace")) + [EOS_ID]
+        used += 1
         for i in range(0, len(ids) - 1, seq_len):
             if n >= max_tokens:
                 break
@@ -244,7 +247,7 @@ def perplexity_on_files(model, sp, files: list[Path], seq_len: int, batch_size: 
         loss_sum += float(F.cross_entropy(logits_BTV.flatten(0, 1), tgt_BT.to(device).flatten(), ignore_index=-100,
                                           reduction="sum"))  # host sync: once per batch
         tokens += int((tgt_BT != -100).sum())
-    return {"files": len(files), "tokens": tokens, "seq_len": seq_len, "loss": loss_sum / tokens,
+    return {"files": used, "tokens": tokens, "seq_len": seq_len, "loss": loss_sum / tokens,
             "ppl": math.exp(min(loss_sum / tokens, 50))}
 
 
@@ -469,10 +472,18 @@ def evaluate(model, sp, tasks: list[str], opts: EvalOptions, out_dir: str | Path
             if not shards:
                 raise ValueError("the ppl task needs shards: --shards DIR (default: the checkpoint's data.shards_dir)")
             res = perplexity_on_shards(model, shards, opts.ppl_max_batches, opts.batch_size)
-            files = expand_files(opts.ppl_files) if opts.ppl_files else heldout()
-            seq_len = opts.ppl_files_seq_len or max(int(b[3:]) for b in res["buckets"])
-            res["files"] = perplexity_on_files(model, sp, files, min(seq_len, model.cfg.max_seq_len),
-                                               opts.batch_size, opts.ppl_files_max_tokens)
+            if opts.ppl_files:
+                files = expand_files(opts.ppl_files)
+            else:
+                try:
+                    files = heldout()
+                except ValueError as e:  # shards of non-Python text: the shard perplexity stands alone
+                    log.warning("ppl: no held-out-files perplexity: %s", e)
+                    files = []
+            if files:
+                seq_len = opts.ppl_files_seq_len or max(int(b[3:]) for b in res["buckets"])
+                res["files"] = perplexity_on_files(model, sp, files, min(seq_len, model.cfg.max_seq_len),
+                                                   opts.batch_size, opts.ppl_files_max_tokens)
         elif task == "needle":
             res = needle_in_haystack(model, sp, opts.needle_contexts, opts.needle_depths, opts.needle_trials,
                                      opts.needle_digits, out_dir / "needle_heatmap.png", opts.batch_size,

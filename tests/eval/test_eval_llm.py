@@ -36,6 +36,17 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(eval_shards, sp):
     files = E.heldout_files(str(eval_shards))
     f = E.perplexity_on_files(model, sp, files[:2], seq_len=64, max_tokens=3000)
     assert f["ppl"] == pytest.approx(model.cfg.vocab_size, rel=1e-4) and f["tokens"] > 100
+    # the report counts the files that contributed tokens, not the files it was given
+    assert E.perplexity_on_files(model, sp, files[:2], seq_len=64, max_tokens=10**9)["files"] == 2
+    assert E.perplexity_on_files(model, sp, files[:2], seq_len=16, max_tokens=20)["files"] == 1
+
+
+def test_ppl_task_without_heldout_python_files_keeps_the_shard_perplexity(eval_shards, sp, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "heldout_files", lambda shards_dir, suffix=".py": [])
+    res = E.evaluate(uniform_model(), sp, ["ppl"], E.EvalOptions(ppl_max_batches=1), tmp_path,
+                     shards_dir=str(eval_shards))
+    assert res["ppl"]["ppl"] == pytest.approx(uniform_model().cfg.vocab_size, rel=1e-4)
+    assert "files" not in res["ppl"]
 
 
 def test_perplexity_drops_cross_document_targets(eval_shards):
@@ -122,6 +133,12 @@ def test_sandbox_limits():
     # with status 0 before the runner prints it does not pass
     forged = "import os, sys\nprint('\\n'.join(sys.argv))\nsys.stdout.flush()\nos._exit(0)"
     assert run_sandboxed(forged).status == "failed"
+    forged = "import os, sys\nprint(sys.orig_argv[-1])\nprint(open('/proc/self/cmdline').read())\n" \
+             "sys.stdout.flush()\nos._exit(0)"
+    assert run_sandboxed(forged).status == "failed"
+    # posix.* is guarded like os.*; output is capped (files under RLIMIT_FSIZE, not pipes)
+    assert "NoneType" in run_sandboxed("import posix\nposix.fork()").detail
+    assert "File too large" in run_sandboxed("while True:\n    print('x' * 1000)", timeout_s=5).detail
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
