@@ -67,11 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ppl-files", nargs="*", default=[],
                    help="held-out text files (default: the shards' val .py files)")
     g.add_argument("--ppl-files-max-tokens", type=int, default=d.ppl_files_max_tokens)
+    g.add_argument("--ppl-files-seq-len", type=int, default=d.ppl_files_seq_len,
+                   help="row length for the held-out files (0: the longest val bucket)")
     g = ap.add_argument_group("needle")
     g.add_argument("--needle-contexts", type=_ints, default=d.needle_contexts)
     g.add_argument("--needle-depths", type=_floats, default=d.needle_depths)
     g.add_argument("--needle-trials", type=int, default=d.needle_trials)
     g.add_argument("--needle-digits", type=int, default=d.needle_digits)
+    g.add_argument("--needle-window", type=int, default=d.needle_window,
+                   help="also report accuracy over keys farther than this many tokens (0: the model's window)")
     g = ap.add_argument_group("code")
     g.add_argument("--nextline-files", nargs="*", default=[], help="held-out .py files, dirs, globs or stdlib:REL "
                    "(default: the shards' val .py files)")
@@ -85,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--humaneval-max-new-tokens", type=int, default=d.humaneval_max_new_tokens)
     g.add_argument("--sandbox-timeout-s", type=float, default=d.sandbox_timeout_s)
     g.add_argument("--sandbox-memory-mb", type=int, default=d.sandbox_memory_mb)
+    g.add_argument("--sandbox-workers", type=int, default=d.sandbox_workers, help="programs run at once")
     g = ap.add_argument_group("system")
     g.add_argument("--system-contexts", type=_ints, default=d.system_contexts)
     g.add_argument("--system-batch", type=int, default=d.system_batch)
@@ -92,13 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-train-throughput", action="store_true", help="skip the training-throughput measurement")
     g.add_argument("--train-seq-len", type=int, default=d.train_seq_len)
     g.add_argument("--train-micro-batch", type=int, default=d.train_micro_batch)
+    g.add_argument("--train-steps", type=int, default=d.train_steps, help="timed training steps")
     return ap.parse_args(argv)
 
 
 def options_from_args(a: argparse.Namespace) -> EvalOptions:
     return EvalOptions(
         shards_dir=a.shards, ppl_max_batches=a.ppl_batches, ppl_files=a.ppl_files,
-        ppl_files_max_tokens=a.ppl_files_max_tokens,
+        ppl_files_max_tokens=a.ppl_files_max_tokens, ppl_files_seq_len=a.ppl_files_seq_len,
+        needle_window=a.needle_window, sandbox_workers=a.sandbox_workers, train_steps=a.train_steps,
         needle_contexts=a.needle_contexts, needle_depths=a.needle_depths, needle_trials=a.needle_trials,
         needle_digits=a.needle_digits, nextline_files=a.nextline_files, nextline_samples=a.nextline_samples,
         nextline_context_tokens=a.nextline_context_tokens, nextline_max_new_tokens=a.nextline_max_new_tokens,
