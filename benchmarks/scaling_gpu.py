@@ -152,9 +152,9 @@ def worker(a: argparse.Namespace) -> None:
             tokens = c["dp"] * c["seq_len"]
             tps = tokens / float(step_t)
             peak = device_peak_flops(di.device)[0] if cuda else float("nan")
+            fpt = flops_per_token(mcfg, c["seq_len"])
             row.update(step_s=float(step_t), step_s_all=times, tokens_per_s=tps, tokens_per_s_per_gpu=tps / c["gpus"],
-                       flops_per_token=flops_per_token(mcfg, c["seq_len"]),
-                       mfu=tps / c["gpus"] * flops_per_token(mcfg, c["seq_len"]) / peak)
+                       flops_per_token=fpt, mfu=tps / c["gpus"] * fpt / peak)
         row["peak_mem_gib"] = float(flag[1])
         Path(a.row_out).write_text(json.dumps(row))
     dist.barrier()
