@@ -3,7 +3,13 @@ Transformer twins, measured side by side in one process.
 
     python benchmarks/train_gpu.py [--cases small@4096x2,transformer-small@4096x2,...] [--out FILE]
 
-A case is PRESET@SEQxBATCH, with a trailing `+ckpt` for per-block activation checkpointing.
+A case is PRESET@SEQxBATCH with optional suffixes: `+ckpt` for per-block activation
+checkpointing, `+compile` for per-block torch.compile (`HybridLanguageModel.compile_blocks`,
+compiled during the warm-up steps). PRESET `mamba-ref-NAME` is the peer: mamba-ssm's own
+`MambaLMHeadModel`, a Mamba-2 hybrid with attention every 6th layer, sized to NAME's parameter
+count (width, MLP, SSM and attention heads of NAME; the layer count is chosen to match; run without
+causal-conv1d and flash-attn, so with its `use_mem_eff_path=False` path -- nn.Conv1d, then
+the SSD kernel -- and SDPA attention without rotary embeddings).
 Each step: bf16 weights (A_log, D, dt_bias fp32), forward, HybridModelLoss, backward, fused
 AdamW. MFU = model FLOPs per token (every FLOP the model does: projections, SSD as
 computed, attention up to each layer's window; x3 for forward + backward) x tokens/s / peak
@@ -36,22 +42,85 @@ DEFAULT_CASES = ("small@4096x2,transformer-small@4096x2,1b@4096x1,transformer-1b
                  "small@32768x1+ckpt,transformer-small@32768x1+ckpt")
 
 
-def parse_case(case: str) -> tuple[str, int, int, bool]:
-    ckpt = case.endswith("+ckpt")
-    preset, _, shape = case.removesuffix("+ckpt").partition("@")
+SUFFIXES = ("ckpt", "compile")
+
+
+def parse_case(case: str) -> tuple[str, int, int, set[str]]:
+    head, *flags = case.split("+")
+    bad = set(flags) - set(SUFFIXES)
+    if bad:
+        raise SystemExit(f"case {case!r}: unknown suffix {sorted(bad)}; use {['+' + s for s in SUFFIXES]}")
+    preset, _, shape = head.partition("@")
     seq, _, batch = shape.partition("x")
-    return preset, int(seq), int(batch), ckpt
+    return preset, int(seq), int(batch), set(flags)
+
+
+class _PeerOut:
+    def __init__(self, logits):
+        self.logits, self.gates = logits, []
+
+
+class MambaReferencePeer(torch.nn.Module):
+    """mamba-ssm's MambaLMHeadModel sized like one of our presets; returns what the loss reads."""
+
+    def __init__(self, cfg, dev: torch.device):
+        super().__init__()
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+        target = count_params(cfg)
+
+        def build(n_layer: int, device) -> torch.nn.Module:
+            mc = MambaConfig(
+                d_model=cfg.d_model, d_intermediate=cfg.mlp_hidden_size, n_layer=n_layer,
+                vocab_size=cfg.vocab_size, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                ssm_cfg={"layer": "Mamba2", "d_state": cfg.ssm_state, "headdim": cfg.ssm_head_dim,
+                         "ngroups": cfg.ssm_groups, "expand": cfg.ssm_expand, "chunk_size": cfg.chunk_size,
+                         "use_mem_eff_path": False},
+                attn_layer_idx=[i for i in range(n_layer) if i % 6 == 5],
+                # No rotary: mamba-ssm's needs flash-attn, which this peer is run without.
+                attn_cfg={"num_heads": cfg.n_heads, "num_heads_kv": cfg.n_kv_heads, "head_dim": cfg.attn_head_dim,
+                          "causal": True},
+                tie_embeddings=False)
+            return MambaLMHeadModel(mc, device=device, dtype=torch.bfloat16)
+
+        n_layer = 1
+        while sum(p.numel() for p in build(n_layer + 1, "meta").parameters()) <= target:
+            n_layer += 1
+        self.n_layer = n_layer
+        self.model = build(n_layer, dev)
+
+    def forward(self, ids):
+        return _PeerOut(self.model(ids).logits)
 
 
 def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev: torch.device,
              profile_out: str = "") -> dict:
-    preset, seq, batch, ckpt = parse_case(case)
-    cfg = model_preset(preset)
+    preset, seq, batch, flags = parse_case(case)
+    ckpt = "ckpt" in flags
+    peer = preset.startswith("mamba-ref-")
+    cfg = model_preset(preset.removeprefix("mamba-ref-"))
     torch.manual_seed(0)
-    kernels = resolve_kernels(kernels_cfg, dev)
-    model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).train()
-    model.check_inputs = False
-    model.activation_checkpointing = ckpt
+    extra = {}
+    if peer:
+        if flags - {"ckpt"}:
+            raise SystemExit(f"case {case!r}: the mamba-ssm peer takes +ckpt only")
+        model = MambaReferencePeer(cfg, dev).train()
+        if ckpt:  # mamba-ssm has no checkpointing switch: wrap each of its blocks
+            _checkpoint_blocks(model.model.backbone.layers)
+        kernels_desc = "mamba-ssm MambaLMHeadModel (its own Triton/CUDA kernels)"
+        n_params = sum(p.numel() for p in model.parameters())
+        extra["n_layer"] = model.n_layer
+    else:
+        kernels = resolve_kernels(kernels_cfg, dev)
+        kernels_desc = kernels.describe()
+        model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).train()
+        model.check_inputs = False
+        model.activation_checkpointing = ckpt
+        if "compile" in flags:
+            model.compile_blocks()
+            kernels_desc += " +compiled blocks"
+        n_params = count_params(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     loss_fn = HybridModelLoss(LossConfig())
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
@@ -94,11 +163,22 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
         del model, opt
         torch.cuda.empty_cache()
     tps = batch * seq / (ms / 1e3)
-    fpt = flops_per_token(cfg, seq)
+    # The peer's FLOPs are not counted here (other layer count and mixer shapes): its row is
+    # read for tokens/s at (nearly) equal parameter count, not for MFU.
+    fpt = None if peer else flops_per_token(cfg, seq)
     peak, _ = device_peak_flops(dev)
     return {"case": case, "preset": preset, "seq_len": seq, "batch": batch, "checkpointing": ckpt,
-            "params": count_params(cfg), "kernels": kernels.describe(), "step_ms": ms, "tokens_per_s": tps,
-            "flops_per_token": fpt, "mfu": tps * fpt / peak, "peak_mem_gib": peak_gib, "loss_finite": ok}
+            "compiled": "compile" in flags, "params": n_params, "kernels": kernels_desc, "step_ms": ms,
+            "tokens_per_s": tps, "flops_per_token": fpt, "mfu": None if peer else tps * fpt / peak,
+            "peak_mem_gib": peak_gib, "loss_finite": ok, **extra}
+
+
+def _checkpoint_blocks(blocks: torch.nn.ModuleList) -> None:
+    import torch.utils.checkpoint
+
+    for blk in blocks:
+        fwd = blk.forward
+        blk.forward = lambda *a, _f=fwd, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
 
 
 def main() -> None:
@@ -136,8 +216,9 @@ def main() -> None:
             continue
         twin = by_case.get(r["case"].replace(r["preset"], "transformer-" + r["preset"], 1))
         ratio = f"{r['tokens_per_s'] / twin['tokens_per_s']:.2f}x" if twin and "error" not in twin else ""
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"| {r['case']} | {r['params'] / 1e6:.0f}M | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}K | "
-              f"{r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {ratio} |")
+              f"{mfu} | {r['peak_mem_gib']:.1f} | {ratio} |")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True, cwd=ROOT).stdout.strip()
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,

@@ -245,6 +245,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     activation_checkpointing: bool = False
+    # Compile each block with torch.compile (HybridLanguageModel.compile_blocks): fuses the
+    # elementwise work around the matmuls and kernels. Costs compile time at each new length.
     compile: bool = False
     # Non-finite loss or gradients skip the step; this many in a row stop the run.
     max_bad_steps: int = 5
@@ -424,6 +426,10 @@ class RunConfig:
         self.data.validate()
         seq_lens = [s.seq_len for s in self.data.curriculum]
         self.parallel.validate(self.model, seq_lens)
+        if self.train.compile and self.parallel.tensor_parallel > 1:
+            raise ValueError("train.compile=true works with data parallelism only: the tensor-parallel layers' "
+                             "collectives are not traced by the block compiler; set train.compile=false or "
+                             "parallel.tensor_parallel=1")
         if max(seq_lens) > self.model.max_seq_len:
             raise ValueError(f"data.curriculum reaches seq_len={max(seq_lens)}, beyond model.max_seq_len="
                              f"{self.model.max_seq_len}; raise model.max_seq_len or shorten the curriculum")

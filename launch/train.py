@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
              dp_size)
     if cfg.parallel.tensor_parallel > 1:
         model = parallelize(model, cfg.parallel)
+    if cfg.train.compile:
+        model.compile_blocks()  # per block; compiled on the first step of each sequence length
 
     # DeepSpeed engine over torch's AdamW
     import deepspeed
@@ -260,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     ds_cfg = deepspeed_config(args.ds_config, cfg, train_loader.micro_batch_size, train_loader.grad_accum_steps, bf16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, mpu=mpu)
     zero_stage = engine.zero_optimization_stage()
-    if cfg.train.compile:
-        engine.compile()
     loss_fn = HybridModelLoss(cfg.loss)
 
     # resume

@@ -58,6 +58,8 @@ class HybridLanguageModel(nn.Module):
         self.check_inputs = True
         # Recompute each block in the backward pass instead of storing its activations.
         self.activation_checkpointing = False
+        # Per-block compiled forwards (`compile_blocks`), used by cache-free calls.
+        self._compiled_blocks: list | None = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -82,6 +84,33 @@ class HybridLanguageModel(nn.Module):
         per_layer = [layer.allocate_inference_cache(batch_size, max_length, dtype, device) for layer in self.layers]
         return (KVCache([a for a, _ in per_layer], batch_size, max_length),
                 MambaStates([m for _, m in per_layer], batch_size))
+
+    # ------------------------------------------------------------------ compilation
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation: each block's forward goes through `torch.compile` (Inductor),
+        which fuses its elementwise chains (norms and their fp32 casts, the conv1d, RoPE, the
+        gate mix, SwiGLU) into a few kernels and their backward likewise.
+
+        Only cache-free calls (training, evaluation, prefill without a cache) use the compiled
+        blocks; calls with a KV cache or Mamba state run eagerly, since they update the caches in
+        place. The SSD and attention backends are opaque to the compiler (each is a kernel
+        of its own, see `fusiontree.ops`): a block compiles into the graphs around them. Blocks
+        of the same structure share one compiled graph. Compilation happens on first use of
+        each input shape, dtype and grad mode."""
+        import torch._dynamo.config as dynamo_config
+
+        # One compiled entry per block structure (local / global / pruned), grad mode and
+        # sequence length of the curriculum: raise torch's default limit of 8 so that a long
+        # curriculum never exhausts it (past the limit torch would run the block eagerly).
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        self._compiled_blocks = [torch.compile(layer.forward, **compile_kwargs) for layer in self.layers]
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return self._compiled_blocks is not None
 
     # ------------------------------------------------------------------ forward
 
@@ -178,9 +207,11 @@ class HybridLanguageModel(nn.Module):
 
         x = self.embed(input_ids)
         gates, stats = [], [] if collect_gate_stats else None
-        checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled() \
-            and kv is None and ms is None
+        cached = kv is not None or ms is not None
+        checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled() and not cached
         for i, layer in enumerate(self.layers):
+            if self._compiled_blocks is not None and not cached:
+                layer = self._compiled_blocks[i]
             if checkpoint:
                 x, g = torch.utils.checkpoint.checkpoint(layer, x, info, use_reentrant=False)
             else:

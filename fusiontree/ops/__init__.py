@@ -12,6 +12,9 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
 elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
+`train.compile` fuses it, with the norms, RoPE, the gate mix and SwiGLU, by compiling each block
+(`HybridLanguageModel.compile_blocks`); the `mamba_ssm` and `flex` backends stay opaque kernels
+inside those compiled blocks.
 flash-attn is not a backend: the GPU machine it would be tested on does not have it, and an
 untested backend would break the rule that every backend is checked against the reference.
 """

@@ -175,6 +175,10 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
     return o * seen_BT[:, :, None, None].to(o.dtype)
 
 
+# Opaque to an enclosing torch.compile (a model compiled block by block): its mask caches key
+# on tensor identity and version, which tracing cannot follow; FlexAttention itself is compiled
+# here, separately.
+@torch.compiler.disable
 def attention_flex(
     q_BTHD: Tensor,
     k_BSKD: Tensor,

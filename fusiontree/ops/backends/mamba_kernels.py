@@ -11,7 +11,9 @@ Legend: B batch, T time, H heads, P head dim, G groups, N state size.
 - `selective_state_update` (decode): updates the fp32 state in place; it has no backward.
 
 The conv1d of the Mamba mixer stays the PyTorch reference with this backend: it is a 4-tap
-elementwise op, and mamba-ssm's fused conv needs the separately compiled causal-conv1d.
+elementwise op (fused with its neighbours when the model's blocks are compiled,
+`HybridLanguageModel.compile_blocks`), and mamba-ssm's fused conv needs the separately
+compiled causal-conv1d.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def _require_cuda(**tensors: Tensor | None) -> None:
                          "tensors; move the model to the GPU or use kernels.ssd=reference on CPU")
 
 
+# Opaque to an enclosing torch.compile (a model compiled block by block): the Triton kernels
+# run as they are, the compiled graphs end and resume around them.
+@torch.compiler.disable
 def ssd_chunked_mamba(
     x_BTHP: Tensor,
     dt_BTH: Tensor,

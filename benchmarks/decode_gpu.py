@@ -1,0 +1,134 @@
+"""Decode on one GPU: a FusionTree preset vs its same-size all-global Transformer twin.
+
+    python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32768] [--out FILE.json]
+
+For each model and context length (batch 1, bf16 weights, the GPU backends `auto` picks):
+prefill a random prompt of that length into freshly allocated caches (timed), then time
+greedy decode steps with the caches (CUDA-event mean over `--steps` steps after warm-up), and
+time one full forward over the context, which is what a token costs without a cache. Cache
+bytes: the KV cache plus the Mamba states, as allocated for context + steps tokens. Prints a
+table with the FusionTree / Transformer ratios and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusiontree.config import KernelConfig, model_preset  # noqa: E402
+from fusiontree.models import HybridLanguageModel  # noqa: E402
+from fusiontree.models.flops import count_params  # noqa: E402
+from fusiontree.models.layers import cast_model  # noqa: E402
+from fusiontree.ops import resolve_kernels  # noqa: E402
+
+
+def _cuda_ms(fn, repeats: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+@torch.no_grad()
+def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repeats: int) -> dict:
+    dev = model.embed.weight.device
+    g = torch.Generator().manual_seed(context)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)
+    row = {"context": context}
+    try:
+        model(prompt[:, :256])  # warm-up of the kernels the prefill uses
+        kv, ms = model.allocate_inference_cache(1, context + steps + 8)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(prompt, past_key_values=kv, past_mamba_states=ms)
+        torch.cuda.synchronize()
+        row["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+        nxt = out.logits[:, -1:].argmax(-1)
+
+        def step():
+            nonlocal nxt
+            nxt = model(nxt, past_key_values=kv, past_mamba_states=ms).logits[:, -1:].argmax(-1)
+
+        for _ in range(4):
+            step()
+        row["cached_ms_per_token"] = _cuda_ms(step, steps)
+        row["cache_bytes"] = kv.nbytes() + ms.nbytes()
+        row["kv_cache_bytes"], row["mamba_state_bytes"] = kv.nbytes(), ms.nbytes()
+        del kv, ms, out
+        model(prompt)  # warm-up at full length
+        row["recompute_ms_per_token"] = _cuda_ms(lambda: model(prompt), recompute_repeats)
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1b")
+    ap.add_argument("--contexts", default="4096,32768")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--recompute-repeats", type=int, default=3)
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/decode_gpu.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_gpu.py measures GPU decoding; no CUDA device is visible")
+    dev = torch.device("cuda")
+    kernels = resolve_kernels(KernelConfig(), dev)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    rows = []
+    for name in (args.preset, f"transformer-{args.preset}"):
+        cfg = model_preset(name)
+        if max(contexts) + args.steps + 8 > cfg.max_seq_len:
+            raise SystemExit(f"context {max(contexts)} + {args.steps} steps exceeds {name}'s max_seq_len "
+                             f"{cfg.max_seq_len}")
+        torch.manual_seed(0)
+        model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).eval()
+        model.check_inputs = False
+        for c in contexts:
+            r = {"model": name, "params": count_params(cfg), "kernels": kernels.describe(),
+                 **measure(model, c, args.steps, args.recompute_repeats)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+    def pick(model, c):
+        return next((r for r in rows if r["model"] == model and r["context"] == c and "error" not in r), None)
+
+    print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  kernels: {kernels.describe()}")
+    print("| model | context | prefill ms | decode ms/token | recompute ms/token | cache MiB | "
+          "decode speed vs Transformer | cache vs Transformer |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['context']} | {r['error']} | | | | | |")
+            continue
+        twin = pick(f"transformer-{args.preset}", r["context"]) if r["model"] == args.preset else None
+        speed = f"{twin['cached_ms_per_token'] / r['cached_ms_per_token']:.2f}x faster" if twin else ""
+        cache = f"{twin['cache_bytes'] / r['cache_bytes']:.1f}x smaller" if twin else ""
+        print(f"| {r['model']} | {r['context']} | {r['prefill_ms']:.0f} | {r['cached_ms_per_token']:.2f} | "
+              f"{r['recompute_ms_per_token']:.1f} | {r['cache_bytes'] / 2**20:.1f} | {speed} | {cache} |")
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, cwd=ROOT).stdout.strip()
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+            "command": " ".join(sys.argv)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
