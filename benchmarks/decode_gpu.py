@@ -42,13 +42,20 @@ def _cuda_ms(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repeats: int) -> dict:
+def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repeats: int,
+            profile_dir: str = "") -> dict:
     dev = model.embed.weight.device
     g = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)
     row = {"context": context}
     try:
-        model(prompt[:, :256])  # warm-up of the kernels the prefill uses
+        # Warm-up of the cached path (prefill with caches, then decode steps): first calls
+        # compile and autotune kernels, which the timed calls below must not include.
+        kv, ms = model.allocate_inference_cache(1, 320)
+        o = model(prompt[:, :300], past_key_values=kv, past_mamba_states=ms)
+        for _ in range(3):
+            o = model(o.logits[:, -1:].argmax(-1), past_key_values=kv, past_mamba_states=ms)
+        model(prompt)  # and the full-length forward (block masks per length)
         kv, ms = model.allocate_inference_cache(1, context + steps + 8)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -63,11 +70,20 @@ def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repe
 
         for _ in range(4):
             step()
+        if profile_dir:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(4):
+                    step()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60)
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            (Path(profile_dir) / f"decode_{model.cfg.preset}_{context}.txt").write_text(table)
         row["cached_ms_per_token"] = _cuda_ms(step, steps)
         row["cache_bytes"] = kv.nbytes() + ms.nbytes()
         row["kv_cache_bytes"], row["mamba_state_bytes"] = kv.nbytes(), ms.nbytes()
         del kv, ms, out
-        model(prompt)  # warm-up at full length
         row["recompute_ms_per_token"] = _cuda_ms(lambda: model(prompt), recompute_repeats)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
@@ -81,6 +97,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,32768")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--recompute-repeats", type=int, default=3)
+    ap.add_argument("--profile", default="", help="directory: profile 4 decode steps per case, write tables there")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/decode_gpu.json"))
     args = ap.parse_args()
@@ -100,7 +117,7 @@ def main() -> None:
         model.check_inputs = False
         for c in contexts:
             r = {"model": name, "params": count_params(cfg), "kernels": kernels.describe(),
-                 **measure(model, c, args.steps, args.recompute_repeats)}
+                 **measure(model, c, args.steps, args.recompute_repeats, args.profile)}
             rows.append(r)
             print(json.dumps(r), flush=True)
         del model
