@@ -426,10 +426,6 @@ class RunConfig:
         self.data.validate()
         seq_lens = [s.seq_len for s in self.data.curriculum]
         self.parallel.validate(self.model, seq_lens)
-        if self.train.compile and self.parallel.tensor_parallel > 1:
-            raise ValueError("train.compile=true works with data parallelism only: the tensor-parallel layers' "
-                             "collectives are not traced by the block compiler; set train.compile=false or "
-                             "parallel.tensor_parallel=1")
         if max(seq_lens) > self.model.max_seq_len:
             raise ValueError(f"data.curriculum reaches seq_len={max(seq_lens)}, beyond model.max_seq_len="
                              f"{self.model.max_seq_len}; raise model.max_seq_len or shorten the curriculum")

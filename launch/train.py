@@ -370,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("stop requested by signal: checkpoint saved at step %d, exiting", state.step)
             break
 
+    if cfg.train.compile:
+        from torch._dynamo.utils import counters
+
+        # Graph breaks are expected around the SSD and attention kernels (opaque to the compiler).
+        log.info("train.compile: %d graphs compiled, %d graph breaks", counters["stats"]["unique_graphs"],
+                 sum(counters["graph_break"].values()))
     if not ctx.stop_requested:
         hooks.on_train_end(ctx)
         sharded = zero_stage == 3 or cfg.parallel.tensor_parallel > 1

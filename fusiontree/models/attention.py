@@ -52,14 +52,14 @@ class LocalGlobalAttention(nn.Module):
         v = rearrange(self.wv(x_BTD), "b t (k e) -> b t k e", e=self.head_dim)
         q, k = self.rope(q, k, info.position_ids, info.position_ids)
         k_pos = info.key_pos
+        k_all, v_all, pos_all = k, v, k_pos
         if cache is not None:
             ck, cv, cpos = cache.context(info.cache_offset)
-            k_all, v_all = torch.cat([ck, k.to(ck.dtype)], 1), torch.cat([cv, v.to(cv.dtype)], 1)
-            pos_all = torch.cat([cpos, k_pos], 1)
+            if ck.shape[1]:  # an empty cache adds nothing: the prefill takes the cache-free kernels
+                k_all, v_all = torch.cat([ck, k.to(ck.dtype)], 1), torch.cat([cv, v.to(cv.dtype)], 1)
+                pos_all = torch.cat([cpos, k_pos], 1)
             # The cache is written after reading it: the new keys are already in k_all.
             cache.write(k, v, k_pos, info.cache_offset)
-        else:
-            k_all, v_all, pos_all = k, v, k_pos
         o = self.kernels.attention(q, k_all.to(q.dtype), v_all.to(q.dtype), info.position_ids, pos_all,
                                    window=self.window, q_seq_BT=info.seq_idx, k_seq_BS=info.seq_idx)
         return self.wo(rearrange(o, "b t h e -> b t (h e)"))

@@ -36,8 +36,9 @@ class AttentionLayerCache:
         return self.k_BSKD.shape[1]
 
     def context(self, offset: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys, values and positions of the slots that may hold tokens after `offset` tokens."""
-        n = self.slots if self.ring else offset
+        """Keys, values and positions of the slots that may hold tokens after `offset` tokens
+        (none before the first token: a prefill into an empty cache attends to itself only)."""
+        n = min(self.slots, offset)
         return self.k_BSKD[:, :n], self.v_BSKD[:, :n], self.pos_BS[:, :n]
 
     def write(self, k_BTKD: Tensor, v_BTKD: Tensor, pos_BT: Tensor, offset: int) -> None:

@@ -20,6 +20,22 @@ def _ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+def test_compiled_blocks_train_like_eager(tmp_path, train_shards):
+    """train.compile=true (each block through torch.compile): the losses of the eager run to
+    fp32 round-off, across a curriculum change of sequence length (a recompilation)."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    _ok(run(train_cmd(write_config(tmp_path / "e.yaml", train_shards, eager, steps=6), launcher="python")))
+    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, compiled, steps=6, compile=True,
+                                     eval_every_steps=100), launcher="python"), timeout=400)
+    _ok(res)
+    n_graphs = int(res.stderr.split("train.compile: ")[1].split(" graphs")[0])
+    assert n_graphs >= 2, res.stderr[-2000:]
+    want, got = losses(eager), losses(compiled)
+    assert sorted(got) == list(range(1, 7))
+    for s in want:
+        assert abs(got[s] - want[s]) < 1e-4, (s, got[s], want[s])
+
+
 @pytest.mark.parametrize("zero", [0, 2])
 def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shards, zero):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
@@ -115,18 +131,21 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tm
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, train_shards, zero):
-    """launch/train.py with TP=2 + sequence parallelism (ZeRO-1 or ZeRO-3 over a data-parallel
-    size of 1) gives the single-process run's losses to fp32 round-off, and its model.pt is
-    the plain model."""
+@pytest.mark.parametrize("zero,compile", [(1, True), (3, False)])
+def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, train_shards, zero, compile):
+    """launch/train.py with TP=2 + sequence parallelism (ZeRO-1 with compiled blocks, or ZeRO-3,
+    over a data-parallel size of 1) gives the single-process eager run's losses to fp32
+    round-off, and its model.pt is the plain model."""
     extra = ["--model.ssm_groups=2", "--data.global_batch_tokens=512"]
     one, tp = tmp_path / "one", tmp_path / "tp"
     _ok(run(train_cmd(write_config(tmp_path / "one.yaml", train_shards, one, steps=4), launcher="python",
                       zero=0, extra=extra)))
-    res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4), zero=zero,
-                        extra=extra + ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"]))
+    res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4, compile=compile), zero=zero,
+                        extra=extra + ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"]),
+              timeout=400)
     _ok(res)
+    if compile:
+        assert int(res.stderr.split("train.compile: ")[1].split(" graphs")[0]) >= 2, res.stderr[-2000:]
     assert "tensor parallel 2 (+ sequence parallel) x data parallel 1" in res.stderr
     want, got = losses(one), losses(tp)
     assert sorted(got) == [1, 2, 3, 4]
