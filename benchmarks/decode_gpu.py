@@ -4,9 +4,11 @@
 
 For each model and context length (batch 1, bf16 weights, the GPU backends `auto` picks):
 prefill a random prompt of that length into freshly allocated caches (timed), then time
-greedy decode steps with the caches (CUDA-event mean over `--steps` steps after warm-up), and
-time one full forward over the context, which is what a token costs without a cache. Cache
-bytes: the KV cache plus the Mamba states, as allocated for context + steps tokens. Prints a
+greedy decode steps with the caches (CUDA-event mean over `--steps` steps after warm-up), then
+as many steps replayed from one captured CUDA graph (`GraphedDecoder`; its global layers read
+every allocated slot), and time one full forward over the context, which is what a token
+costs without a cache. Cache
+bytes: the KV cache plus the Mamba states, as allocated for context + 2 x steps + 8 tokens. Prints a
 table with the FusionTree / Transformer ratios and writes JSON.
 """
 
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusiontree.config import KernelConfig, model_preset  # noqa: E402
+from fusiontree.inference.cuda_graph import GraphedDecoder  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
 from fusiontree.models.flops import count_params  # noqa: E402
 from fusiontree.models.layers import cast_model  # noqa: E402
@@ -56,7 +59,7 @@ def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repe
         for _ in range(3):
             o = model(o.logits[:, -1:].argmax(-1), past_key_values=kv, past_mamba_states=ms)
         model(prompt)  # and the full-length forward (block masks per length)
-        kv, ms = model.allocate_inference_cache(1, context + steps + 8)
+        kv, ms = model.allocate_inference_cache(1, context + 2 * steps + 8)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model(prompt, past_key_values=kv, past_mamba_states=ms)
@@ -81,6 +84,15 @@ def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repe
             Path(profile_dir).mkdir(parents=True, exist_ok=True)
             (Path(profile_dir) / f"decode_{model.cfg.preset}_{context}.txt").write_text(table)
         row["cached_ms_per_token"] = _cuda_ms(step, steps)
+        # The same caches, continued by replaying one captured CUDA graph per token.
+        decoder = GraphedDecoder(model, kv, ms, torch.full((1,), kv.seen_tokens, device=dev))
+
+        def graphed_step():
+            nonlocal nxt
+            nxt = decoder.step(nxt[:, 0]).argmax(-1, keepdim=True)
+
+        graphed_step()
+        row["graphed_ms_per_token"] = _cuda_ms(graphed_step, steps - 1)
         row["cache_bytes"] = kv.nbytes() + ms.nbytes()
         row["kv_cache_bytes"], row["mamba_state_bytes"] = kv.nbytes(), ms.nbytes()
         del kv, ms, out
@@ -109,8 +121,8 @@ def main() -> None:
     rows = []
     for name in (args.preset, f"transformer-{args.preset}"):
         cfg = model_preset(name)
-        if max(contexts) + args.steps + 8 > cfg.max_seq_len:
-            raise SystemExit(f"context {max(contexts)} + {args.steps} steps exceeds {name}'s max_seq_len "
+        if max(contexts) + 2 * args.steps + 8 > cfg.max_seq_len:
+            raise SystemExit(f"context {max(contexts)} + 2 x {args.steps} steps exceeds {name}'s max_seq_len "
                              f"{cfg.max_seq_len}")
         torch.manual_seed(0)
         model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).eval()
@@ -127,18 +139,20 @@ def main() -> None:
         return next((r for r in rows if r["model"] == model and r["context"] == c and "error" not in r), None)
 
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  kernels: {kernels.describe()}")
-    print("| model | context | prefill ms | decode ms/token | recompute ms/token | cache MiB | "
-          "decode speed vs Transformer | cache vs Transformer |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | context | prefill ms | decode ms/token | CUDA-graph ms/token | recompute ms/token | "
+          "cache MiB | speed vs Transformer (eager, graph) | cache vs Transformer |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['context']} | {r['error']} | | | | | |")
+            print(f"| {r['model']} | {r['context']} | {r['error']} | | | | | | |")
             continue
         twin = pick(f"transformer-{args.preset}", r["context"]) if r["model"] == args.preset else None
-        speed = f"{twin['cached_ms_per_token'] / r['cached_ms_per_token']:.2f}x faster" if twin else ""
+        speed = (f"{twin['cached_ms_per_token'] / r['cached_ms_per_token']:.2f}x, "
+                 f"{twin['graphed_ms_per_token'] / r['graphed_ms_per_token']:.2f}x") if twin else ""
         cache = f"{twin['cache_bytes'] / r['cache_bytes']:.1f}x smaller" if twin else ""
         print(f"| {r['model']} | {r['context']} | {r['prefill_ms']:.0f} | {r['cached_ms_per_token']:.2f} | "
-              f"{r['recompute_ms_per_token']:.1f} | {r['cache_bytes'] / 2**20:.1f} | {speed} | {cache} |")
+              f"{r['graphed_ms_per_token']:.2f} | {r['recompute_ms_per_token']:.1f} | "
+              f"{r['cache_bytes'] / 2**20:.1f} | {speed} | {cache} |")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True, cwd=ROOT).stdout.strip()
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,

@@ -39,11 +39,15 @@ def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top
 def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = True,
              attention_mask: Tensor | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, cuda_graph: bool = False) -> Tensor:
     """Returns [B, T + n] token ids, n <= max_new_tokens (fewer when every row hit EOS).
-    A row that has emitted EOS continues with `pad_token_id` (default: the EOS id)."""
+    A row that has emitted EOS continues with `pad_token_id` (default: the EOS id).
+    cuda_graph: after the prefill, replay each decode step from one captured CUDA graph
+    (`fusiontree.inference.cuda_graph.GraphedDecoder`; needs use_cache and a CUDA model)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if cuda_graph and not use_cache:
+        raise ValueError("cuda_graph=True replays cached decode steps; it needs use_cache=True")
     B, T = input_ids.shape
     kv = ms = None
     if use_cache:
@@ -52,10 +56,14 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids
-    for _ in range(max_new_tokens):
-        inputs = model.prepare_inputs_for_generation(tokens, kv, ms, mask)
-        out = model(**inputs)
-        nxt = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+    decoder = None
+    for i in range(max_new_tokens):
+        if decoder is None:
+            inputs = model.prepare_inputs_for_generation(tokens, kv, ms, mask)
+            logits = model(**inputs).logits[:, -1]
+        else:
+            logits = decoder.step(tokens[:, -1])
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= nxt == eos_token_id
@@ -64,4 +72,11 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if eos_token_id is not None and bool(finished.all()):  # host sync: stop once every row ended
             break
+        if cuda_graph and decoder is None and i + 1 < max_new_tokens:
+            from fusiontree.inference.cuda_graph import GraphedDecoder
+
+            # the position of the token just sampled: the count of real tokens before it
+            next_pos = (mask.long().sum(1) - 1 if mask is not None
+                        else torch.full((B,), tokens.shape[1] - 1, device=tokens.device))
+            decoder = GraphedDecoder(model, kv, ms, next_pos)
     return tokens

@@ -53,7 +53,13 @@ class LocalGlobalAttention(nn.Module):
         q, k = self.rope(q, k, info.position_ids, info.position_ids)
         k_pos = info.key_pos
         k_all, v_all, pos_all = k, v, k_pos
-        if cache is not None:
+        if cache is not None and info.cache_step is not None:
+            # Static-shape decode step (CUDA graphs): the new token goes into its slot first,
+            # then the query attends over every slot by position (empty slots hold -1). With
+            # one query per row, where its own key sits among the slots does not matter.
+            cache.write_step(k, v, k_pos, info.cache_step)
+            k_all, v_all, pos_all = cache.k_BSKD, cache.v_BSKD, cache.pos_BS
+        elif cache is not None:
             ck, cv, cpos = cache.context(info.cache_offset)
             if ck.shape[1]:  # an empty cache adds nothing: the prefill takes the cache-free kernels
                 k_all, v_all = torch.cat([ck, k.to(ck.dtype)], 1), torch.cat([cv, v.to(cv.dtype)], 1)

@@ -59,6 +59,15 @@ class AttentionLayerCache:
         self.v_BSKD.index_copy_(1, idx, v_BTKD.to(self.v_BSKD.dtype))
         self.pos_BS.index_copy_(1, idx, pos_BT)
 
+    def write_step(self, k_B1KD: Tensor, v_B1KD: Tensor, pos_B1: Tensor, step_1: Tensor) -> None:
+        """Store one new token per row at token number `step_1` (a [1] device tensor), without
+        a host-side count: the static-shape decode step (`HybridLanguageModel.decode_step`).
+        The caller keeps the count within the cache (global layers hold `slots` tokens)."""
+        idx = step_1 % self.slots if self.ring else step_1
+        self.k_BSKD.index_copy_(1, idx, k_B1KD.to(self.k_BSKD.dtype))
+        self.v_BSKD.index_copy_(1, idx, v_B1KD.to(self.v_BSKD.dtype))
+        self.pos_BS.index_copy_(1, idx, pos_B1)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_BSKD, self.v_BSKD, self.pos_BS))
 
@@ -104,9 +113,12 @@ class SeqInfo:
     token_mask:   [B, T] bool, False on padding (None: no padding)
     seq_idx:      [B, T] int document index of packed sequences (None: one document per row)
     cache_offset: tokens already in the caches before this forward
+    cache_step:   [1] int64 device tensor of that count, set only by the static-shape decode
+                  step (`HybridLanguageModel.decode_step`), which must not read host ints
     """
     position_ids: Tensor
     key_pos: Tensor
     token_mask: Tensor | None = None
     seq_idx: Tensor | None = None
     cache_offset: int = 0
+    cache_step: Tensor | None = None

@@ -226,6 +226,23 @@ class HybridLanguageModel(nn.Module):
                 c.seen_tokens += T
         return HybridOutput(logits, kv, ms, gates, stats)
 
+    @torch.no_grad()
+    def decode_step(self, input_ids_B1: Tensor, position_ids_B1: Tensor, cache_step_1: Tensor,
+                    past_key_values: KVCache, past_mamba_states: MambaStates) -> Tensor:
+        """One decode token per row with static shapes and no host syncs, so that it can be
+        captured in a CUDA graph (`fusiontree.inference.cuda_graph`). Returns logits [B, V].
+
+        cache_step_1: [1] int64 tensor, the tokens the caches hold (`seen_tokens`, on the
+        device). Attention layers read every cache slot (a global layer all `max_length` of
+        them), masked by position. Neither the tensors nor `seen_tokens` are advanced here:
+        the caller does both. No input checks: the caller validates once, outside the graph."""
+        kv, ms = past_key_values, past_mamba_states
+        info = SeqInfo(position_ids=position_ids_B1, key_pos=position_ids_B1, cache_step=cache_step_1)
+        x = self.embed(input_ids_B1)
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, info, kv.layers[i], ms.layers[i])
+        return self.lm_head(self.norm_out(x))[:, -1]
+
     # ------------------------------------------------------------------ generation
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: KVCache | None = None,
@@ -252,12 +269,12 @@ class HybridLanguageModel(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, use_cache: bool = True,
                  attention_mask: Tensor | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool = False) -> Tensor:
         from fusiontree.inference.generate import generate
 
         return generate(self, input_ids, max_new_tokens, use_cache=use_cache, attention_mask=attention_mask,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, generator=generator)
+                        pad_token_id=pad_token_id, generator=generator, cuda_graph=cuda_graph)
 
     # ------------------------------------------------------------------ accounting
 

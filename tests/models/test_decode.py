@@ -1,6 +1,7 @@
 """Model invariants: cached decode == full forward, chunked prefill == one-shot prefill,
 left-padded batches == rows alone, packed documents == separate documents."""
 
+import pytest
 import torch
 
 from tests.models.conftest import build
@@ -92,3 +93,44 @@ def test_sampling_is_reproducible_and_eos_stops_rows():
     eos = int(a[0, 5])  # the first sampled token of row 0: row 0 stops at once
     c = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), eos_token_id=eos, **kw)
     assert (c[0, 5:] == eos).all()
+
+
+def test_static_decode_step_matches_the_cached_forward_every_step(variant):
+    """`decode_step` (static shapes, device-side counters: what a CUDA graph replays), run
+    eagerly through GraphedDecoder(graph=False), gives the logits of the ordinary cached
+    forward at every step: left-padded rows, ring buffers wrapping twice (window 16)."""
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+
+    model = build(variant)
+    B, T, n = 2, 21, 40
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :6] = 0
+    kv, ms = model.allocate_inference_cache(B, T + n)
+    kv2, ms2 = model.allocate_inference_cache(B, T + n)
+    with torch.no_grad():
+        first = model(**model.prepare_inputs_for_generation(ids, kv, ms, mask)).logits[:, -1]
+        model(**model.prepare_inputs_for_generation(ids, kv2, ms2, mask))
+        decoder = GraphedDecoder(model, kv2, ms2, mask.sum(1), graph=False)
+        tokens, logits = ids, first
+        for _ in range(n - 1):
+            nxt = logits.argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = model(**model.prepare_inputs_for_generation(tokens, kv, ms, mask)).logits[:, -1]
+            got = decoder.step(nxt)
+            torch.testing.assert_close(got, logits, **TOL)
+    assert kv2.seen_tokens == kv.seen_tokens == T + n - 1
+    with pytest.raises(ValueError, match="allocate them with a larger max_length"):
+        decoder.step(nxt)
+        decoder.step(nxt)
+
+
+def test_cuda_graph_generation_needs_a_cache_and_a_gpu():
+    model = build("parallel-channel")
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        model.generate(ids, 3, use_cache=False, cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        model.generate(ids, 3, cuda_graph=True)

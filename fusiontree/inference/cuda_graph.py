@@ -1,0 +1,99 @@
+"""Decode steps replayed from one captured CUDA graph.
+
+Legend: B batch, V vocabulary.
+
+At batch 1 an eager decode step is bound by the host: every layer launches tens of small
+kernels from Python. `GraphedDecoder` captures `HybridLanguageModel.decode_step` once (its
+shapes are static and it never syncs with the host), then each token costs one graph replay.
+The token counter and the positions live on the device and advance inside the graph; the
+host keeps `seen_tokens` of both caches in step without reading the device.
+
+`graph=False` runs the same static step eagerly (the CPU path, and the reference that the
+GPU test compares the replay against).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusiontree.models.cache import KVCache, MambaStates
+
+
+def _cache_tensors(kv: KVCache, ms: MambaStates) -> list[Tensor]:
+    out = []
+    for c in kv.layers:
+        if c is not None:
+            out += [c.k_BSKD, c.v_BSKD, c.pos_BS]
+    for s in ms.layers:
+        if s is not None:
+            out += [s.conv_BCW, s.ssm_BHPN]
+    return out
+
+
+class GraphedDecoder:
+    """Decode with `model.decode_step` into caches that already hold a prefix.
+
+    next_positions_B: the position of each row's next token (for left-padded prompts, the
+    number of real tokens in the row). Capturing runs the step a few times to warm up
+    kernels (autotuning, workspaces) and then restores the caches, so the prefix is intact."""
+
+    def __init__(self, model, kv: KVCache, ms: MambaStates, next_positions_B: Tensor, graph: bool = True,
+                 warmup: int = 3):
+        if kv.seen_tokens != ms.seen_tokens:
+            raise ValueError(f"the caches disagree: KV cache {kv.seen_tokens} tokens, Mamba states "
+                             f"{ms.seen_tokens}; pass the pair returned by the same prefill")
+        dev = model.embed.weight.device
+        if graph and dev.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {dev}; "
+                             "pass graph=False to run the static decode step eagerly")
+        B = kv.batch_size
+        if tuple(next_positions_B.shape) != (B,):
+            raise ValueError(f"next_positions_B must have shape ({B},), got {tuple(next_positions_B.shape)}")
+        self.model, self.kv, self.ms, self.graph = model, kv, ms, None
+        self.tokens_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos_B1 = next_positions_B.to(device=dev, dtype=torch.long).reshape(B, 1).clone()
+        self.step_1 = torch.full((1,), kv.seen_tokens, dtype=torch.long, device=dev)
+        if graph:
+            self.graph, self.logits_BV = self._capture(warmup)
+
+    def _run(self) -> Tensor:
+        logits = self.model.decode_step(self.tokens_B1, self.pos_B1, self.step_1, self.kv, self.ms)
+        self.step_1.add_(1)
+        self.pos_B1.add_(1)
+        return logits
+
+    def _capture(self, warmup: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        saved = [t.clone() for t in _cache_tensors(self.kv, self.ms)]
+        counters = (self.step_1.clone(), self.pos_B1.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            logits = self._run()  # recorded, not run
+        for t, s in zip(_cache_tensors(self.kv, self.ms), saved):
+            t.copy_(s)
+        self.step_1.copy_(counters[0])
+        self.pos_B1.copy_(counters[1])
+        return graph, logits
+
+    @torch.no_grad()
+    def step(self, tokens_B: Tensor) -> Tensor:
+        """Feed one token per row; returns the logits [B, V] of the next one (a buffer that the
+        next call overwrites when graphed: copy it to keep it)."""
+        if self.kv.seen_tokens + 1 > self.kv.max_length:
+            raise ValueError(f"the caches were allocated for {self.kv.max_length} tokens and hold "
+                             f"{self.kv.seen_tokens}; allocate them with a larger max_length")
+        self.tokens_B1.copy_(tokens_B.reshape(-1, 1))
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits_BV
+        else:
+            logits = self._run()
+        self.kv.seen_tokens += 1
+        self.ms.seen_tokens += 1
+        return logits
