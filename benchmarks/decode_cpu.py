@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from fusiontree.config import model_preset  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
+from _results import git_commit, write_results  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -87,10 +86,8 @@ def main() -> None:
                   f"({r['cached_tokens_per_s']:6.1f} tok/s)  recompute {r['recompute_ms_per_token']:8.1f} ms/token "
                   f"({r['recompute_tokens_per_s']:6.2f} tok/s)  speedup {r['speedup']:6.1f}x  "
                   f"cache {(r['kv_cache_bytes'] + r['mamba_state_bytes']) / 2**20:6.2f} MiB", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
     meta = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-            "torch": torch.__version__, "commit": commit, "command": " ".join(sys.argv),
+            "torch": torch.__version__, "commit": git_commit(), "command": " ".join(sys.argv),
             "window": tiny.window}
     print("\n| model | context | cached ms/token | recompute ms/token | speedup | cache MiB |")
     print("|---|---|---|---|---|---|")
@@ -98,10 +95,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['context']} | {r['cached_ms_per_token']:.2f} | "
               f"{r['recompute_ms_per_token']:.1f} | {r['speedup']:.1f}x | "
               f"{(r['kv_cache_bytes'] + r['mamba_state_bytes']) / 2**20:.2f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out, meta, rows=rows)}")
 
 
 if __name__ == "__main__":

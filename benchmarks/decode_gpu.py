@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from fusiontree.models import HybridLanguageModel  # noqa: E402
 from fusiontree.models.flops import count_params  # noqa: E402
 from fusiontree.models.layers import cast_model  # noqa: E402
 from fusiontree.ops import resolve_kernels  # noqa: E402
+from _results import git_commit, write_results  # noqa: E402
 
 
 def _cuda_ms(fn, repeats: int) -> float:
@@ -153,12 +153,9 @@ def main() -> None:
         print(f"| {r['model']} | {r['context']} | {r['prefill_ms']:.0f} | {r['cached_ms_per_token']:.2f} | "
               f"{r['graphed_ms_per_token']:.2f} | {r['recompute_ms_per_token']:.1f} | "
               f"{r['cache_bytes'] / 2**20:.1f} | {speed} | {cache} |")
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True, cwd=ROOT).stdout.strip()
-    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(args.commit),
             "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_results(args.out, meta, rows=rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _results import git_commit, write_results  # noqa: E402
 
 DEFAULT_CASES = ("4096:tp1,4096:tp2,4096:tp2xdp2-z1,4096:tp2xdp2-z2,"
                  "32768:tp1,32768:tp2,32768:dp2-z1,32768:dp2-z2,32768:tp4,"
@@ -229,11 +229,9 @@ def main() -> None:
         ws = f"{r['weak_scaling']:.0%}" if "weak_scaling" in r else ""
         print(f"| {r['seq_len']} | {layout} | {r['gpus']} | {r['zero']} | {r['tokens_per_s'] / 1e3:.1f}K | "
               f"{r['tokens_per_s_per_gpu'] / 1e3:.2f}K | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | {ws} |")
-    commit = a.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=ROOT).stdout.strip()
-    meta = {"card": card, "gpus": have, "torch": torch.__version__, "commit": commit, "command": " ".join(sys.argv)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = {"card": card, "gpus": have, "torch": torch.__version__, "commit": git_commit(a.commit),
+            "command": " ".join(sys.argv)}
+    write_results(a.out, meta, rows=rows)
 
 
 if __name__ == "__main__":

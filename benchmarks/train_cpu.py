@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+from _results import git_commit, write_results  # noqa: E402
+
 
 def run_mode(name: str, shards: Path, steps: int, workdir: Path) -> dict:
     out = workdir / name
@@ -64,11 +66,9 @@ def main() -> None:
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / base
         print(f"| {r['mode']} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "commit": commit, "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "commit": git_commit(),
+            "command": " ".join(sys.argv)}
+    write_results(args.out, meta, rows=rows)
 
 
 if __name__ == "__main__":

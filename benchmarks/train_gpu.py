@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from fusiontree.models.layers import cast_model  # noqa: E402
 from fusiontree.ops import resolve_kernels  # noqa: E402
 from fusiontree.train.losses import HybridModelLoss  # noqa: E402
 from fusiontree.train.metrics import device_peak_flops  # noqa: E402
+from _results import git_commit, write_results  # noqa: E402
 
 DEFAULT_CASES = ("small@4096x2,transformer-small@4096x2,1b@4096x1,transformer-1b@4096x1,"
                  "small@32768x1+ckpt,transformer-small@32768x1+ckpt")
@@ -219,12 +219,9 @@ def main() -> None:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"| {r['case']} | {r['params'] / 1e6:.0f}M | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}K | "
               f"{mfu} | {r['peak_mem_gib']:.1f} | {ratio} |")
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True, cwd=ROOT).stdout.strip()
-    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(args.commit),
             "command": " ".join(sys.argv)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_results(args.out, meta, rows=rows)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -37,7 +36,7 @@ from fusiontree.ops import resolve_kernels  # noqa: E402
 from fusiontree.parallel import (DeepSpeedMPU, consolidate_state_dicts, init_parallel_state,  # noqa: E402
                                  parallelize)
 from fusiontree.train.checkpoint import CheckpointManager  # noqa: E402
-from fusiontree.train.distributed import DistInfo, all_reduce_max, init_distributed, shutdown  # noqa: E402
+from fusiontree.train.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
 from fusiontree.train.gate_monitor import GateMonitor  # noqa: E402
 from fusiontree.train.hooks import (CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook,  # noqa: E402
                                     TrainContext, TrainState)

@@ -80,7 +80,6 @@ def ssd_chunked_ref(
     if pad:  # padded steps have dt = 0: no input, no decay, so the final state is unchanged
         x, Bm, Cm = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, Bm, Cm))
         dt, a = (F.pad(t, (0, 0, 0, pad)) for t in (dt, a))
-    R = H // G
     x = rearrange(x, "b (c q) (g r) p -> b c q g r p", q=Q, g=G)
     dt = rearrange(dt, "b (c q) (g r) -> b g r c q", q=Q, g=G)
     a = rearrange(a, "b (c q) (g r) -> b g r c q", q=Q, g=G)

@@ -1,7 +1,5 @@
 """Positions, SRTE routing, cache sizes, gate statistics, parameter tags and input errors."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from fusiontree.models.cache import SeqInfo
 from fusiontree.models.layers import cast_model
 from fusiontree.models.positions import RotaryPositionalEmbedding
 from fusiontree.ops import reference_kernels
-from tests.models.conftest import build, perturb_
+from tests.models.conftest import build
 
 
 def test_rope_scores_depend_only_on_position_difference():

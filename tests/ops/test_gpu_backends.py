@@ -341,19 +341,16 @@ def test_model_chunked_prefill_and_padding_match_one_shot():
         check("full_row", padded[1], full[1], FP32_MODEL_TOL)
 
 
-def test_model_bf16_training_step_matches_reference_kernels():
-    """Packed documents, bf16: logits and every parameter gradient of the GPU-backend model
-    against the same model on the reference kernels."""
-    model, twin = _models(dtype=torch.bfloat16, seed=4)
-    model.train(), twin.train()
+def _compare_bf16_training_step(model, twin, seed: int) -> None:
+    """Packed documents, T = 700: logits and every parameter gradient of `model` against `twin`."""
     T = 700
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.cfg.vocab_size, (2, T), generator=g).to(DEV)
     # The model takes document ids that never come back (row 1 of _packed_seq_idx reuses id 7,
     # which only the kernel-level tests may use), so relabel them 0, 1, 2, ... first.
     seq = canonical_seq_idx(_packed_seq_idx(1000))[:, :T].contiguous()
     outs = []
-    for m in (model, twin):
+    for m in (model.train(), twin.train()):
         logits = m(ids, seq_idx=seq).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
         outs.append((logits, torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)))
@@ -365,31 +362,21 @@ def test_model_bf16_training_step_matches_reference_kernels():
             check(f"grad_{name}", a, b, BF16_MODEL_GRAD_TOL)
             compared += 1
     assert compared > 10
+
+
+def test_model_bf16_training_step_matches_reference_kernels():
+    """bf16: the GPU-backend model against the same model on the reference kernels."""
+    model, twin = _models(dtype=torch.bfloat16, seed=4)
+    _compare_bf16_training_step(model, twin, seed=5)
 
 
 def test_model_compiled_blocks_match_eager_bf16_training_step():
     """`compile_blocks` on the GPU backends (Inductor's Triton kernels around the mamba-ssm and
-    FlexAttention calls): logits and every gradient against the same model run eagerly."""
+    FlexAttention calls) against the same model run eagerly."""
     model, _ = _models(dtype=torch.bfloat16, seed=6)
     eager = copy.deepcopy(model)
     model.compile_blocks()
-    T = 700
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, T), generator=g).to(DEV)
-    seq = canonical_seq_idx(_packed_seq_idx(1000))[:, :T].contiguous()
-    outs = []
-    for m in (model.train(), eager.train()):
-        logits = m(ids, seq_idx=seq).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
-        outs.append((logits, torch.autograd.grad(loss, list(m.parameters()), allow_unused=True)))
-    check("logits", outs[0][0], outs[1][0], BF16_MODEL_TOL)
-    compared = 0
-    for (name, _), a, b in zip(model.named_parameters(), outs[0][1], outs[1][1]):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            check(f"grad_{name}", a, b, BF16_MODEL_GRAD_TOL)
-            compared += 1
-    assert compared > 10
+    _compare_bf16_training_step(model, eager, seed=7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
