@@ -4,7 +4,7 @@ Transformer twins, measured side by side in one process.
     python benchmarks/train_gpu.py [--cases small@4096x2,transformer-small@4096x2,...] [--out FILE]
 
 A case is PRESET@SEQxBATCH with optional suffixes: `+ckpt` for per-block activation
-checkpointing, `+compile` for per-block torch.compile (`HybridLanguageModel.compile_blocks`,
+checkpointing of every block, `+ckptN` of the first N blocks only, `+compile` for per-block torch.compile (`HybridLanguageModel.compile_blocks`,
 compiled during the warm-up steps). PRESET `mamba-ref-NAME` is the peer: mamba-ssm's own
 `MambaLMHeadModel`, a Mamba-2 hybrid with attention every 6th layer, sized to NAME's parameter
 count (width, MLP, SSM and attention heads of NAME; the layer count is chosen to match; run without
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,17 +43,23 @@ DEFAULT_CASES = ("small@4096x2,transformer-small@4096x2,1b@4096x1,transformer-1b
                  "small@32768x1+ckpt,transformer-small@32768x1+ckpt")
 
 
-SUFFIXES = ("ckpt", "compile")
+SUFFIX = re.compile(r"^(ckpt\d*|compile)$")
 
 
 def parse_case(case: str) -> tuple[str, int, int, set[str]]:
     head, *flags = case.split("+")
-    bad = set(flags) - set(SUFFIXES)
+    bad = [f for f in flags if not SUFFIX.match(f)]
     if bad:
-        raise SystemExit(f"case {case!r}: unknown suffix {sorted(bad)}; use {['+' + s for s in SUFFIXES]}")
+        raise SystemExit(f"case {case!r}: unknown suffix {bad}; use +ckpt, +ckptN or +compile")
     preset, _, shape = head.partition("@")
     seq, _, batch = shape.partition("x")
     return preset, int(seq), int(batch), set(flags)
+
+
+def checkpoint_layers(flags: set[str]) -> int | None:
+    """None: no checkpointing; 0: every block (+ckpt); N: the first N blocks (+ckptN)."""
+    ck = [f for f in flags if f.startswith("ckpt")]
+    return None if not ck else int(ck[0][4:] or 0)
 
 
 class _PeerOut:
@@ -97,14 +104,15 @@ class MambaReferencePeer(torch.nn.Module):
 def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev: torch.device,
              profile_out: str = "") -> dict:
     preset, seq, batch, flags = parse_case(case)
-    ckpt = "ckpt" in flags
+    ckpt_layers = checkpoint_layers(flags)
+    ckpt = ckpt_layers is not None
     peer = preset.startswith("mamba-ref-")
     cfg = model_preset(preset.removeprefix("mamba-ref-"))
     torch.manual_seed(0)
     extra = {}
     if peer:
         if flags - {"ckpt"}:
-            raise SystemExit(f"case {case!r}: the mamba-ssm peer takes +ckpt only")
+            raise SystemExit(f"case {case!r}: the mamba-ssm peer takes +ckpt (every block) only")
         model = MambaReferencePeer(cfg, dev).train()
         if ckpt:  # mamba-ssm has no checkpointing switch: wrap each of its blocks
             _checkpoint_blocks(model.model.backbone.layers)
@@ -117,6 +125,7 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
         model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).train()
         model.check_inputs = False
         model.activation_checkpointing = ckpt
+        model.checkpoint_num_layers = ckpt_layers or 0
         if "compile" in flags:
             model.compile_blocks()
             kernels_desc += " +compiled blocks"
@@ -168,6 +177,7 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
     fpt = None if peer else flops_per_token(cfg, seq)
     peak, _ = device_peak_flops(dev)
     return {"case": case, "preset": preset, "seq_len": seq, "batch": batch, "checkpointing": ckpt,
+            "checkpoint_num_layers": ckpt_layers,
             "compiled": "compile" in flags, "params": n_params, "kernels": kernels_desc, "step_ms": ms,
             "tokens_per_s": tps, "flops_per_token": fpt, "mfu": None if peer else tps * fpt / peak,
             "peak_mem_gib": peak_gib, "loss_finite": ok, **extra}

@@ -245,6 +245,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     activation_checkpointing: bool = False
+    # With activation_checkpointing: recompute only the first N blocks and keep the others'
+    # activations (Megatron's "block" recompute method), trading memory for less recomputation.
+    # 0: every block.
+    checkpoint_num_layers: int = 0
     # Compile each block with torch.compile (HybridLanguageModel.compile_blocks): fuses the
     # elementwise work around the matmuls and kernels. Costs compile time at each new length.
     compile: bool = False
@@ -268,6 +272,9 @@ class TrainConfig:
             raise ValueError(f"train.lr_min_ratio={self.lr_min_ratio} must lie in [0, 1]")
         if self.lr_warmup_steps < 0 or self.lr_warmup_steps > self.steps:
             raise ValueError(f"train.lr_warmup_steps={self.lr_warmup_steps} must lie in [0, train.steps]")
+        if self.checkpoint_num_layers < 0:
+            raise ValueError(f"train.checkpoint_num_layers={self.checkpoint_num_layers} must be >= 0 "
+                             "(0 recomputes every block)")
         for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "gate_stats_every_steps",
                      "max_bad_steps"):
             if getattr(self, name) < 1:

@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     model = HybridLanguageModel(cfg.model, kernels).to(di.device)
     model.check_inputs = False  # the data pipeline already checked the ids
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    model.checkpoint_num_layers = cfg.train.checkpoint_num_layers
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and di.device.type == "cuda")
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters, precision %s, %d process(es): tensor parallel %d%s x data parallel %d",

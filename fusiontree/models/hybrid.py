@@ -56,8 +56,10 @@ class HybridLanguageModel(nn.Module):
         # Input validation costs a host sync (token range, positions); a training loop whose
         # data is already checked may turn it off.
         self.check_inputs = True
-        # Recompute each block in the backward pass instead of storing its activations.
+        # Recompute blocks in the backward pass instead of storing their activations: the
+        # first `checkpoint_num_layers` of them, or every block when that is 0.
         self.activation_checkpointing = False
+        self.checkpoint_num_layers = 0
         # Per-block compiled forwards (`compile_blocks`), used by cache-free calls.
         self._compiled_blocks: list | None = None
         self.init_weights()
@@ -212,7 +214,7 @@ class HybridLanguageModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if self._compiled_blocks is not None and not cached:
                 layer = self._compiled_blocks[i]
-            if checkpoint:
+            if checkpoint and (self.checkpoint_num_layers == 0 or i < self.checkpoint_num_layers):
                 x, g = torch.utils.checkpoint.checkpoint(layer, x, info, use_reentrant=False)
             else:
                 x, g = layer(x, info, kv.layers[i] if kv is not None else None,

@@ -162,3 +162,25 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(ck_loss, base_loss)
     for a, b in zip(ck_grads, base_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_checkpoint_num_layers_recomputes_only_the_first_blocks():
+    model = build("parallel-token", n_layers=3, attn_pattern="LLG").train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 33))
+    calls = {i: [] for i in range(3)}
+    for i, layer in enumerate(model.layers):
+        fwd = layer.mlp.forward
+        layer.mlp.forward = lambda *a, _f=fwd, _i=i: calls[_i].append(1) or _f(*a)
+
+    def run():
+        model.zero_grad()
+        model(ids).logits.float().logsumexp(-1).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    base = run()
+    model.activation_checkpointing, model.checkpoint_num_layers = True, 2
+    got = run()
+    # one forward each without checkpointing; then blocks 0 and 1 ran again in the backward pass
+    assert [len(calls[i]) for i in range(3)] == [3, 3, 2]
+    for a, b in zip(got, base):
+        torch.testing.assert_close(a, b)
