@@ -50,6 +50,7 @@ from pathlib import Path
 import yaml
 
 from fusiontree.config import merge_dicts
+from fusiontree.eval.tables import markdown_table, summary_row
 
 log = logging.getLogger("fusiontree.ablate")
 ROOT = Path(__file__).resolve().parents[2]
@@ -412,52 +413,10 @@ def table_row(name: str, info: dict) -> dict:
            "train loss": info["final_train_loss"]}
     if info.get("pruned") is not None:
         row["pruned"] = ", ".join(info["pruned"]) or "nothing"
-    ev = info["eval"]
-    if "ppl" in ev:
-        row["val ppl"] = ev["ppl"]["ppl"]
-        if "files" in ev["ppl"]:
-            row["held-out code ppl"] = ev["ppl"]["files"]["ppl"]
-    if "needle" in ev:
-        n = ev["needle"]
-        for L, accs in zip(n["contexts"], n["accuracy"]):
-            row[f"passkey@{L}"] = sum(accs) / len(accs)
-            b = n.get("beyond_window", {}).get(str(L))
-            if b is not None:
-                row[f"passkey@{L} >W"] = b["accuracy"] if b["accuracy"] is not None else "-"
-    if "nextline" in ev:
-        row["next-line EM"] = ev["nextline"]["exact_match"]
-    if "humaneval" in ev:
-        for k, val in ev["humaneval"].items():
-            if k.startswith("pass@"):
-                row[f"HumanEval {k}"] = val
-    if "system" in ev:
-        s = ev["system"]
-        row["decode tok/s"] = s["decode"][-1]["tokens_per_s"]
-        if s.get("train"):
-            row["train tok/s (1 proc)"] = s["train"]["tokens_per_s"]
+    row.update(summary_row(info["eval"], passkey_per_context=True))
     if info.get("train_s"):
         row["train s"] = info["train_s"]
     return row
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if v != v:
-            return "nan"
-        return f"{v:.3f}" if abs(v) < 100 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
-def markdown(rows: list[dict]) -> str:
-    cols: list[str] = []
-    for r in rows:
-        cols.extend(c for c in r if c not in cols)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -466,7 +425,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [c for c in rows[0] if c in ("val ppl", "held-out code ppl", "next-line EM") or c.startswith("passkey@")
+    metrics = [c for c in rows[0] if c in ("val ppl", "held-out files ppl", "next-line EM") or c.startswith("passkey@")
                or c.startswith("HumanEval")]
     metrics = [m for m in metrics if all(isinstance(r.get(m), (int, float)) for r in rows)
                and not (m.endswith(" >W") and all(abs(r[m] - r[m[:-3]]) < 1e-9 for r in rows))] or ["train loss"]
@@ -516,7 +475,7 @@ def run_ablation(path: str | Path, only: list[str] | None = None) -> dict:
         log.info("evaluating %s", v.name)
         results[v.name] = evaluate_variant(v, runs[run_key(base_yaml, v.overrides)], ab)
     rows = [table_row(name, info) for name, info in results.items()]
-    table = markdown(rows)
+    table = markdown_table(rows)
     elapsed = time.perf_counter() - t_start
     source = os.path.relpath(ab.source, ROOT) if ab.source.startswith(str(ROOT)) else ab.source
     cmd = f"python launch/ablate.py {source}"

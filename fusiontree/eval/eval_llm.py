@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from fusiontree.config import CurriculumStage, DataConfig
 from fusiontree.eval.passkey import passkey_grid
+from fusiontree.eval.tables import markdown_table, summary_row
 from fusiontree.inference.generate import sample_next
 from fusiontree.train.losses import shifted_targets
 
@@ -514,47 +515,6 @@ def evaluate(model, sp, tasks: list[str], opts: EvalOptions, out_dir: str | Path
     return results
 
 
-def summary_row(results: dict) -> dict:
-    """The headline numbers of one evaluation (for tables)."""
-    row = {}
-    if "ppl" in results:
-        row["val ppl"] = results["ppl"]["ppl"]
-        if "files" in results["ppl"]:
-            row["held-out files ppl"] = results["ppl"]["files"]["ppl"]
-    if "needle" in results:
-        row["needle acc"] = results["needle"]["mean_accuracy"]
-    if "nextline" in results:
-        row["next-line EM"] = results["nextline"]["exact_match"]
-    if "humaneval" in results:
-        for k, v in results["humaneval"].items():
-            if k.startswith("pass@"):
-                row[f"HumanEval {k}"] = v
-    if "system" in results:
-        s = results["system"]
-        row["params (M)"] = s["params"] / 1e6
-        if s.get("decode"):
-            row["decode tok/s"] = s["decode"][-1]["tokens_per_s"]
-        if s.get("prefill"):
-            row["prefill tok/s"] = s["prefill"][-1]["tokens_per_s"]
-    return row
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
-
-
-def markdown_table(rows: dict[str, dict]) -> str:
-    cols: list[str] = []
-    for r in rows.values():
-        cols.extend(c for c in r if c not in cols)
-    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines)
-
-
 def write_report(results: dict, out_dir: str | Path, header: str = "") -> Path:
     """results.json and report.md in `out_dir`. `results`: {"models": {name: {task: res}}, ...}."""
     out_dir = Path(out_dir)
@@ -562,7 +522,7 @@ def write_report(results: dict, out_dir: str | Path, header: str = "") -> Path:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     md = [f"# Evaluation{': ' + header if header else ''}", ""]
     models = results["models"]
-    md += [markdown_table({name: summary_row(r) for name, r in models.items()}), ""]
+    md += [markdown_table([{"model": name, **summary_row(r)} for name, r in models.items()]), ""]
     for name, r in models.items():
         md.append(f"## {name}")
         if "ppl" in r:
