@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,7 +62,24 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world)
+        _unlink_deepspeed_shm_buffer(rank)
     return DistInfo(rank, world, local, dev, backend)
+
+
+def deepspeed_shm_buffer(rank: int) -> Path:
+    """The /dev/shm file of DeepSpeed's CPU shared-memory all-reduce for this run and rank."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                               f"{os.environ['MASTER_PORT']}_{rank}")
+
+
+def _unlink_deepspeed_shm_buffer(rank: int) -> None:
+    """On CPU, DeepSpeed maps one 66 MB /dev/shm buffer per rank and never unlinks it, so every
+    run would leave its buffers in RAM-backed /dev/shm until the machine runs out of memory.
+    Each rank maps all its peers' buffers inside init_distributed; once every rank is past it
+    (the barrier), each unlinks its own name. The mappings stay valid until the processes
+    exit, however they exit."""
+    dist.barrier()
+    deepspeed_shm_buffer(rank).unlink(missing_ok=True)
 
 
 def all_reduce_max(flag: float, device: torch.device) -> float:

@@ -63,6 +63,13 @@ def train_cmd(config: Path, launcher: str = "deepspeed", nproc: int = 2, zero: i
     return [sys.executable, *script]
 
 
+def shm_leftovers(cmd: list[str]) -> list[Path]:
+    """DeepSpeed CPU all-reduce buffers in /dev/shm that a run started by `cmd` left behind."""
+    flag = "--master_port" if "--master_port" in cmd else None
+    port = cmd[cmd.index(flag) + 1] if flag else "29500"
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
 def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 

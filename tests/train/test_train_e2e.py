@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fusiontree.train.checkpoint import CheckpointManager, safe_load
-from tests.train.conftest import env, losses, metrics, run, train_cmd, write_config, ROOT
+from tests.train.conftest import ROOT, env, losses, metrics, run, shm_leftovers, train_cmd, write_config
 
 
 def _ok(res: subprocess.CompletedProcess) -> None:
@@ -53,6 +53,8 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shard
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # killed mid-run, it still left no shared-memory buffers behind (they are unlinked at start)
+    assert shm_leftovers(proc.args) == []
     done = max(losses(cut_dir))
     assert 7 <= done < 10, f"the run was not interrupted mid-way (reached step {done})"
     latest = CheckpointManager(cut_dir / "checkpoints", 0, 2).latest_valid()
