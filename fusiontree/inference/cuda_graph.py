@@ -20,17 +20,6 @@ from torch import Tensor
 from fusiontree.models.cache import KVCache, MambaStates
 
 
-def _cache_tensors(kv: KVCache, ms: MambaStates) -> list[Tensor]:
-    out = []
-    for c in kv.layers:
-        if c is not None:
-            out += [c.k_BSKD, c.v_BSKD, c.pos_BS]
-    for s in ms.layers:
-        if s is not None:
-            out += [s.conv_BCW, s.ssm_BHPN]
-    return out
-
-
 class GraphedDecoder:
     """Decode with `model.decode_step` into caches that already hold a prefix.
 
@@ -64,21 +53,20 @@ class GraphedDecoder:
         return logits
 
     def _capture(self, warmup: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        saved = [t.clone() for t in _cache_tensors(self.kv, self.ms)]
-        counters = (self.step_1.clone(), self.pos_B1.clone())
+        # Everything the warm-up steps advance: restored before the first real step.
+        state = self.kv.tensors() + self.ms.tensors() + [self.step_1, self.pos_B1]
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
+        with torch.cuda.stream(side):
             for _ in range(warmup):
                 self._run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
+        with torch.cuda.graph(graph):
             logits = self._run()  # recorded, not run
-        for t, s in zip(_cache_tensors(self.kv, self.ms), saved):
+        for t, s in zip(state, saved):
             t.copy_(s)
-        self.step_1.copy_(counters[0])
-        self.pos_B1.copy_(counters[1])
         return graph, logits
 
     @torch.no_grad()

@@ -24,6 +24,10 @@ import torch
 from torch import Tensor
 
 
+def _nbytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass
 class AttentionLayerCache:
     k_BSKD: Tensor
@@ -68,8 +72,11 @@ class AttentionLayerCache:
         self.v_BSKD.index_copy_(1, idx, v_B1KD.to(self.v_BSKD.dtype))
         self.pos_BS.index_copy_(1, idx, pos_B1)
 
+    def tensors(self) -> list[Tensor]:
+        return [self.k_BSKD, self.v_BSKD, self.pos_BS]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_BSKD, self.v_BSKD, self.pos_BS))
+        return _nbytes(self.tensors())
 
 
 @dataclass
@@ -77,8 +84,11 @@ class MambaLayerState:
     conv_BCW: Tensor
     ssm_BHPN: Tensor  # fp32
 
+    def tensors(self) -> list[Tensor]:
+        return [self.conv_BCW, self.ssm_BHPN]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.conv_BCW, self.ssm_BHPN))
+        return _nbytes(self.tensors())
 
 
 @dataclass
@@ -89,8 +99,12 @@ class KVCache:
     max_length: int
     seen_tokens: int = 0
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of every layer's cache (what a snapshot must copy)."""
+        return [t for c in self.layers if c is not None for t in c.tensors()]
+
     def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers if c is not None)
+        return _nbytes(self.tensors())
 
 
 @dataclass
@@ -100,8 +114,12 @@ class MambaStates:
     batch_size: int
     seen_tokens: int = 0
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of every layer's cache (what a snapshot must copy)."""
+        return [t for c in self.layers if c is not None for t in c.tensors()]
+
     def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers if c is not None)
+        return _nbytes(self.tensors())
 
 
 @dataclass
