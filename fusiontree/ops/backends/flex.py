@@ -38,6 +38,7 @@ backward there: that path exists to test the masking logic on machines without a
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
@@ -141,6 +142,12 @@ def _data_block_mask(T: int, window: int, q_seq_BT: Tensor | None, k_seq_BS: Ten
     return block_mask
 
 
+def _sdpa(backends: list, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """SDPA restricted to `backends` on CUDA (the CPU has one kernel choice: no restriction)."""
+    with sdpa_kernel(backends) if q.is_cuda else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def _expand_kv_heads(t_BTKD: Tensor, G: int) -> Tensor:
     return t_BTKD if G == 1 else t_BTKD.repeat_interleave(G, dim=2)  # head h reads kv head h // G
 
@@ -150,12 +157,7 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     # kv heads are expanded (O(T * H * D) memory) rather than passed with enable_gqa, which
     # not every fused SDPA kernel accepts; the flash kernel then always applies.
     qt, kt, vt = (t.transpose(1, 2) for t in (q, _expand_kv_heads(k, G), _expand_kv_heads(v, G)))
-    if q.is_cuda:
-        with sdpa_kernel(_FUSED_SDPA):
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    return o.transpose(1, 2)
+    return _sdpa(_FUSED_SDPA, qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
 
 
 def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
@@ -174,12 +176,7 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
     T, S = mask.shape[1:]
     mask = mask[:, None, None].expand(-1, 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
     qf = rearrange(q, "b t (k g) d -> b k (g t) d", k=K)
-    args = (qf, k.transpose(1, 2), v.transpose(1, 2))
-    if q.is_cuda:
-        with sdpa_kernel(_MASKED_SDPA):
-            o = F.scaled_dot_product_attention(*args, attn_mask=mask, scale=scale)
-    else:
-        o = F.scaled_dot_product_attention(*args, attn_mask=mask, scale=scale)
+    o = _sdpa(_MASKED_SDPA, qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     o = rearrange(o, "b k (g t) d -> b t (k g) d", g=G)
     return o * seen_BT[:, :, None, None].to(o.dtype)
 
