@@ -1,13 +1,13 @@
 """Decode on one GPU: a FusionTree preset vs its same-size all-global Transformer twin.
 
-    python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32768] [--out FILE.json]
+    python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32768] [--batches 1,8] [--out FILE.json]
 
-For each model and context length (batch 1, bf16 weights, the GPU backends `auto` picks):
+For each model, context length and batch size (bf16 weights, the GPU backends `auto` picks):
 prefill a random prompt of that length into freshly allocated caches (timed), then time
 greedy decode steps with the caches (CUDA-event mean over `--steps` steps after warm-up), then
 as many steps replayed from one captured CUDA graph (`GraphedDecoder`; its global layers read
 every allocated slot), and time one full forward over the context, which is what a token
-costs without a cache. Cache
+costs without a cache (`--recompute-repeats 0` skips it). Cache
 bytes: the KV cache plus the Mamba states, as allocated for context + 2 x steps + 8 tokens. Prints a
 table with the FusionTree / Transformer ratios and writes JSON.
 """
@@ -45,21 +45,21 @@ def _cuda_ms(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repeats: int,
+def measure(model: HybridLanguageModel, context: int, batch: int, steps: int, recompute_repeats: int,
             profile_dir: str = "") -> dict:
     dev = model.embed.weight.device
     g = torch.Generator().manual_seed(context)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)
-    row = {"context": context}
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch, context), generator=g).to(dev)
+    row = {"context": context, "batch": batch}
     try:
         # Warm-up of the cached path (prefill with caches, then decode steps): first calls
         # compile and autotune kernels, which the timed calls below must not include.
-        kv, ms = model.allocate_inference_cache(1, 320)
+        kv, ms = model.allocate_inference_cache(batch, 320)
         o = model(prompt[:, :300], past_key_values=kv, past_mamba_states=ms)
         for _ in range(3):
             o = model(o.logits[:, -1:].argmax(-1), past_key_values=kv, past_mamba_states=ms)
         model(prompt)  # and the full-length forward (block masks per length)
-        kv, ms = model.allocate_inference_cache(1, context + 2 * steps + 8)
+        kv, ms = model.allocate_inference_cache(batch, context + 2 * steps + 8)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model(prompt, past_key_values=kv, past_mamba_states=ms)
@@ -82,10 +82,10 @@ def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repe
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60)
             Path(profile_dir).mkdir(parents=True, exist_ok=True)
-            (Path(profile_dir) / f"decode_{model.cfg.preset}_{context}.txt").write_text(table)
+            (Path(profile_dir) / f"decode_{model.cfg.preset}_{context}x{batch}.txt").write_text(table)
         row["cached_ms_per_token"] = _cuda_ms(step, steps)
         # The same caches, continued by replaying one captured CUDA graph per token.
-        decoder = GraphedDecoder(model, kv, ms, torch.full((1,), kv.seen_tokens, device=dev))
+        decoder = GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev))
 
         def graphed_step():
             nonlocal nxt
@@ -96,7 +96,8 @@ def measure(model: HybridLanguageModel, context: int, steps: int, recompute_repe
         row["cache_bytes"] = kv.nbytes() + ms.nbytes()
         row["kv_cache_bytes"], row["mamba_state_bytes"] = kv.nbytes(), ms.nbytes()
         del kv, ms, out
-        row["recompute_ms_per_token"] = _cuda_ms(lambda: model(prompt), recompute_repeats)
+        row["recompute_ms_per_token"] = (_cuda_ms(lambda: model(prompt), recompute_repeats)
+                                         if recompute_repeats else None)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     torch.cuda.empty_cache()
@@ -107,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--contexts", default="4096,32768")
+    ap.add_argument("--batches", default="1", help="comma-separated batch sizes (sequences decoded at once)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--recompute-repeats", type=int, default=3)
     ap.add_argument("--profile", default="", help="directory: profile 4 decode steps per case, write tables there")
@@ -118,6 +120,7 @@ def main() -> None:
     dev = torch.device("cuda")
     kernels = resolve_kernels(KernelConfig(), dev)
     contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in (args.preset, f"transformer-{args.preset}"):
         cfg = model_preset(name)
@@ -128,30 +131,34 @@ def main() -> None:
         model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).eval()
         model.check_inputs = False
         for c in contexts:
-            r = {"model": name, "params": count_params(cfg), "kernels": kernels.describe(),
-                 **measure(model, c, args.steps, args.recompute_repeats, args.profile)}
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            for b in batches:
+                r = {"model": name, "params": count_params(cfg), "kernels": kernels.describe(),
+                     **measure(model, c, b, args.steps, args.recompute_repeats, args.profile)}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
         del model
         torch.cuda.empty_cache()
 
-    def pick(model, c):
-        return next((r for r in rows if r["model"] == model and r["context"] == c and "error" not in r), None)
+    def pick(model, c, b):
+        return next((r for r in rows if r["model"] == model and r["context"] == c and r["batch"] == b
+                     and "error" not in r), None)
 
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  kernels: {kernels.describe()}")
-    print("| model | context | prefill ms | decode ms/token | CUDA-graph ms/token | recompute ms/token | "
+    print("| model | context | batch | prefill ms | decode ms/step | CUDA-graph ms/step | recompute ms/step | "
           "cache MiB | speed vs Transformer (eager, graph) | cache vs Transformer |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['context']} | {r['error']} | | | | | | |")
+            print(f"| {r['model']} | {r['context']} | {r['batch']} | {r['error']} | | | | | | |")
             continue
-        twin = pick(f"transformer-{args.preset}", r["context"]) if r["model"] == args.preset else None
+        twin = (pick(f"transformer-{args.preset}", r["context"], r["batch"]) if r["model"] == args.preset
+                else None)
         speed = (f"{twin['cached_ms_per_token'] / r['cached_ms_per_token']:.2f}x, "
                  f"{twin['graphed_ms_per_token'] / r['graphed_ms_per_token']:.2f}x") if twin else ""
         cache = f"{twin['cache_bytes'] / r['cache_bytes']:.1f}x smaller" if twin else ""
-        print(f"| {r['model']} | {r['context']} | {r['prefill_ms']:.0f} | {r['cached_ms_per_token']:.2f} | "
-              f"{r['graphed_ms_per_token']:.2f} | {r['recompute_ms_per_token']:.1f} | "
+        rec = "-" if r["recompute_ms_per_token"] is None else f"{r['recompute_ms_per_token']:.1f}"
+        print(f"| {r['model']} | {r['context']} | {r['batch']} | {r['prefill_ms']:.0f} | "
+              f"{r['cached_ms_per_token']:.2f} | {r['graphed_ms_per_token']:.2f} | {rec} | "
               f"{r['cache_bytes'] / 2**20:.1f} | {speed} | {cache} |")
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(args.commit),
             "command": " ".join(sys.argv)}

@@ -111,11 +111,12 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
     torch.manual_seed(0)
     extra = {}
     if peer:
-        if flags - {"ckpt"}:
-            raise SystemExit(f"case {case!r}: the mamba-ssm peer takes +ckpt (every block) only")
+        if "compile" in flags:
+            raise SystemExit(f"case {case!r}: the mamba-ssm peer runs eager, as its package ships; drop +compile")
         model = MambaReferencePeer(cfg, dev).train()
-        if ckpt:  # mamba-ssm has no checkpointing switch: wrap each of its blocks
-            _checkpoint_blocks(model.model.backbone.layers)
+        if ckpt:  # mamba-ssm has no checkpointing switch: wrap its blocks (the first N for +ckptN)
+            layers = model.model.backbone.layers
+            _checkpoint_blocks(layers[:ckpt_layers] if ckpt_layers else layers)
         kernels_desc = "mamba-ssm MambaLMHeadModel (its own Triton/CUDA kernels)"
         n_params = sum(p.numel() for p in model.parameters())
         extra["n_layer"] = model.n_layer
