@@ -108,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--contexts", default="4096,32768")
+    ap.add_argument("--attention", default="auto", help="attention backend (auto, flex, flex_splitkv)")
     ap.add_argument("--batches", default="1", help="comma-separated batch sizes (sequences decoded at once)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--recompute-repeats", type=int, default=3)
@@ -118,7 +119,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py measures GPU decoding; no CUDA device is visible")
     dev = torch.device("cuda")
-    kernels = resolve_kernels(KernelConfig(), dev)
+    kernels = resolve_kernels(KernelConfig(attention=args.attention), dev)
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     rows = []

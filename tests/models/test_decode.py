@@ -134,3 +134,35 @@ def test_cuda_graph_generation_needs_a_cache_and_a_gpu():
         model.generate(ids, 3, use_cache=False, cuda_graph=True)
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         model.generate(ids, 3, cuda_graph=True)
+
+
+def test_split_kv_attention_backend_decodes_like_the_reference():
+    """kernels.attention=flex_splitkv (decode steps through the split-KV attention; eager on
+    CPU): its cached and static decode steps give the reference model's logits, with a
+    left-padded row and the ring buffer wrapping (window 16)."""
+    from fusiontree.config import KernelConfig
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+    from fusiontree.models import HybridLanguageModel
+    from fusiontree.ops import resolve_kernels
+
+    ref = build("parallel-channel", seed=4)
+    model = HybridLanguageModel(ref.cfg, resolve_kernels(KernelConfig(attention="flex_splitkv"), "cpu")).eval()
+    model.load_state_dict(ref.state_dict())
+    B, T, n = 2, 9, 40
+    ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0
+    caches = [m.allocate_inference_cache(B, T + n) for m in (ref, model, model)]
+    with torch.no_grad():
+        firsts = [m(**m.prepare_inputs_for_generation(ids, kv, ms, mask)).logits[:, -1]
+                  for m, (kv, ms) in zip((ref, model, model), caches)]
+        static = GraphedDecoder(model, *caches[2], mask.sum(1), graph=False)
+        tokens, logits = ids, firsts[0]
+        for _ in range(n - 1):
+            nxt = logits.argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = ref(**ref.prepare_inputs_for_generation(tokens, *caches[0], mask)).logits[:, -1]
+            cached = model(**model.prepare_inputs_for_generation(tokens, *caches[1], mask)).logits[:, -1]
+            torch.testing.assert_close(cached, logits, **TOL)
+            torch.testing.assert_close(static.step(nxt), logits, **TOL)

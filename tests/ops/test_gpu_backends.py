@@ -193,9 +193,9 @@ def _attn_inputs(Bsz, T, S0, seed):
     return [t.to(DEV, torch.bfloat16) for t in (q, k, v)], go.to(DEV)
 
 
-def _check_attention(qkv, go, args, kwargs, rows=None, grads=True):
+def _check_attention(qkv, go, args, kwargs, rows=None, grads=True, attention="flex"):
     """flex vs reference (on fp32 copies); `rows` selects the query rows compared (padding)."""
-    kern = _kernels(attention="flex")
+    kern = _kernels(attention=attention)
     leaves = [t.clone().requires_grad_(grads) for t in qkv]
     leaves_r = [t.float().requires_grad_(grads) for t in qkv]
     o = kern.attention(*leaves, *args, **kwargs)
@@ -242,9 +242,10 @@ def test_flex_left_padding_matches_reference_on_real_tokens(window):
     assert torch.isfinite(o).all()
 
 
+@pytest.mark.parametrize("attention", ["flex", "flex_splitkv"])
 @pytest.mark.parametrize("window", [16, 64, None])
 @pytest.mark.parametrize("T", [1, 40])
-def test_flex_cached_path_matches_reference(window, T):
+def test_flex_cached_path_matches_reference(window, T, attention):
     """Chunked prefill / decode over a cache: slots in ring order, empty slots, and a row
     whose queries see no key at all (zero output, finite gradients)."""
     S0, Bsz = 64, 3
@@ -254,7 +255,8 @@ def test_flex_cached_path_matches_reference(window, T):
     cpos[1, :20] = -1
     kpos = torch.cat([cpos, qpos], 1)
     kpos[2] = -1
-    o = _check_attention(qkv, go, (qpos, kpos), dict(window=window), rows=torch.tensor([0, 1], device=DEV))
+    o = _check_attention(qkv, go, (qpos, kpos), dict(window=window), rows=torch.tensor([0, 1], device=DEV),
+                         attention=attention)
     assert o[2].abs().max() == 0
 
 
@@ -286,11 +288,13 @@ def _model_cfg():
                                ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=384)
 
 
-def _models(dtype=torch.float32, seed=0):
-    """The same weights with the GPU backends `auto` picks and with the references."""
-    gpu = _kernels(ssd="auto", attention="auto")
+def _models(dtype=torch.float32, seed=0, attention="auto"):
+    """The same weights with the GPU backends `auto` picks (or the named attention backend)
+    and with the references."""
+    gpu = _kernels(ssd="auto", attention=attention)
     if REQUIRED:
-        assert (gpu.ssd_name, gpu.attention_name) == ("mamba_ssm", "flex"), gpu.describe()
+        want = "flex" if attention == "auto" else attention
+        assert (gpu.ssd_name, gpu.attention_name) == ("mamba_ssm", want), gpu.describe()
     torch.manual_seed(seed)
     model = perturb_(HybridLanguageModel(_model_cfg(), gpu), seed)
     twin = HybridLanguageModel(_model_cfg(), reference_kernels())
@@ -302,8 +306,9 @@ def _models(dtype=torch.float32, seed=0):
     return out
 
 
-def test_model_cached_decode_matches_full_forward_every_step():
-    model, _ = _models()
+@pytest.mark.parametrize("attention", ["auto", "flex_splitkv"])
+def test_model_cached_decode_matches_full_forward_every_step(attention):
+    model, _ = _models(attention=attention)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=g).to(DEV)  # two SSD chunks
     new = 2 * model.cfg.window + 5  # the local layer's ring buffer wraps twice
@@ -379,14 +384,15 @@ def test_model_compiled_blocks_match_eager_bf16_training_step():
     _compare_bf16_training_step(model, eager, seed=7)
 
 
+@pytest.mark.parametrize("attention", ["auto", "flex_splitkv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_cuda_graph_decode_matches_eager_decode(dtype):
+def test_model_cuda_graph_decode_matches_eager_decode(dtype, attention):
     """GraphedDecoder's replayed CUDA graph against the same static step run eagerly (same
     kernels: equal to round-off) and against the ordinary cached forward, on a left-padded
     batch whose ring buffers wrap twice."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
-    model, _ = _models(dtype=dtype, seed=8)
+    model, _ = _models(dtype=dtype, seed=8, attention=attention)
     g = torch.Generator().manual_seed(9)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=g).to(DEV)
     mask = torch.ones_like(prompt)

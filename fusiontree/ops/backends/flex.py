@@ -29,6 +29,8 @@ The regime is told apart by shapes and tensor identity alone, so choosing costs 
   position -1): SDPA with a boolean mask computed from positions by the reference's rule. That
   is the right algorithm here: the cache is not in position order and T is small. GQA folds the
   G query heads of each kv head into the query axis, so the cache is never copied per head.
+  The `flex_splitkv` backend (opt-in) sends the steps with at most 64 such rows (decode) to
+  `_split_kv_math` instead, compiled on CUDA into reductions that spread the keys over the GPU.
 
 On CUDA, FlexAttention and block-mask construction are compiled (torch.compile, once per
 signature). On CPU they run uncompiled (materialising T x S scores) and FlexAttention has no
@@ -160,7 +162,34 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return _sdpa(_FUSED_SDPA, qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
 
 
-def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
+# Cached steps with at most this many query rows per kv head (G x T) take the split-KV kernel
+# of the `flex_splitkv` backend; longer chunks (chunked prefill) stay on SDPA.
+_SPLIT_KV_MAX_ROWS = 64
+
+
+def _split_kv_math(qf_BKRD: Tensor, k_BSKD: Tensor, v_BSKD: Tensor, mask_BRS: Tensor, scale: float) -> Tensor:
+    """Softmax attention of R query rows per kv head over all S keys, written as three
+    reductions (over D, then twice over S) with no matmul: compiled, each becomes a Triton
+    reduction that spreads the S keys over the whole GPU, where a fused SDPA kernel gives a
+    decode step one thread block per (sequence, kv head). fp32 math; every row sees a key."""
+    q = qf_BKRD.float()[:, None]                                      # [B, 1, K, R, D]
+    s_BSKR = (q * k_BSKD.float()[:, :, :, None]).sum(-1) * scale     # [B, S, K, R]
+    s_BSKR = s_BSKR.masked_fill(~mask_BRS.transpose(1, 2)[:, :, None], float("-inf"))
+    m = s_BSKR.amax(1, keepdim=True)
+    p_BSKR = (s_BSKR - m).exp()
+    o_BKRD = (p_BSKR[..., None] * v_BSKD.float()[:, :, :, None]).sum(1)
+    return (o_BKRD / p_BSKR.sum(1)[..., None]).to(qf_BKRD.dtype)
+
+
+def _split_kv_fn(device: torch.device):
+    if device.type != "cuda":
+        return _split_kv_math
+    if "split_kv" not in _compiled:
+        _compiled["split_kv"] = torch.compile(_split_kv_math)
+    return _compiled["split_kv"]
+
+
+def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale, split_kv: bool = False) -> Tensor:
     """The reference's rule on positions, as one boolean [B, T, S] mask."""
     K = k.shape[2]
     G = q.shape[2] // K
@@ -174,9 +203,12 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
     # A query that sees no key would be a 0/0 softmax: let it see every key, then zero its row.
     mask = mask | ~seen_BT[..., None]
     T, S = mask.shape[1:]
-    mask = mask[:, None, None].expand(-1, 1, G, T, S).reshape(mask.shape[0], 1, G * T, S)
+    mask = mask[:, None].expand(-1, G, T, S).reshape(mask.shape[0], G * T, S)
     qf = rearrange(q, "b t (k g) d -> b k (g t) d", k=K)
-    o = _sdpa(_MASKED_SDPA, qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    if split_kv and G * T <= _SPLIT_KV_MAX_ROWS:
+        o = _split_kv_fn(q.device)(qf, k, v, mask, scale)
+    else:
+        o = _sdpa(_MASKED_SDPA, qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
     o = rearrange(o, "b k (g t) d -> b t (k g) d", g=G)
     return o * seen_BT[:, :, None, None].to(o.dtype)
 
@@ -197,6 +229,27 @@ def attention_flex(
     scale: float | None = None,
 ) -> Tensor:
     """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD."""
+    return _attention(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale, False)
+
+
+@torch.compiler.disable
+def attention_flex_splitkv(
+    q_BTHD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKD: Tensor,
+    q_pos_BT: Tensor,
+    k_pos_BS: Tensor,
+    window: int | None = None,
+    q_seq_BT: Tensor | None = None,
+    k_seq_BS: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """`attention_flex`, with cached steps of few query rows (decode) through `_split_kv_math`."""
+    return _attention(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale, True)
+
+
+def _attention(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale,
+               split_kv: bool) -> Tensor:
     if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
         raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
                          f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
@@ -212,7 +265,8 @@ def attention_flex(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     if S > T or T < _FLEX_MIN_T:
-        return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
+        return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale,
+                            split_kv)
 
     padded = k_pos_BS is not q_pos_BT
     if q_seq_BT is None and not padded and (window is None or window >= T):
