@@ -1,8 +1,10 @@
 """Decode on one GPU: a FusionTree preset vs its same-size all-global Transformer twin.
 
-    python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32768] [--batches 1,8] [--out FILE.json]
+    python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32768] [--batches 1,8]
+        [--attention auto | flex,flex_splitkv] [--out FILE.json]
 
-For each model, context length and batch size (bf16 weights, the GPU backends `auto` picks):
+For each attention backend, model, context length and batch size (bf16 weights; the SSD
+backend `auto` picks):
 prefill a random prompt of that length into freshly allocated caches (timed), then time
 greedy decode steps with the caches (CUDA-event mean over `--steps` steps after warm-up), then
 as many steps replayed from one captured CUDA graph (`GraphedDecoder`; its global layers read
@@ -95,7 +97,7 @@ def measure(model: HybridLanguageModel, context: int, batch: int, steps: int, re
         row["graphed_ms_per_token"] = _cuda_ms(graphed_step, steps - 1)
         row["cache_bytes"] = kv.nbytes() + ms.nbytes()
         row["kv_cache_bytes"], row["mamba_state_bytes"] = kv.nbytes(), ms.nbytes()
-        del kv, ms, out
+        kv = ms = out = None  # free the caches before the recompute forward
         row["recompute_ms_per_token"] = (_cuda_ms(lambda: model(prompt), recompute_repeats)
                                          if recompute_repeats else None)
     except torch.OutOfMemoryError:
@@ -108,7 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--contexts", default="4096,32768")
-    ap.add_argument("--attention", default="auto", help="attention backend (auto, flex, flex_splitkv)")
+    ap.add_argument("--attention", default="auto",
+                    help="comma-separated attention backends, each measured in turn (auto, flex, flex_splitkv)")
     ap.add_argument("--batches", default="1", help="comma-separated batch sizes (sequences decoded at once)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--recompute-repeats", type=int, default=3)
@@ -119,11 +122,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("decode_gpu.py measures GPU decoding; no CUDA device is visible")
     dev = torch.device("cuda")
-    kernels = resolve_kernels(KernelConfig(attention=args.attention), dev)
+    kernel_sets = [resolve_kernels(KernelConfig(attention=a), dev) for a in args.attention.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    for name in (args.preset, f"transformer-{args.preset}"):
+    for kernels, name in ((k, n) for k in kernel_sets for n in (args.preset, f"transformer-{args.preset}")):
         cfg = model_preset(name)
         if max(contexts) + 2 * args.steps + 8 > cfg.max_seq_len:
             raise SystemExit(f"context {max(contexts)} + 2 x {args.steps} steps exceeds {name}'s max_seq_len "
@@ -133,32 +136,33 @@ def main() -> None:
         model.check_inputs = False
         for c in contexts:
             for b in batches:
-                r = {"model": name, "params": count_params(cfg), "kernels": kernels.describe(),
+                r = {"model": name, "params": count_params(cfg), "attention": kernels.attention_name,
+                     "kernels": kernels.describe(),
                      **measure(model, c, b, args.steps, args.recompute_repeats, args.profile)}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         del model
         torch.cuda.empty_cache()
 
-    def pick(model, c, b):
-        return next((r for r in rows if r["model"] == model and r["context"] == c and r["batch"] == b
-                     and "error" not in r), None)
+    def twin_of(r):
+        return next((t for t in rows if t["model"] == f"transformer-{args.preset}" and "error" not in t
+                     and all(t[k] == r[k] for k in ("attention", "context", "batch"))), None)
 
-    print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  kernels: {kernels.describe()}")
-    print("| model | context | batch | prefill ms | decode ms/step | CUDA-graph ms/step | recompute ms/step | "
+    print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"kernels: {', '.join(k.describe() for k in kernel_sets)}")
+    print("| model | attention | context | batch | prefill ms | decode ms/step | CUDA-graph ms/step | recompute ms/step | "
           "cache MiB | speed vs Transformer (eager, graph) | cache vs Transformer |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['context']} | {r['batch']} | {r['error']} | | | | | | |")
+            print(f"| {r['model']} | {r['attention']} | {r['context']} | {r['batch']} | {r['error']} | | | | | | |")
             continue
-        twin = (pick(f"transformer-{args.preset}", r["context"], r["batch"]) if r["model"] == args.preset
-                else None)
+        twin = twin_of(r) if r["model"] == args.preset else None
         speed = (f"{twin['cached_ms_per_token'] / r['cached_ms_per_token']:.2f}x, "
                  f"{twin['graphed_ms_per_token'] / r['graphed_ms_per_token']:.2f}x") if twin else ""
         cache = f"{twin['cache_bytes'] / r['cache_bytes']:.1f}x smaller" if twin else ""
         rec = "-" if r["recompute_ms_per_token"] is None else f"{r['recompute_ms_per_token']:.1f}"
-        print(f"| {r['model']} | {r['context']} | {r['batch']} | {r['prefill_ms']:.0f} | "
+        print(f"| {r['model']} | {r['attention']} | {r['context']} | {r['batch']} | {r['prefill_ms']:.0f} | "
               f"{r['cached_ms_per_token']:.2f} | {r['graphed_ms_per_token']:.2f} | {rec} | "
               f"{r['cache_bytes'] / 2**20:.1f} | {speed} | {cache} |")
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(args.commit),
