@@ -155,47 +155,58 @@ def pairs(L_, W):
     return L_ * W - W * (W - 1) / 2
 
 
+def _attention_case(rows: list, args, flex, label, K, W, docs, causal_ms, **extra):
+    """One attention case through `flex`: checked against the fp32 reference, then timed;
+    returns its fwd+bwd ms (None on error)."""
+    pos = torch.arange(L, device=DEV)[None]
+    q, k, v, go = attn_inputs(L, 16, K)
+    seq = None if docs is None else (torch.arange(L, device=DEV) // (L // docs))[None].int()
+    p = pos if seq is None else positions_from_seq_idx(seq)
+    kw = dict(window=W, q_seq_BT=seq, k_seq_BS=seq)
+    fwd_bwd = None
+    try:
+        t0 = time.perf_counter()
+        o, g = attn_fwd_bwd(flex, q, k, v, go, p, p, **kw)
+        first_s = time.perf_counter() - t0
+        # The reference keeps every block's scores for its backward; at 32K a global
+        # layer's would not fit, so the causal case is checked on the forward only.
+        if W is None:
+            with torch.no_grad():
+                errs = dict(o=rel_err(o, attention_ref(q.float(), k.float(), v.float(), p, p, **kw)))
+        else:
+            o_r, g_r = attn_fwd_bwd(attention_ref, q.float(), k.float(), v.float(), go.float(), p, p, **kw)
+            errs = dict(o=rel_err(o, o_r), **{f"grad_{n}": rel_err(a, b) for n, a, b in zip("qkv", g, g_r)})
+            del o_r, g_r
+        del o, g
+        _free()
+        fwd = cuda_ms(lambda: flex(q, k, v, p, p, **kw), 3, args.repeats)
+        fwd_bwd = cuda_ms(lambda: attn_fwd_bwd(flex, q, k, v, go, p, p, **kw), 3, args.repeats)
+        row = dict(section="attention", case=label, L=L, q_heads=16, kv_heads=K, window=W, docs=docs,
+                   fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, first_call_s=first_s, rel_err=errs, **extra)
+        if W is not None and causal_ms is not None:
+            ratio = pairs(L, W) / pairs(L, None)
+            row.update(pair_ratio=ratio, floor_fwd_bwd_ms=causal_ms * ratio, x_floor=fwd_bwd / (causal_ms * ratio))
+        _row(rows, **row)
+    except Exception as e:  # noqa: BLE001
+        _row(rows, section="attention", case=label, window=W, error=f"{type(e).__name__}: {e}"[:2000], **extra)
+    _free()
+    return fwd_bwd
+
+
 def bench_attention(rows: list, args) -> None:
     flex = resolve_kernels(KernelConfig(attention="flex"), DEV).attention
-    pos = torch.arange(L, device=DEV)[None]
-    cases = [("causal (SDPA)", 16, None, None), ("window", 16, 512, None), ("window", 16, 1024, None),
-             ("window", 16, 2048, None), ("window, GQA 16q/4kv", 4, 1024, None),
-             ("window, 8 packed docs", 16, 1024, 8)]
-    causal_ms = None
-    for label, K, W, docs in cases:
-        q, k, v, go = attn_inputs(L, 16, K)
-        seq = None if docs is None else (torch.arange(L, device=DEV) // (L // docs))[None].int()
-        p = pos if seq is None else positions_from_seq_idx(seq)
-        kw = dict(window=W, q_seq_BT=seq, k_seq_BS=seq)
-        try:
-            t0 = time.perf_counter()
-            o, g = attn_fwd_bwd(flex, q, k, v, go, p, p, **kw)
-            first_s = time.perf_counter() - t0
-            # The reference keeps every block's scores for its backward; at 32K a global
-            # layer's would not fit, so the causal case is checked on the forward only.
-            if W is None:
-                with torch.no_grad():
-                    errs = dict(o=rel_err(o, attention_ref(q.float(), k.float(), v.float(), p, p, **kw)))
-            else:
-                o_r, g_r = attn_fwd_bwd(attention_ref, q.float(), k.float(), v.float(), go.float(), p, p, **kw)
-                errs = dict(o=rel_err(o, o_r), **{f"grad_{n}": rel_err(a, b) for n, a, b in zip("qkv", g, g_r)})
-                del o_r, g_r
-            del o, g
-            _free()
-            fwd = cuda_ms(lambda: flex(q, k, v, p, p, **kw), 3, args.repeats)
-            fwd_bwd = cuda_ms(lambda: attn_fwd_bwd(flex, q, k, v, go, p, p, **kw), 3, args.repeats)
-            row = dict(section="attention", case=label, L=L, q_heads=16, kv_heads=K, window=W, docs=docs,
-                       fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, first_call_s=first_s, rel_err=errs)
-            if W is None and docs is None:
-                causal_ms = fwd_bwd
-            elif causal_ms is not None:
-                ratio = pairs(L, W) / pairs(L, None)
-                row.update(pair_ratio=ratio, floor_fwd_bwd_ms=causal_ms * ratio,
-                           x_floor=fwd_bwd / (causal_ms * ratio))
-            _row(rows, **row)
-        except Exception as e:  # noqa: BLE001
-            _row(rows, section="attention", case=label, window=W, error=f"{type(e).__name__}: {e}"[:2000])
-        _free()
+    causal_ms = _attention_case(rows, args, flex, "causal (SDPA)", 16, None, None, None)
+    for label, K, W, docs in [("window", 16, 512, None), ("window", 16, 1024, None), ("window", 16, 2048, None),
+                              ("window, GQA 16q/4kv", 4, 1024, None), ("window, 8 packed docs", 16, 1024, 8)]:
+        _attention_case(rows, args, flex, label, K, W, docs, causal_ms)
+    # FlexAttention's kernel options (tile sizes, warps, stages), tried on the window cases.
+    for opts in json.loads(args.flex_options):
+        flex_backend.FLEX_KERNEL_OPTIONS.clear()
+        flex_backend.FLEX_KERNEL_OPTIONS.update(opts)
+        for label, K in [("window", 16), ("window, GQA 16q/4kv", 4)]:
+            _attention_case(rows, args, flex, f"{label}, options {json.dumps(opts)}", K, 1024, None, causal_ms,
+                            kernel_options=opts)
+    flex_backend.FLEX_KERNEL_OPTIONS.clear()
     # A document block mask depends on the data: built once per forward (all layers share it).
     seq = (torch.arange(L, device=DEV) // (L // 8))[None].int()
     w_t = flex_backend._window_tensor(1024, torch.device(DEV))
@@ -240,7 +251,7 @@ def bench_decode(rows: list, args) -> None:
             kpos = torch.cat([cpos, torch.tensor([L], device=DEV)])[None]
             qpos = torch.tensor([[L]], device=DEV)
             o_ref = attention_ref(q.float(), kc.float(), vc.float(), qpos, kpos, window=W)
-            for name in ["flex", "reference"]:
+            for name in ["flex", "flex_splitkv", "reference"]:
                 fn = resolve_kernels(KernelConfig(attention=name), DEV).attention
                 o = fn(q, kc, vc, qpos, kpos, window=W)
                 ms = cuda_ms(lambda: fn(q, kc, vc, qpos, kpos, window=W), 20, 200)
@@ -268,6 +279,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="ssd,attention,decode")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--flex-options", default="[]",
+                    help='JSON list of FlexAttention kernel_options dicts to try on the W=1024 cases, '
+                         'e.g. \'[{"BLOCK_M": 64, "BLOCK_N": 64}, {"num_stages": 2}]\'')
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels_gpu.json"))
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()

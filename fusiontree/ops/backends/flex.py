@@ -65,6 +65,9 @@ _FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 _MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _compiled: dict[str, object] = {}
+# FlexAttention `kernel_options` (tile sizes, warps, stages) for the window / document path;
+# empty: FlexAttention's own choice. benchmarks/kernels_gpu.py --flex-options tries others.
+FLEX_KERNEL_OPTIONS: dict = {}
 
 
 def _flex_fn(device: torch.device):
@@ -283,5 +286,6 @@ def _attention(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_s
     else:
         block_mask = _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, device)
     o = _flex_fn(device)(q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
-                         block_mask=block_mask, scale=scale, enable_gqa=K != H)
+                         block_mask=block_mask, scale=scale, enable_gqa=K != H,
+                         kernel_options=dict(FLEX_KERNEL_OPTIONS) or None)
     return o.transpose(1, 2)
