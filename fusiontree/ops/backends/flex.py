@@ -216,76 +216,65 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale, split_kv: b
     return o * seen_BT[:, :, None, None].to(o.dtype)
 
 
-# Opaque to an enclosing torch.compile (a model compiled block by block): its mask caches key
-# on tensor identity and version, which tracing cannot follow; FlexAttention itself is compiled
-# here, separately.
-@torch.compiler.disable
-def attention_flex(
-    q_BTHD: Tensor,
-    k_BSKD: Tensor,
-    v_BSKD: Tensor,
-    q_pos_BT: Tensor,
-    k_pos_BS: Tensor,
-    window: int | None = None,
-    q_seq_BT: Tensor | None = None,
-    k_seq_BS: Tensor | None = None,
-    scale: float | None = None,
-) -> Tensor:
-    """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD."""
-    return _attention(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale, False)
+def _attention_fn(split_kv: bool):
+    """attention_flex (split_kv False) or attention_flex_splitkv (True)."""
+
+    # Opaque to an enclosing torch.compile (a model compiled block by block): its mask caches
+    # key on tensor identity and version, which tracing cannot follow; FlexAttention itself is
+    # compiled here, separately.
+    @torch.compiler.disable
+    def attention(
+        q_BTHD: Tensor,
+        k_BSKD: Tensor,
+        v_BSKD: Tensor,
+        q_pos_BT: Tensor,
+        k_pos_BS: Tensor,
+        window: int | None = None,
+        q_seq_BT: Tensor | None = None,
+        k_seq_BS: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD."""
+        if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
+            raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
+                             f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
+        Bsz, T, H, D = q_BTHD.shape
+        S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+        if S < T or H % K or k_BSKD.shape[3] != D:
+            raise ValueError(f"need S >= T keys (cache + the queries' own), H % K == 0 and equal head "
+                             f"dims; got T={T}, S={S}, H={H}, K={K}, q head dim {D}, k head dim {k_BSKD.shape[3]}")
+        if (q_seq_BT is None) != (k_seq_BS is None):
+            raise ValueError("pass both q_seq_BT and k_seq_BS (document masks) or neither")
+        if window is not None and window < 1:
+            raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+        if S > T or T < _FLEX_MIN_T:
+            return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale,
+                                split_kv)
+
+        padded = k_pos_BS is not q_pos_BT
+        if q_seq_BT is None and not padded and (window is None or window >= T):
+            return _causal_sdpa(q_BTHD, k_BSKD, v_BSKD, scale)
+
+        if not q_BTHD.is_cuda and torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q_BTHD, k_BSKD, v_BSKD)):
+            raise ValueError("the flex attention backend has no backward on CPU (FlexAttention runs "
+                             "forward-only there); train on CPU with kernels.attention=reference")
+        w = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
+        device = q_BTHD.device
+        if q_seq_BT is None and not padded:
+            block_mask = _index_block_mask(T, w, device)
+        else:
+            block_mask = _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, device)
+        o = _flex_fn(device)(q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
+                             block_mask=block_mask, scale=scale, enable_gqa=K != H,
+                             kernel_options=dict(FLEX_KERNEL_OPTIONS) or None)
+        return o.transpose(1, 2)
+
+    return attention
 
 
-@torch.compiler.disable
-def attention_flex_splitkv(
-    q_BTHD: Tensor,
-    k_BSKD: Tensor,
-    v_BSKD: Tensor,
-    q_pos_BT: Tensor,
-    k_pos_BS: Tensor,
-    window: int | None = None,
-    q_seq_BT: Tensor | None = None,
-    k_seq_BS: Tensor | None = None,
-    scale: float | None = None,
-) -> Tensor:
-    """`attention_flex`, with cached steps of few query rows (decode) through `_split_kv_math`."""
-    return _attention(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale, True)
-
-
-def _attention(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale,
-               split_kv: bool) -> Tensor:
-    if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
-        raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
-                         f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
-    Bsz, T, H, D = q_BTHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    if S < T or H % K or k_BSKD.shape[3] != D:
-        raise ValueError(f"need S >= T keys (cache + the queries' own), H % K == 0 and equal head "
-                         f"dims; got T={T}, S={S}, H={H}, K={K}, q head dim {D}, k head dim {k_BSKD.shape[3]}")
-    if (q_seq_BT is None) != (k_seq_BS is None):
-        raise ValueError("pass both q_seq_BT and k_seq_BS (document masks) or neither")
-    if window is not None and window < 1:
-        raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-
-    if S > T or T < _FLEX_MIN_T:
-        return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale,
-                            split_kv)
-
-    padded = k_pos_BS is not q_pos_BT
-    if q_seq_BT is None and not padded and (window is None or window >= T):
-        return _causal_sdpa(q_BTHD, k_BSKD, v_BSKD, scale)
-
-    if not q_BTHD.is_cuda and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q_BTHD, k_BSKD, v_BSKD)):
-        raise ValueError("the flex attention backend has no backward on CPU (FlexAttention runs "
-                         "forward-only there); train on CPU with kernels.attention=reference")
-    w = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
-    device = q_BTHD.device
-    if q_seq_BT is None and not padded:
-        block_mask = _index_block_mask(T, w, device)
-    else:
-        block_mask = _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, device)
-    o = _flex_fn(device)(q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
-                         block_mask=block_mask, scale=scale, enable_gqa=K != H,
-                         kernel_options=dict(FLEX_KERNEL_OPTIONS) or None)
-    return o.transpose(1, 2)
+attention_flex = _attention_fn(split_kv=False)
+# attention_flex, with cached steps of few query rows (decode) through `_split_kv_math`.
+attention_flex_splitkv = _attention_fn(split_kv=True)
