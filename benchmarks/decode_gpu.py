@@ -150,7 +150,8 @@ def main() -> None:
 
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"kernels: {', '.join(k.describe() for k in kernel_sets)}")
-    print("| model | attention | context | batch | prefill ms | decode ms/step | CUDA-graph ms/step | recompute ms/step | "
+    print("| model | attention | context | batch | prefill ms | decode ms/step | CUDA-graph ms/step | "
+          "recompute ms/step | "
           "cache MiB | speed vs Transformer (eager, graph) | cache vs Transformer |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -4,8 +4,9 @@ Transformer twins, measured side by side in one process.
     python benchmarks/train_gpu.py [--cases small@4096x2,transformer-small@4096x2,...] [--out FILE]
 
 A case is PRESET@SEQxBATCH with optional suffixes: `+ckpt` for per-block activation
-checkpointing of every block, `+ckptN` of the first N blocks only, `+compile` for per-block torch.compile (`HybridLanguageModel.compile_blocks`,
-compiled during the warm-up steps). PRESET `mamba-ref-NAME` is the peer: mamba-ssm's own
+checkpointing of every block, `+ckptN` of the first N blocks only (the peer takes both),
+`+compile` for per-block torch.compile (`HybridLanguageModel.compile_blocks`, compiled during
+the warm-up steps). PRESET `mamba-ref-NAME` is the peer: mamba-ssm's own
 `MambaLMHeadModel`, a Mamba-2 hybrid with attention every 6th layer, sized to NAME's parameter
 count (width, MLP, SSM and attention heads of NAME; the layer count is chosen to match; run without
 causal-conv1d and flash-attn, so with its `use_mem_eff_path=False` path -- nn.Conv1d, then
