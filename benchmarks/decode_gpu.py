@@ -54,13 +54,16 @@ def measure(model: HybridLanguageModel, context: int, batch: int, steps: int, re
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, context), generator=g).to(dev)
     row = {"context": context, "batch": batch}
     try:
-        # Warm-up of the cached path (prefill with caches, then decode steps): first calls
-        # compile and autotune kernels, which the timed calls below must not include.
-        kv, ms = model.allocate_inference_cache(batch, 320)
-        o = model(prompt[:, :300], past_key_values=kv, past_mamba_states=ms)
+        # Warm-up of the cached path at the timed shapes (a full-length prefill into caches,
+        # then decode steps) and of the full-length forward: first calls compile and autotune
+        # kernels (per length: block masks; with final states: the SSD), which the timed calls
+        # below must not include.
+        kv, ms = model.allocate_inference_cache(batch, context + 8)
+        o = model(prompt, past_key_values=kv, past_mamba_states=ms)
         for _ in range(3):
             o = model(o.logits[:, -1:].argmax(-1), past_key_values=kv, past_mamba_states=ms)
-        model(prompt)  # and the full-length forward (block masks per length)
+        kv = ms = o = None
+        model(prompt)
         kv, ms = model.allocate_inference_cache(batch, context + 2 * steps + 8)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
