@@ -1,4 +1,4 @@
-"""What every benchmark script does last: name the commit and write its JSON."""
+"""Helpers the GPU benchmark scripts share: time a span of calls, name the commit, write JSON."""
 
 from __future__ import annotations
 
@@ -7,6 +7,20 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cuda_span_ms(fn, repeats: int) -> float:
+    """Mean GPU time per call of `repeats` back-to-back calls of `fn`, between two CUDA events
+    around the whole span (calls overlap their host work with the GPU as in real use)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def git_commit(given: str = "") -> str:

@@ -33,17 +33,7 @@ from fusiontree.models import HybridLanguageModel  # noqa: E402
 from fusiontree.models.flops import count_params  # noqa: E402
 from fusiontree.models.layers import cast_model  # noqa: E402
 from fusiontree.ops import resolve_kernels  # noqa: E402
-from _results import git_commit, write_results  # noqa: E402
-
-
-def _cuda_ms(fn, repeats: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+from _results import cuda_span_ms, git_commit, write_results  # noqa: E402
 
 
 @torch.no_grad()
@@ -88,7 +78,7 @@ def measure(model: HybridLanguageModel, context: int, batch: int, steps: int, re
             table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60)
             Path(profile_dir).mkdir(parents=True, exist_ok=True)
             (Path(profile_dir) / f"decode_{model.cfg.preset}_{context}x{batch}.txt").write_text(table)
-        row["cached_ms_per_token"] = _cuda_ms(step, steps)
+        row["cached_ms_per_token"] = cuda_span_ms(step, steps)
         # The same caches, continued by replaying one captured CUDA graph per token.
         decoder = GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev))
 
@@ -97,11 +87,11 @@ def measure(model: HybridLanguageModel, context: int, batch: int, steps: int, re
             nxt = decoder.step(nxt[:, 0]).argmax(-1, keepdim=True)
 
         graphed_step()
-        row["graphed_ms_per_token"] = _cuda_ms(graphed_step, steps - 1)
+        row["graphed_ms_per_token"] = cuda_span_ms(graphed_step, steps - 1)
         row["cache_bytes"] = kv.nbytes() + ms.nbytes()
         row["kv_cache_bytes"], row["mamba_state_bytes"] = kv.nbytes(), ms.nbytes()
         kv = ms = out = None  # free the caches before the recompute forward
-        row["recompute_ms_per_token"] = (_cuda_ms(lambda: model(prompt), recompute_repeats)
+        row["recompute_ms_per_token"] = (cuda_span_ms(lambda: model(prompt), recompute_repeats)
                                          if recompute_repeats else None)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"

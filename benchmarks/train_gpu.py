@@ -38,7 +38,7 @@ from fusiontree.models.layers import cast_model  # noqa: E402
 from fusiontree.ops import resolve_kernels  # noqa: E402
 from fusiontree.train.losses import HybridModelLoss  # noqa: E402
 from fusiontree.train.metrics import device_peak_flops  # noqa: E402
-from _results import git_commit, write_results  # noqa: E402
+from _results import cuda_span_ms, git_commit, write_results  # noqa: E402
 
 DEFAULT_CASES = ("small@4096x2,transformer-small@4096x2,1b@4096x1,transformer-1b@4096x1,"
                  "small@32768x1+ckpt,transformer-small@32768x1+ckpt")
@@ -159,14 +159,9 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
             table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
             Path(profile_out).write_text(f"{case}\n{table}\n")
             print(table, flush=True)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            loss = step()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / steps
-        ok = bool(torch.isfinite(loss))
+        last = {}
+        ms = cuda_span_ms(lambda: last.update(loss=step()), steps)
+        ok = bool(torch.isfinite(last["loss"]))
     except torch.OutOfMemoryError:
         return {"case": case, "preset": preset, "error": "out of memory"}
     finally:
