@@ -64,28 +64,29 @@ _FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 # calls per token: 44% of the step's host time), against one kernel launch for the others.
 _MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-_compiled: dict[str, object] = {}
+_compiled: dict = {}  # function -> its torch.compile wrapper (CUDA)
 # FlexAttention `kernel_options` (tile sizes, warps, stages) for the window / document path;
 # empty: FlexAttention's own choice. benchmarks/kernels_gpu.py --flex-options tries others.
 FLEX_KERNEL_OPTIONS: dict = {}
 
 
-def _flex_fn(device: torch.device):
+def _on(device: torch.device, fn):
+    """`fn` compiled (once) on CUDA; as it is on other devices."""
     if device.type != "cuda":
-        return flex_attention
-    if "flex" not in _compiled:
-        _compiled["flex"] = torch.compile(flex_attention)
-    return _compiled["flex"]
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+def _flex_fn(device: torch.device):
+    return _on(device, flex_attention)
 
 
 def _block_mask_fn(device: torch.device):
-    if device.type != "cuda":
-        return create_block_mask
-    if "block_mask" not in _compiled:
-        # Compiled, create_block_mask evaluates the mask block by block instead of building
-        # the full T x T boolean mask first (1 GiB at 32K).
-        _compiled["block_mask"] = torch.compile(create_block_mask)
-    return _compiled["block_mask"]
+    # Compiled, create_block_mask evaluates the mask block by block instead of building the
+    # full T x T boolean mask first (1 GiB at 32K).
+    return _on(device, create_block_mask)
 
 
 @lru_cache(maxsize=16)
@@ -184,14 +185,6 @@ def _split_kv_math(qf_BKRD: Tensor, k_BSKD: Tensor, v_BSKD: Tensor, mask_BRS: Te
     return (o_BKRD / p_BSKR.sum(1)[..., None]).to(qf_BKRD.dtype)
 
 
-def _split_kv_fn(device: torch.device):
-    if device.type != "cuda":
-        return _split_kv_math
-    if "split_kv" not in _compiled:
-        _compiled["split_kv"] = torch.compile(_split_kv_math)
-    return _compiled["split_kv"]
-
-
 def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale, split_kv: bool = False) -> Tensor:
     """The reference's rule on positions, as one boolean [B, T, S] mask."""
     K = k.shape[2]
@@ -209,7 +202,7 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale, split_kv: b
     mask = mask[:, None].expand(-1, G, T, S).reshape(mask.shape[0], G * T, S)
     qf = rearrange(q, "b t (k g) d -> b k (g t) d", k=K)
     if split_kv and G * T <= _SPLIT_KV_MAX_ROWS:
-        o = _split_kv_fn(q.device)(qf, k, v, mask, scale)
+        o = _on(q.device, _split_kv_math)(qf, k, v, mask, scale)
     else:
         o = _sdpa(_MASKED_SDPA, qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
     o = rearrange(o, "b k (g t) d -> b t (k g) d", g=G)
