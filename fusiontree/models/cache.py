@@ -91,35 +91,32 @@ class MambaLayerState:
         return _nbytes(self.tensors())
 
 
+class _PerLayer:
+    """Shared by the whole-model caches: `layers` holds one cache per layer, or None."""
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of every layer's cache (what a snapshot must copy)."""
+        return [t for c in self.layers if c is not None for t in c.tensors()]
+
+    def nbytes(self) -> int:
+        return _nbytes(self.tensors())
+
+
 @dataclass
-class KVCache:
+class KVCache(_PerLayer):
     """Attention caches of every layer (None where a layer has no attention branch)."""
     layers: list[AttentionLayerCache | None]
     batch_size: int
     max_length: int
     seen_tokens: int = 0
 
-    def tensors(self) -> list[Tensor]:
-        """Every tensor of every layer's cache (what a snapshot must copy)."""
-        return [t for c in self.layers if c is not None for t in c.tensors()]
-
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
-
 
 @dataclass
-class MambaStates:
+class MambaStates(_PerLayer):
     """Mamba states of every layer (None where a layer has no Mamba branch)."""
     layers: list[MambaLayerState | None]
     batch_size: int
     seen_tokens: int = 0
-
-    def tensors(self) -> list[Tensor]:
-        """Every tensor of every layer's cache (what a snapshot must copy)."""
-        return [t for c in self.layers if c is not None for t in c.tensors()]
-
-    def nbytes(self) -> int:
-        return _nbytes(self.tensors())
 
 
 @dataclass
