@@ -8,10 +8,11 @@ backend `auto` picks):
 prefill a random prompt of that length into freshly allocated caches (timed), then time
 greedy decode steps with the caches (CUDA-event mean over `--steps` steps after warm-up), then
 as many steps replayed from one captured CUDA graph (`GraphedDecoder`; its global layers read
-every allocated slot), and time one full forward over the context, which is what a token
-costs without a cache (`--recompute-repeats 0` skips it). Cache
-bytes: the KV cache plus the Mamba states, as allocated for context + 2 x steps + 8 tokens. Prints a
-table with the FusionTree / Transformer ratios and writes JSON.
+every allocated slot), then as many from a graph of the step with its blocks compiled
+(`GraphedDecoder(compile=True)`), and time one full forward over the context, which is what a
+token costs without a cache (`--recompute-repeats 0` skips it). Cache bytes: the KV cache plus
+the Mamba states, as allocated for context + 3 x steps + 8 tokens. Prints a table with the
+FusionTree / Transformer ratios and writes JSON.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def measure(model: HybridLanguageModel, context: int, batch: int, steps: int, re
             o = model(o.logits[:, -1:].argmax(-1), past_key_values=kv, past_mamba_states=ms)
         kv = ms = o = None
         model(prompt)
-        kv, ms = model.allocate_inference_cache(batch, context + 2 * steps + 8)
+        kv, ms = model.allocate_inference_cache(batch, context + 3 * steps + 8)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model(prompt, past_key_values=kv, past_mamba_states=ms)
@@ -88,6 +89,10 @@ def measure(model: HybridLanguageModel, context: int, batch: int, steps: int, re
 
         graphed_step()
         row["graphed_ms_per_token"] = cuda_span_ms(graphed_step, steps - 1)
+        # And again with the step's blocks compiled first (fused elementwise kernels).
+        decoder = GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev), compile=True)
+        graphed_step()
+        row["compiled_graphed_ms_per_token"] = cuda_span_ms(graphed_step, steps - 1)
         row["cache_bytes"] = kv.nbytes() + ms.nbytes()
         row["kv_cache_bytes"], row["mamba_state_bytes"] = kv.nbytes(), ms.nbytes()
         kv = ms = out = None  # free the caches before the recompute forward
@@ -121,8 +126,8 @@ def main() -> None:
     rows = []
     for kernels, name in ((k, n) for k in kernel_sets for n in (args.preset, f"transformer-{args.preset}")):
         cfg = model_preset(name)
-        if max(contexts) + 2 * args.steps + 8 > cfg.max_seq_len:
-            raise SystemExit(f"context {max(contexts)} + 2 x {args.steps} steps exceeds {name}'s max_seq_len "
+        if max(contexts) + 3 * args.steps + 8 > cfg.max_seq_len:
+            raise SystemExit(f"context {max(contexts)} + 3 x {args.steps} steps exceeds {name}'s max_seq_len "
                              f"{cfg.max_seq_len}")
         torch.manual_seed(0)
         model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).eval()
@@ -144,20 +149,21 @@ def main() -> None:
     print(f"\ncard: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"kernels: {', '.join(k.describe() for k in kernel_sets)}")
     print("| model | attention | context | batch | prefill ms | decode ms/step | CUDA-graph ms/step | "
-          "recompute ms/step | "
-          "cache MiB | speed vs Transformer (eager, graph) | cache vs Transformer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "compiled + graph ms/step | recompute ms/step | cache MiB | speed vs Transformer (eager, graph, "
+          "compiled + graph) | cache vs Transformer |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['attention']} | {r['context']} | {r['batch']} | {r['error']} | | | | | | |")
+            print(f"| {r['model']} | {r['attention']} | {r['context']} | {r['batch']} | {r['error']} | | | | | | | |")
             continue
         twin = twin_of(r) if r["model"] == args.preset else None
-        speed = (f"{twin['cached_ms_per_token'] / r['cached_ms_per_token']:.2f}x, "
-                 f"{twin['graphed_ms_per_token'] / r['graphed_ms_per_token']:.2f}x") if twin else ""
+        keys = ("cached_ms_per_token", "graphed_ms_per_token", "compiled_graphed_ms_per_token")
+        speed = ", ".join(f"{twin[k] / r[k]:.2f}x" for k in keys) if twin else ""
         cache = f"{twin['cache_bytes'] / r['cache_bytes']:.1f}x smaller" if twin else ""
         rec = "-" if r["recompute_ms_per_token"] is None else f"{r['recompute_ms_per_token']:.1f}"
         print(f"| {r['model']} | {r['attention']} | {r['context']} | {r['batch']} | {r['prefill_ms']:.0f} | "
-              f"{r['cached_ms_per_token']:.2f} | {r['graphed_ms_per_token']:.2f} | {rec} | "
+              f"{r['cached_ms_per_token']:.2f} | {r['graphed_ms_per_token']:.2f} | "
+              f"{r['compiled_graphed_ms_per_token']:.2f} | {rec} | "
               f"{r['cache_bytes'] / 2**20:.1f} | {speed} | {cache} |")
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(args.commit),
             "command": " ".join(sys.argv)}

@@ -9,7 +9,8 @@ The token counter and the positions live on the device and advance inside the gr
 host keeps `seen_tokens` of both caches in step without reading the device.
 
 `graph=False` runs the same static step eagerly (the CPU path, and the reference that the
-GPU test compares the replay against).
+GPU test compares the replay against). `compile=True` compiles each block of the step first
+(`HybridLanguageModel.compile_decode`), so that the graph replays fewer, fused kernels.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class GraphedDecoder:
     kernels (autotuning, workspaces) and then restores the caches, so the prefix is intact."""
 
     def __init__(self, model, kv: KVCache, ms: MambaStates, next_positions_B: Tensor, graph: bool = True,
-                 warmup: int = 3):
+                 warmup: int = 3, compile: bool = False):
         if kv.seen_tokens != ms.seen_tokens:
             raise ValueError(f"the caches disagree: KV cache {kv.seen_tokens} tokens, Mamba states "
                              f"{ms.seen_tokens}; pass the pair returned by the same prefill")
@@ -43,11 +44,13 @@ class GraphedDecoder:
         self.tokens_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos_B1 = next_positions_B.to(device=dev, dtype=torch.long).reshape(B, 1).clone()
         self.step_1 = torch.full((1,), kv.seen_tokens, dtype=torch.long, device=dev)
+        self.compiled = compile
         if graph:
             self.graph, self.logits_BV = self._capture(warmup)
 
     def _run(self) -> Tensor:
-        logits = self.model.decode_step(self.tokens_B1, self.pos_B1, self.step_1, self.kv, self.ms)
+        logits = self.model.decode_step(self.tokens_B1, self.pos_B1, self.step_1, self.kv, self.ms,
+                                        compiled=self.compiled)
         self.step_1.add_(1)
         self.pos_B1.add_(1)
         return logits

@@ -43,6 +43,17 @@ def positions_from_seq_idx(seq_idx_BT: Tensor) -> Tensor:
     return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
 
 
+def _raise_recompile_limit() -> None:
+    """One compiled entry per block structure (local / global / pruned), grad mode and sequence
+    length of the curriculum: raise torch's default limit of 8 so that a long curriculum never
+    exhausts it (past the limit torch would run the block eagerly)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+
+
 class HybridLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None):
         super().__init__()
@@ -60,8 +71,10 @@ class HybridLanguageModel(nn.Module):
         # first `checkpoint_num_layers` of them, or every block when that is 0.
         self.activation_checkpointing = False
         self.checkpoint_num_layers = 0
-        # Per-block compiled forwards (`compile_blocks`), used by cache-free calls.
+        # Per-block compiled forwards (`compile_blocks`), used by cache-free calls; and those
+        # of `decode_step` (`compile_decode`).
         self._compiled_blocks: list | None = None
+        self._compiled_decode: list | None = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -100,15 +113,17 @@ class HybridLanguageModel(nn.Module):
         of its own, see `fusiontree.ops`): a block compiles into the graphs around them. Blocks
         of the same structure share one compiled graph. Compilation happens on first use of
         each input shape, dtype and grad mode."""
-        import torch._dynamo.config as dynamo_config
-
-        # One compiled entry per block structure (local / global / pruned), grad mode and
-        # sequence length of the curriculum: raise torch's default limit of 8 so that a long
-        # curriculum never exhausts it (past the limit torch would run the block eagerly).
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo_config, name):
-                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        _raise_recompile_limit()
         self._compiled_blocks = [torch.compile(layer.forward, **compile_kwargs) for layer in self.layers]
+
+    def compile_decode(self, **compile_kwargs) -> None:
+        """Compile each block of `decode_step` (static shapes, caches updated in place inside
+        the graph): Inductor fuses the dozens of small elementwise kernels a block launches per
+        token (norm casts, RoPE, SRTE, the conv and SSM step around the backends' calls, the
+        gate mix) into a few. Only `decode_step(..., compiled=True)` uses them
+        (`GraphedDecoder(compile=True)`)."""
+        _raise_recompile_limit()
+        self._compiled_decode = [torch.compile(layer.forward, **compile_kwargs) for layer in self.layers]
 
     @property
     def blocks_compiled(self) -> bool:
@@ -230,18 +245,21 @@ class HybridLanguageModel(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, input_ids_B1: Tensor, position_ids_B1: Tensor, cache_step_1: Tensor,
-                    past_key_values: KVCache, past_mamba_states: MambaStates) -> Tensor:
+                    past_key_values: KVCache, past_mamba_states: MambaStates, compiled: bool = False) -> Tensor:
         """One decode token per row with static shapes and no host syncs, so that it can be
         captured in a CUDA graph (`fusiontree.inference.cuda_graph`). Returns logits [B, V].
 
         cache_step_1: [1] int64 tensor, the tokens the caches hold (`seen_tokens`, on the
         device). Attention layers read every cache slot (a global layer all `max_length` of
         them), masked by position. Neither the tensors nor `seen_tokens` are advanced here:
-        the caller does both. No input checks: the caller validates once, outside the graph."""
+        the caller does both. No input checks: the caller validates once, outside the graph.
+        compiled: run the blocks compiled by `compile_decode` (compiled on first use)."""
         kv, ms = past_key_values, past_mamba_states
         info = SeqInfo(position_ids=position_ids_B1, key_pos=position_ids_B1, cache_step=cache_step_1)
+        if compiled and self._compiled_decode is None:
+            self.compile_decode()
         x = self.embed(input_ids_B1)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._compiled_decode if compiled else self.layers):
             x, _ = layer(x, info, kv.layers[i], ms.layers[i])
         return self.lm_head(self.norm_out(x))[:, -1]
 

@@ -166,3 +166,25 @@ def test_split_kv_attention_backend_decodes_like_the_reference():
             cached = model(**model.prepare_inputs_for_generation(tokens, *caches[1], mask)).logits[:, -1]
             torch.testing.assert_close(cached, logits, **TOL)
             torch.testing.assert_close(static.step(nxt), logits, **TOL)
+
+
+def test_compiled_static_decode_step_matches_the_eager_one():
+    """GraphedDecoder(compile=True): the blocks of `decode_step` through Inductor (here its
+    CPU code generator; on CUDA the same graphs are then captured), over a ring buffer that
+    wraps, against the eager static step on a copy of the same caches."""
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+
+    model = build("parallel-channel", seed=6)
+    B, T, n = 2, 9, 24
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(7))
+    caches = [model.allocate_inference_cache(B, T + n) for _ in range(2)]
+    with torch.no_grad():
+        first = [model(ids, past_key_values=kv, past_mamba_states=ms).logits[:, -1] for kv, ms in caches]
+        eager = GraphedDecoder(model, *caches[0], torch.full((B,), T), graph=False)
+        compiled = GraphedDecoder(model, *caches[1], torch.full((B,), T), graph=False, compile=True)
+        nxt = first[0].argmax(-1)
+        for _ in range(n - 1):
+            a, b = compiled.step(nxt).clone(), eager.step(nxt)
+            torch.testing.assert_close(a, b, **TOL)
+            nxt = b.argmax(-1)
+    assert model._compiled_decode is not None

@@ -67,6 +67,7 @@ def _zeros_H(H: int, device: torch.device) -> Tensor:
     return _zero_bias[key]
 
 
+@torch.compiler.disable  # opaque to a compiled decode step, like the chunked scan above
 def ssd_step_mamba(
     state_BHPN: Tensor,
     x_BHP: Tensor,
