@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusiontree.eval.eval_llm import EvalOptions, evaluate, expand_tasks, options_dict, write_report  # noqa: E402
+from fusiontree.eval.eval_system import DECODE_MODES  # noqa: E402
 from fusiontree.eval.loading import checkpoint_tokenizer, load_checkpoint  # noqa: E402
 from fusiontree.eval.pruning import apply_pruning, load_plan, plan_with_thresholds  # noqa: E402
 
@@ -94,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--system-contexts", type=_ints, default=d.system_contexts)
     g.add_argument("--system-batch", type=int, default=d.system_batch)
     g.add_argument("--system-decode-steps", type=int, default=d.system_decode_steps)
+    g.add_argument("--system-decode-mode", default=d.system_decode_mode,
+                   choices=DECODE_MODES,
+                   help="how decode steps run: the cached forward, the static step, or that step replayed "
+                        "from a CUDA graph (compiled first, or not)")
     g.add_argument("--no-train-throughput", action="store_true", help="skip the training-throughput measurement")
     g.add_argument("--train-seq-len", type=int, default=d.train_seq_len)
     g.add_argument("--train-micro-batch", type=int, default=d.train_micro_batch)
@@ -114,6 +119,7 @@ def options_from_args(a: argparse.Namespace) -> EvalOptions:
         humaneval_k=a.humaneval_k, humaneval_max_new_tokens=a.humaneval_max_new_tokens,
         sandbox_timeout_s=a.sandbox_timeout_s, sandbox_memory_mb=a.sandbox_memory_mb,
         system_contexts=a.system_contexts, system_batch=a.system_batch, system_decode_steps=a.system_decode_steps,
+        system_decode_mode=a.system_decode_mode,
         system_train=not a.no_train_throughput, train_seq_len=a.train_seq_len, train_micro_batch=a.train_micro_batch,
         batch_size=a.batch_size, seed=a.seed)
 

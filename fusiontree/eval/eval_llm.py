@@ -87,6 +87,8 @@ class EvalOptions:
     system_contexts: list[int] = field(default_factory=lambda: [512, 2048])
     system_batch: int = 1
     system_decode_steps: int = 32
+    # eager | static | cuda_graph | compiled_cuda_graph (measure_system's decode_mode)
+    system_decode_mode: str = "eager"
     system_train: bool = True  # also measure training throughput
     train_seq_len: int = 512
     train_micro_batch: int = 4
@@ -105,6 +107,10 @@ class EvalOptions:
             raise ValueError(f"needle_depths={self.needle_depths} must lie in [0, 1]")
         if self.batch_size < 1 or self.nextline_samples < 1 or self.ppl_max_batches < 1:
             raise ValueError("batch_size, nextline_samples and ppl_max_batches must be >= 1")
+        from fusiontree.eval.eval_system import DECODE_MODES
+
+        if self.system_decode_mode not in DECODE_MODES:
+            raise ValueError(f"system_decode_mode={self.system_decode_mode!r}; choose one of {DECODE_MODES}")
 
 
 def expand_tasks(spec: str | list[str]) -> list[str]:
@@ -502,7 +508,8 @@ def evaluate(model, sp, tasks: list[str], opts: EvalOptions, out_dir: str | Path
             if not ctxs:
                 raise ValueError(f"every system context {opts.system_contexts} (+ decode steps) exceeds "
                                  f"max_seq_len={model.cfg.max_seq_len}")
-            res = measure_system(model, ctxs, opts.system_batch, opts.system_decode_steps)
+            res = measure_system(model, ctxs, opts.system_batch, opts.system_decode_steps,
+                                 decode_mode=opts.system_decode_mode)
             if opts.system_train:
                 res["train"] = training_throughput(model.cfg, min(opts.train_seq_len, model.cfg.max_seq_len),
                                                    opts.train_micro_batch, opts.train_steps, _device(model),

@@ -79,12 +79,34 @@ def _mib(n: int) -> float:
     return n / 2**20
 
 
+DECODE_MODES = ("eager", "static", "cuda_graph", "compiled_cuda_graph")
+
+
+def _decode_fn(model, kv, ms, context: int, mode: str):
+    """One greedy decode step [B, 1] -> [B, 1] with the caches, by `mode` (see measure_system);
+    building a graphed decoder captures it (its warm-up steps restore the caches)."""
+    if mode == "eager":
+        return lambda nxt_B1: model(nxt_B1, past_key_values=kv, past_mamba_states=ms).logits[:, -1:].argmax(-1)
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+
+    device = next(model.parameters()).device
+    dec = GraphedDecoder(model, kv, ms, torch.full((kv.batch_size,), context, device=device),
+                         graph=mode != "static", compile=mode == "compiled_cuda_graph")
+    return lambda nxt_B1: dec.step(nxt_B1[:, 0]).argmax(-1, keepdim=True)
+
+
 @torch.no_grad()
 def measure_system(model, contexts: list[int], batch_size: int = 1, decode_steps: int = 32,
-                   repeats: int = 1, seed: int = 0) -> dict:
+                   repeats: int = 1, seed: int = 0, decode_mode: str = "eager") -> dict:
     """For each context length: prefill a random prompt of B x context tokens into fresh
     caches (tokens/s, peak memory), then decode `decode_steps` tokens greedily one at a time
-    (median per-step time -> tokens/s over the batch, peak memory)."""
+    (median per-step time -> tokens/s over the batch, peak memory).
+
+    decode_mode: `eager` (the cached forward), `static` (`HybridLanguageModel.decode_step`
+    run eagerly), `cuda_graph` (that step replayed from a CUDA graph, `GraphedDecoder`; CUDA
+    only) or `compiled_cuda_graph` (its blocks compiled first)."""
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode_mode={decode_mode!r}; choose one of {DECODE_MODES}")
     device = next(model.parameters()).device
     cfg = model.cfg
     was_training = model.training
@@ -119,15 +141,16 @@ def measure_system(model, contexts: list[int], batch_size: int = 1, decode_steps
         step_times = []
         mem = PeakMemory(device)
         with mem.measure():
+            step = _decode_fn(model, kv, ms, L, decode_mode)
             for _ in range(decode_steps):
                 _sync(device)
                 t0 = time.perf_counter()
-                nxt_B1 = model(nxt_B1, past_key_values=kv, past_mamba_states=ms).logits[:, -1:].argmax(-1)
+                nxt_B1 = step(nxt_B1)
                 _sync(device)
                 step_times.append(time.perf_counter() - t0)
-        step = statistics.median(step_times[1:] or step_times)  # the first step may warm up
-        decode.append({"context": L, "batch": batch_size, "ms_per_step": step * 1e3,
-                       "tokens_per_s": batch_size / step, "peak_mib": _mib(mem.peak_bytes),
+        step_s = statistics.median(step_times[1:] or step_times)  # the first step may warm up
+        decode.append({"context": L, "batch": batch_size, "mode": decode_mode, "ms_per_step": step_s * 1e3,
+                       "tokens_per_s": batch_size / step_s, "peak_mib": _mib(mem.peak_bytes),
                        "phase_growth_mib": _mib(mem.delta_bytes), "cache_mib": _mib(cache_bytes)})
     model.train(was_training)
     return {"device": _device_name(device), "kernels": model.kernels.describe(), "params": params,
@@ -206,11 +229,13 @@ def _memory_kind(device: torch.device) -> str:
 def system_markdown(s: dict) -> str:
     lines = [f"System ({s['device']}, kernels {s['kernels']}, {s['params'] / 1e6:.2f}M parameters, "
              f"weights {s['weights_mib']:.1f} MiB, memory = {s['memory_kind']}):", "",
-             "| context | batch | prefill tok/s | prefill peak MiB | decode tok/s | decode ms/step | cache MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| context | batch | prefill tok/s | prefill peak MiB | decode | decode tok/s | decode ms/step "
+             "| cache MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for p, d in zip(s["prefill"], s["decode"]):
         lines.append(f"| {p['context']} | {p['batch']} | {p['tokens_per_s']:.0f} | {p['peak_mib']:.0f} | "
-                     f"{d['tokens_per_s']:.1f} | {d['ms_per_step']:.2f} | {p['cache_mib']:.2f} |")
+                     f"{d.get('mode', 'eager')} | {d['tokens_per_s']:.1f} | {d['ms_per_step']:.2f} | "
+                     f"{p['cache_mib']:.2f} |")
     if s.get("train"):
         t = s["train"]
         lines += ["", f"Training ({t['precision']}, seq {t['seq_len']} x micro-batch {t['micro_batch']}): "

@@ -27,6 +27,19 @@ def test_measure_system_reports_speed_and_exact_cache_sizes():
         measure_system(model, [cfg.max_seq_len], decode_steps=4)
 
 
+def test_measure_system_decode_modes():
+    """The static decode step (what a CUDA graph replays) measured like the cached forward;
+    graphs need CUDA and say so; an unknown mode is refused."""
+    model = HybridLanguageModel(tiny_model_config()).eval()
+    res = measure_system(model, [40], batch_size=2, decode_steps=4, decode_mode="static")
+    assert res["decode"][0]["mode"] == "static" and res["decode"][0]["tokens_per_s"] > 0
+    assert "| static |" in system_markdown(res)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        measure_system(model, [40], decode_steps=4, decode_mode="cuda_graph")
+    with pytest.raises(ValueError, match="choose one of"):
+        measure_system(model, [40], decode_steps=4, decode_mode="graph")
+
+
 def test_peak_memory_sees_a_large_allocation_on_cpu():
     mem = PeakMemory(torch.device("cpu"))
     with mem.measure():
@@ -51,6 +64,8 @@ def test_measure_system_on_gpu():
     model = HybridLanguageModel(tiny_model_config()).cuda().eval()
     res = measure_system(model, [64], batch_size=2, decode_steps=4)
     assert res["memory_kind"] == "cuda max_memory_allocated"
+    graphed = measure_system(model, [64], batch_size=2, decode_steps=4, decode_mode="compiled_cuda_graph")
+    assert graphed["decode"][0]["mode"] == "compiled_cuda_graph" and graphed["decode"][0]["tokens_per_s"] > 0
     assert res["prefill"][0]["peak_mib"] >= res["weights_mib"]
     train = training_throughput(tiny_model_config(), seq_len=64, micro_batch=2, steps=2, device="cuda")
     assert train["precision"] == "bf16" and train["tokens_per_s"] > 0
