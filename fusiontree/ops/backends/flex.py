@@ -174,8 +174,9 @@ _SPLIT_KV_MAX_ROWS = 64
 def _split_kv_math(qf_BKRD: Tensor, k_BSKD: Tensor, v_BSKD: Tensor, mask_BRS: Tensor, scale: float) -> Tensor:
     """Softmax attention of R query rows per kv head over all S keys, written as three
     reductions (over D, then twice over S) with no matmul: compiled, each becomes a Triton
-    reduction that spreads the S keys over the whole GPU, where a fused SDPA kernel gives a
-    decode step one thread block per (sequence, kv head). fp32 math; every row sees a key."""
+    reduction that can spread the S keys over the whole GPU. SDPA's fused kernels took ~1.5 ms
+    per layer for a 32K decode step on an H200 (BENCHMARKS.md), far from what its bytes need,
+    most likely for lack of parallelism over the keys. fp32 math; every row sees a key."""
     q = qf_BKRD.float()[:, None]                                      # [B, 1, K, R, D]
     s_BSKR = (q * k_BSKD.float()[:, :, :, None]).sum(-1) * scale     # [B, S, K, R]
     s_BSKR = s_BSKR.masked_fill(~mask_BRS.transpose(1, 2)[:, :, None], float("-inf"))
