@@ -1,7 +1,7 @@
 """Decode on one GPU: a FusionTree preset vs its same-size all-global Transformer twin.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32768] [--batches 1,8]
-        [--attention auto | flex,flex_splitkv] [--out FILE.json]
+        [--attention auto | reference,flex] [--out FILE.json]
 
 For each attention backend, model, context length and batch size (bf16 weights; the SSD
 backend `auto` picks):
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--contexts", default="4096,32768")
     ap.add_argument("--attention", default="auto",
-                    help="comma-separated attention backends, each measured in turn (auto, flex, flex_splitkv)")
+                    help="comma-separated attention backends, each measured in turn (auto, flex, reference)")
     ap.add_argument("--batches", default="1", help="comma-separated batch sizes (sequences decoded at once)")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--recompute-repeats", type=int, default=3)

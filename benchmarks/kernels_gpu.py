@@ -251,7 +251,7 @@ def bench_decode(rows: list, args) -> None:
             kpos = torch.cat([cpos, torch.tensor([L], device=DEV)])[None]
             qpos = torch.tensor([[L]], device=DEV)
             o_ref = attention_ref(q.float(), kc.float(), vc.float(), qpos, kpos, window=W)
-            for name in ["flex", "flex_splitkv", "reference"]:
+            for name in ["flex", "reference"]:
                 fn = resolve_kernels(KernelConfig(attention=name), DEV).attention
                 o = fn(q, kc, vc, qpos, kpos, window=W)
                 ms = cuda_ms(lambda: fn(q, kc, vc, qpos, kpos, window=W), 20, 200)

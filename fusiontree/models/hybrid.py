@@ -289,12 +289,14 @@ class HybridLanguageModel(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, use_cache: bool = True,
                  attention_mask: Tensor | None = None, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, cuda_graph: bool = False) -> Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool = False,
+                 compile_decode: bool = True) -> Tensor:
         from fusiontree.inference.generate import generate
 
         return generate(self, input_ids, max_new_tokens, use_cache=use_cache, attention_mask=attention_mask,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, generator=generator, cuda_graph=cuda_graph)
+                        pad_token_id=pad_token_id, generator=generator, cuda_graph=cuda_graph,
+                        compile_decode=compile_decode)
 
     # ------------------------------------------------------------------ accounting
 

@@ -8,7 +8,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | op | backends | `auto` on CUDA | `auto` on CPU |
 | --- | --- | --- | --- |
 | ssd (chunked scan + decode step) | `reference`, `compile` (torch.compile of the reference), `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
-| attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes), `flex_splitkv` (`flex`, but decode steps through a compiled split-KV attention; not yet measured on a GPU, so `auto` does not pick it) | flex, else reference | reference |
+| attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
 
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
 elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
@@ -93,18 +93,10 @@ def _attention_flex(device: torch.device) -> dict:
     return dict(attention=attention_flex)
 
 
-def _attention_flex_splitkv(device: torch.device) -> dict:
-    if device.type == "cuda":
-        _need_triton("FlexAttention and the compiled split-KV decode attention")
-    from fusiontree.ops.backends.flex import attention_flex_splitkv
-
-    return dict(attention=attention_flex_splitkv)
-
-
 SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _ssd_reference, "compile": _ssd_compile, "mamba_ssm": _ssd_mamba_ssm}
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
-    "reference": _attention_reference, "flex": _attention_flex, "flex_splitkv": _attention_flex_splitkv}
+    "reference": _attention_reference, "flex": _attention_flex}
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
 # On CPU only the references: FlexAttention has no CPU backward, and compiling the SSD on CPU
 # costs more start-up time than it saves at CPU model sizes. `compile` is not in CUDA's list:

@@ -136,17 +136,17 @@ def test_cuda_graph_generation_needs_a_cache_and_a_gpu():
         model.generate(ids, 3, cuda_graph=True)
 
 
-def test_split_kv_attention_backend_decodes_like_the_reference():
-    """kernels.attention=flex_splitkv (decode steps through the split-KV attention; eager on
-    CPU): its cached and static decode steps give the reference model's logits, with a
-    left-padded row and the ring buffer wrapping (window 16)."""
+def test_flex_attention_backend_decodes_like_the_reference():
+    """kernels.attention=flex (cached steps through masked SDPA): its cached and static decode
+    steps give the reference model's logits, with a left-padded row and the ring buffer
+    wrapping (window 16)."""
     from fusiontree.config import KernelConfig
     from fusiontree.inference.cuda_graph import GraphedDecoder
     from fusiontree.models import HybridLanguageModel
     from fusiontree.ops import resolve_kernels
 
     ref = build("parallel-channel", seed=4)
-    model = HybridLanguageModel(ref.cfg, resolve_kernels(KernelConfig(attention="flex_splitkv"), "cpu")).eval()
+    model = HybridLanguageModel(ref.cfg, resolve_kernels(KernelConfig(attention="flex"), "cpu")).eval()
     model.load_state_dict(ref.state_dict())
     B, T, n = 2, 9, 40
     ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(5))

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fusiontree import ops
 from fusiontree.config import KernelConfig
@@ -15,7 +14,7 @@ from fusiontree.models.hybrid import positions_from_seq_idx
 from fusiontree.ops import resolve_kernels
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.backends.common import canonical_seq_idx
-from fusiontree.ops.backends.flex import attention_flex, attention_flex_splitkv
+from fusiontree.ops.backends.flex import attention_flex
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -140,10 +139,9 @@ def test_flex_left_padding_matches_reference_on_real_tokens(window, T):
         assert o[0, :13].abs().max() == 0  # on the FlexAttention path padding queries see nothing
 
 
-@pytest.mark.parametrize("attention", [attention_flex, attention_flex_splitkv], ids=["flex", "flex_splitkv"])
 @pytest.mark.parametrize("window", [3, 16, None])
-@pytest.mark.parametrize("T", [1, 21, 40])  # 2 x 40 query rows per kv head: past the split-KV path
-def test_flex_cached_path_matches_reference(window, T, attention):
+@pytest.mark.parametrize("T", [1, 21, 40])
+def test_flex_cached_path_matches_reference(window, T):
     """Cached keys in ring order, empty slots, a row whose query sees no key at all."""
     S0 = 16
     q, k, v = _qkv(3, T, S0, 4, 2, 16, seed=3)
@@ -152,29 +150,9 @@ def test_flex_cached_path_matches_reference(window, T, attention):
     cpos[1, :5] = -1
     kpos = torch.cat([cpos, qpos], 1)
     kpos[2] = -1  # row 2: nothing visible
-    o = attention(q, k, v, qpos, kpos, window=window)
+    o = attention_flex(q, k, v, qpos, kpos, window=window)
     torch.testing.assert_close(o, attention_ref(q, k, v, qpos, kpos, window=window), **TOL)
     assert o[2].abs().max() == 0
-
-
-def test_split_kv_attention_compiles_to_the_same_result_on_cpu():
-    """The split-KV decode math through Inductor (as on CUDA, here its CPU code generator),
-    over two cache lengths, against the eager function and SDPA; bf16 inputs, a masked key."""
-    from fusiontree.ops.backends.flex import _split_kv_math
-
-    compiled = torch.compile(_split_kv_math)
-    g = torch.Generator().manual_seed(7)
-    for S in (37, 300):
-        B, K, R, D = 2, 3, 4, 32
-        q = torch.randn(B, K, R, D, generator=g).bfloat16()
-        k, v = (torch.randn(B, S, K, D, generator=g).bfloat16() for _ in range(2))
-        mask = torch.rand(B, R, S, generator=g) < 0.7
-        mask[:, :, 0] = True
-        want = F.scaled_dot_product_attention(q.float(), k.float().transpose(1, 2), v.float().transpose(1, 2),
-                                              attn_mask=mask[:, None], scale=0.2)
-        eager = _split_kv_math(q, k, v, mask, 0.2)
-        torch.testing.assert_close(eager.float(), want, atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(compiled(q, k, v, mask, 0.2), eager, atol=1e-2, rtol=1e-2)
 
 
 def test_flex_rejects_bad_input_and_cpu_backward():

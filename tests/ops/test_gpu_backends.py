@@ -193,9 +193,9 @@ def _attn_inputs(Bsz, T, S0, seed):
     return [t.to(DEV, torch.bfloat16) for t in (q, k, v)], go.to(DEV)
 
 
-def _check_attention(qkv, go, args, kwargs, rows=None, grads=True, attention="flex"):
+def _check_attention(qkv, go, args, kwargs, rows=None, grads=True):
     """flex vs reference (on fp32 copies); `rows` selects the query rows compared (padding)."""
-    kern = _kernels(attention=attention)
+    kern = _kernels(attention="flex")
     leaves = [t.clone().requires_grad_(grads) for t in qkv]
     leaves_r = [t.float().requires_grad_(grads) for t in qkv]
     o = kern.attention(*leaves, *args, **kwargs)
@@ -242,10 +242,9 @@ def test_flex_left_padding_matches_reference_on_real_tokens(window):
     assert torch.isfinite(o).all()
 
 
-@pytest.mark.parametrize("attention", ["flex", "flex_splitkv"])
 @pytest.mark.parametrize("window", [16, 64, None])
 @pytest.mark.parametrize("T", [1, 40])
-def test_flex_cached_path_matches_reference(window, T, attention):
+def test_flex_cached_path_matches_reference(window, T):
     """Chunked prefill / decode over a cache: slots in ring order, empty slots, and a row
     whose queries see no key at all (zero output, finite gradients)."""
     S0, Bsz = 64, 3
@@ -255,8 +254,7 @@ def test_flex_cached_path_matches_reference(window, T, attention):
     cpos[1, :20] = -1
     kpos = torch.cat([cpos, qpos], 1)
     kpos[2] = -1
-    o = _check_attention(qkv, go, (qpos, kpos), dict(window=window), rows=torch.tensor([0, 1], device=DEV),
-                         attention=attention)
+    o = _check_attention(qkv, go, (qpos, kpos), dict(window=window), rows=torch.tensor([0, 1], device=DEV))
     assert o[2].abs().max() == 0
 
 
@@ -288,13 +286,11 @@ def _model_cfg():
                                ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=384)
 
 
-def _models(dtype=torch.float32, seed=0, attention="auto"):
-    """The same weights with the GPU backends `auto` picks (or the named attention backend)
-    and with the references."""
-    gpu = _kernels(ssd="auto", attention=attention)
+def _models(dtype=torch.float32, seed=0):
+    """The same weights with the GPU backends `auto` picks and with the references."""
+    gpu = _kernels(ssd="auto", attention="auto")
     if REQUIRED:
-        want = "flex" if attention == "auto" else attention
-        assert (gpu.ssd_name, gpu.attention_name) == ("mamba_ssm", want), gpu.describe()
+        assert (gpu.ssd_name, gpu.attention_name) == ("mamba_ssm", "flex"), gpu.describe()
     torch.manual_seed(seed)
     model = perturb_(HybridLanguageModel(_model_cfg(), gpu), seed)
     twin = HybridLanguageModel(_model_cfg(), reference_kernels())
@@ -306,9 +302,8 @@ def _models(dtype=torch.float32, seed=0, attention="auto"):
     return out
 
 
-@pytest.mark.parametrize("attention", ["auto", "flex_splitkv"])
-def test_model_cached_decode_matches_full_forward_every_step(attention):
-    model, _ = _models(attention=attention)
+def test_model_cached_decode_matches_full_forward_every_step():
+    model, _ = _models()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=g).to(DEV)  # two SSD chunks
     new = 2 * model.cfg.window + 5  # the local layer's ring buffer wraps twice
@@ -384,15 +379,15 @@ def test_model_compiled_blocks_match_eager_bf16_training_step():
     _compare_bf16_training_step(model, eager, seed=7)
 
 
-@pytest.mark.parametrize("attention,compiled", [("auto", False), ("flex_splitkv", False), ("auto", True)])
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_cuda_graph_decode_matches_eager_decode(dtype, attention, compiled):
+def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled):
     """GraphedDecoder's replayed CUDA graph against the same static step run eagerly (same
     kernels: equal to round-off; compiled blocks: to the compiled-vs-eager tolerance) and
     against the ordinary cached forward, on a left-padded batch whose ring buffers wrap twice."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
-    model, _ = _models(dtype=dtype, seed=8, attention=attention)
+    model, _ = _models(dtype=dtype, seed=8)
     g = torch.Generator().manual_seed(9)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=g).to(DEV)
     mask = torch.ones_like(prompt)
@@ -416,3 +411,18 @@ def test_model_cuda_graph_decode_matches_eager_decode(dtype, attention, compiled
             # Same kernels: equal to round-off. Compiled blocks: fused, reordered arithmetic.
             check("graph_vs_eager_static", a, b, model_tol if compiled else (1e-5, 1e-5))
             check("graph_vs_cached_forward", a, logits, model_tol)
+
+
+def test_generate_with_compiled_cuda_graph_matches_cached_generation():
+    """`generate(cuda_graph=True)` (compiled step, the default) gives the greedy tokens of
+    plain cached generation on a left-padded fp32 batch whose ring buffers wrap."""
+    model, _ = _models(seed=10)
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, model.cfg.vocab_size, (2, 200), generator=g).to(DEV)
+    mask = torch.ones_like(prompt)
+    mask[1, :23] = 0
+    n = 2 * model.cfg.window + 5
+    want = model.generate(prompt, n, attention_mask=mask)
+    got = model.generate(prompt, n, attention_mask=mask, cuda_graph=True)
+    assert got.shape == want.shape == (2, 200 + n)
+    assert torch.equal(got, want), (got != want).nonzero()[:5]

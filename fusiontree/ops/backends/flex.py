@@ -29,8 +29,6 @@ The regime is told apart by shapes and tensor identity alone, so choosing costs 
   position -1): SDPA with a boolean mask computed from positions by the reference's rule. That
   is the right algorithm here: the cache is not in position order and T is small. GQA folds the
   G query heads of each kv head into the query axis, so the cache is never copied per head.
-  The `flex_splitkv` backend (opt-in) sends the steps with at most 64 such rows (decode) to
-  `_split_kv_math` instead, compiled on CUDA into reductions that spread the keys over the GPU.
 
 On CUDA, FlexAttention and block-mask construction are compiled (torch.compile, once per
 signature). On CPU they run uncompiled (materialising T x S scores) and FlexAttention has no
@@ -166,27 +164,7 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return _sdpa(_FUSED_SDPA, qt, kt, vt, is_causal=True, scale=scale).transpose(1, 2)
 
 
-# Cached steps with at most this many query rows per kv head (G x T) take the split-KV kernel
-# of the `flex_splitkv` backend; longer chunks (chunked prefill) stay on SDPA.
-_SPLIT_KV_MAX_ROWS = 64
-
-
-def _split_kv_math(qf_BKRD: Tensor, k_BSKD: Tensor, v_BSKD: Tensor, mask_BRS: Tensor, scale: float) -> Tensor:
-    """Softmax attention of R query rows per kv head over all S keys, written as three
-    reductions (over D, then twice over S) with no matmul: compiled, each becomes a Triton
-    reduction that can spread the S keys over the whole GPU. SDPA's fused kernels took ~1.5 ms
-    per layer for a 32K decode step on an H200 (BENCHMARKS.md), far from what its bytes need,
-    most likely for lack of parallelism over the keys. fp32 math; every row sees a key."""
-    q = qf_BKRD.float()[:, None]                                      # [B, 1, K, R, D]
-    s_BSKR = (q * k_BSKD.float()[:, :, :, None]).sum(-1) * scale     # [B, S, K, R]
-    s_BSKR = s_BSKR.masked_fill(~mask_BRS.transpose(1, 2)[:, :, None], float("-inf"))
-    m = s_BSKR.amax(1, keepdim=True)
-    p_BSKR = (s_BSKR - m).exp()
-    o_BKRD = (p_BSKR[..., None] * v_BSKD.float()[:, :, :, None]).sum(1)
-    return (o_BKRD / p_BSKR.sum(1)[..., None]).to(qf_BKRD.dtype)
-
-
-def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale, split_kv: bool = False) -> Tensor:
+def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
     """The reference's rule on positions, as one boolean [B, T, S] mask."""
     K = k.shape[2]
     G = q.shape[2] // K
@@ -202,73 +180,60 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale, split_kv: b
     T, S = mask.shape[1:]
     mask = mask[:, None].expand(-1, G, T, S).reshape(mask.shape[0], G * T, S)
     qf = rearrange(q, "b t (k g) d -> b k (g t) d", k=K)
-    if split_kv and G * T <= _SPLIT_KV_MAX_ROWS:
-        o = _on(q.device, _split_kv_math)(qf, k, v, mask, scale)
-    else:
-        o = _sdpa(_MASKED_SDPA, qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
+    o = _sdpa(_MASKED_SDPA, qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
     o = rearrange(o, "b k (g t) d -> b t (k g) d", g=G)
     return o * seen_BT[:, :, None, None].to(o.dtype)
 
 
-def _attention_fn(split_kv: bool):
-    """attention_flex (split_kv False) or attention_flex_splitkv (True)."""
+# Opaque to an enclosing torch.compile (a model compiled block by block): its mask caches
+# key on tensor identity and version, which tracing cannot follow; FlexAttention itself is
+# compiled here, separately.
+@torch.compiler.disable
+def attention_flex(
+    q_BTHD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKD: Tensor,
+    q_pos_BT: Tensor,
+    k_pos_BS: Tensor,
+    window: int | None = None,
+    q_seq_BT: Tensor | None = None,
+    k_seq_BS: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD."""
+    if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
+        raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
+                         f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
+    Bsz, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    if S < T or H % K or k_BSKD.shape[3] != D:
+        raise ValueError(f"need S >= T keys (cache + the queries' own), H % K == 0 and equal head "
+                         f"dims; got T={T}, S={S}, H={H}, K={K}, q head dim {D}, k head dim {k_BSKD.shape[3]}")
+    if (q_seq_BT is None) != (k_seq_BS is None):
+        raise ValueError("pass both q_seq_BT and k_seq_BS (document masks) or neither")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
 
-    # Opaque to an enclosing torch.compile (a model compiled block by block): its mask caches
-    # key on tensor identity and version, which tracing cannot follow; FlexAttention itself is
-    # compiled here, separately.
-    @torch.compiler.disable
-    def attention(
-        q_BTHD: Tensor,
-        k_BSKD: Tensor,
-        v_BSKD: Tensor,
-        q_pos_BT: Tensor,
-        k_pos_BS: Tensor,
-        window: int | None = None,
-        q_seq_BT: Tensor | None = None,
-        k_seq_BS: Tensor | None = None,
-        scale: float | None = None,
-    ) -> Tensor:
-        """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD."""
-        if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
-            raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
-                             f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
-        Bsz, T, H, D = q_BTHD.shape
-        S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-        if S < T or H % K or k_BSKD.shape[3] != D:
-            raise ValueError(f"need S >= T keys (cache + the queries' own), H % K == 0 and equal head "
-                             f"dims; got T={T}, S={S}, H={H}, K={K}, q head dim {D}, k head dim {k_BSKD.shape[3]}")
-        if (q_seq_BT is None) != (k_seq_BS is None):
-            raise ValueError("pass both q_seq_BT and k_seq_BS (document masks) or neither")
-        if window is not None and window < 1:
-            raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
-        scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if S > T or T < _FLEX_MIN_T:
+        return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
 
-        if S > T or T < _FLEX_MIN_T:
-            return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale,
-                                split_kv)
+    padded = k_pos_BS is not q_pos_BT
+    if q_seq_BT is None and not padded and (window is None or window >= T):
+        return _causal_sdpa(q_BTHD, k_BSKD, v_BSKD, scale)
 
-        padded = k_pos_BS is not q_pos_BT
-        if q_seq_BT is None and not padded and (window is None or window >= T):
-            return _causal_sdpa(q_BTHD, k_BSKD, v_BSKD, scale)
+    if not q_BTHD.is_cuda and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q_BTHD, k_BSKD, v_BSKD)):
+        raise ValueError("the flex attention backend has no backward on CPU (FlexAttention runs "
+                         "forward-only there); train on CPU with kernels.attention=reference")
+    w = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
+    device = q_BTHD.device
+    if q_seq_BT is None and not padded:
+        block_mask = _index_block_mask(T, w, device)
+    else:
+        block_mask = _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, device)
+    o = _flex_fn(device)(q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
+                         block_mask=block_mask, scale=scale, enable_gqa=K != H,
+                         kernel_options=dict(FLEX_KERNEL_OPTIONS) or None)
+    return o.transpose(1, 2)
 
-        if not q_BTHD.is_cuda and torch.is_grad_enabled() and any(
-                t.requires_grad for t in (q_BTHD, k_BSKD, v_BSKD)):
-            raise ValueError("the flex attention backend has no backward on CPU (FlexAttention runs "
-                             "forward-only there); train on CPU with kernels.attention=reference")
-        w = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
-        device = q_BTHD.device
-        if q_seq_BT is None and not padded:
-            block_mask = _index_block_mask(T, w, device)
-        else:
-            block_mask = _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, device)
-        o = _flex_fn(device)(q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),
-                             block_mask=block_mask, scale=scale, enable_gqa=K != H,
-                             kernel_options=dict(FLEX_KERNEL_OPTIONS) or None)
-        return o.transpose(1, 2)
-
-    return attention
-
-
-attention_flex = _attention_fn(split_kv=False)
-# attention_flex, with cached steps of few query rows (decode) through `_split_kv_math`.
-attention_flex_splitkv = _attention_fn(split_kv=True)
