@@ -21,6 +21,7 @@ from fusiontree.models.block import HybridBlock, gate_stats
 from fusiontree.models.cache import KVCache, MambaStates, SeqInfo
 from fusiontree.models.layers import RMSNorm
 from fusiontree.ops import Kernels, reference_kernels
+from fusiontree.ops.backends.common import raise_recompile_limit
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,6 @@ def positions_from_seq_idx(seq_idx_BT: Tensor) -> Tensor:
     start = torch.ones_like(seq_idx_BT, dtype=torch.bool)
     start[:, 1:] = seq_idx_BT[:, 1:] != seq_idx_BT[:, :-1]
     return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
-
-
-def _raise_recompile_limit() -> None:
-    """One compiled entry per block structure (local / global / pruned), grad mode and sequence
-    length of the curriculum: raise torch's default limit of 8 so that a long curriculum never
-    exhausts it (past the limit torch would run the block eagerly)."""
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
 
 
 class HybridLanguageModel(nn.Module):
@@ -113,7 +103,7 @@ class HybridLanguageModel(nn.Module):
         of its own, see `fusiontree.ops`): a block compiles into the graphs around them. Blocks
         of the same structure share one compiled graph. Compilation happens on first use of
         each input shape, dtype and grad mode."""
-        _raise_recompile_limit()
+        raise_recompile_limit()
         self._compiled_blocks = [torch.compile(layer.forward, **compile_kwargs) for layer in self.layers]
 
     def compile_decode(self, **compile_kwargs) -> None:
@@ -122,7 +112,7 @@ class HybridLanguageModel(nn.Module):
         token (norm casts, RoPE, SRTE, the conv and SSM step around the backends' calls, the
         gate mix) into a few. Only `decode_step(..., compiled=True)` uses them
         (`GraphedDecoder(compile=True)`)."""
-        _raise_recompile_limit()
+        raise_recompile_limit()
         self._compiled_decode = [torch.compile(layer.forward, **compile_kwargs) for layer in self.layers]
 
     @property

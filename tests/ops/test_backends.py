@@ -155,6 +155,21 @@ def test_flex_cached_path_matches_reference(window, T):
     assert o[2].abs().max() == 0
 
 
+def test_flex_compiles_with_a_raised_recompile_limit(monkeypatch):
+    """On CUDA, FlexAttention compiles once per shape, window path and kernel option; past
+    torch's default 8 entries it would run eagerly (every T x T score materialised: it ran out
+    of memory that way at 32K). Compiling it must raise the limit first."""
+    import torch._dynamo.config as dynamo_config
+
+    from fusiontree.ops.backends import flex
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(dynamo_config, name, 8)
+    monkeypatch.setattr(flex, "_compiled", {})
+    flex._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device
+    assert getattr(dynamo_config, name) >= 64
+
+
 def test_flex_rejects_bad_input_and_cpu_backward():
     q, k, v = _qkv(1, 8, 0, 4, 3, 16, seed=0)
     pos = torch.arange(8)[None]

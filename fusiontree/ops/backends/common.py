@@ -10,6 +10,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def raise_recompile_limit() -> None:
+    """Raise torch's limit of 8 compiled entries per function to 64. Blocks compile once per
+    structure (local / global / pruned), grad mode and curriculum length; FlexAttention once per
+    shape, window path and kernel option. Past the limit torch silently runs the function
+    eagerly, which for FlexAttention means materialising every T x T score (64 GiB at 32K)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+
+
 def canonical_seq_idx(seq_idx_BT: Tensor) -> Tensor:
     """Relabel document ids as 0, 1, 2, ... in order of appearance along each row (int32).
 

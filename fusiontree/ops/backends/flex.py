@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from fusiontree.ops.backends.common import canonical_seq_idx
+from fusiontree.ops.backends.common import canonical_seq_idx, raise_recompile_limit
 
 # Shorter training/prefill inputs take the masked SDPA path (one FlexAttention block is 128).
 _FLEX_MIN_T = 128
@@ -73,6 +73,7 @@ def _on(device: torch.device, fn):
     if device.type != "cuda":
         return fn
     if fn not in _compiled:
+        raise_recompile_limit()
         _compiled[fn] = torch.compile(fn)
     return _compiled[fn]
 
