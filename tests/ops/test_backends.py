@@ -163,11 +163,10 @@ def test_flex_compiles_with_a_raised_recompile_limit(monkeypatch):
 
     from fusiontree.ops.backends import flex
 
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(dynamo_config, name, 8)
     monkeypatch.setattr(flex, "_compiled", {})
-    flex._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device
-    assert getattr(dynamo_config, name) >= 64
+    with dynamo_config.patch(recompile_limit=8):  # restored on exit
+        flex._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device
+        assert dynamo_config.recompile_limit >= 64
 
 
 def test_flex_rejects_bad_input_and_cpu_backward():
