@@ -155,17 +155,23 @@ def test_flex_cached_path_matches_reference(window, T):
     assert o[2].abs().max() == 0
 
 
-def test_flex_compiles_with_a_raised_recompile_limit(monkeypatch):
-    """On CUDA, FlexAttention compiles once per shape, window path and kernel option; past
-    torch's default 8 entries it would run eagerly (every T x T score materialised: it ran out
-    of memory that way at 32K). Compiling it must raise the limit first."""
+@pytest.mark.parametrize("backend", ["flex", "compiled_ssd"])
+def test_backends_compile_with_a_raised_recompile_limit(monkeypatch, backend):
+    """FlexAttention compiles once per shape, window path and kernel option, the compiled SSD
+    once per signature; past torch's default 8 entries torch runs the function eagerly (for
+    FlexAttention: every T x T score materialised; it ran out of memory that way at 32K).
+    Compiling must raise the limit first."""
+    import importlib
+
     import torch._dynamo.config as dynamo_config
 
-    from fusiontree.ops.backends import flex
-
-    monkeypatch.setattr(flex, "_compiled", {})
+    mod = importlib.import_module(f"fusiontree.ops.backends.{backend}")
+    monkeypatch.setattr(mod, "_compiled", {})
     with dynamo_config.patch(recompile_limit=8):  # restored on exit
-        flex._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device
+        if backend == "flex":
+            mod._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device
+        else:
+            mod._fn("chunked")
         assert dynamo_config.recompile_limit >= 64
 
 
