@@ -165,8 +165,10 @@ def test_backends_compile_with_a_raised_recompile_limit(monkeypatch, backend):
 
     import torch._dynamo.config as dynamo_config
 
+    from fusiontree.ops.backends import common
+
     mod = importlib.import_module(f"fusiontree.ops.backends.{backend}")
-    monkeypatch.setattr(mod, "_compiled", {})
+    monkeypatch.setattr(common, "_compiled", {})
     with dynamo_config.patch(recompile_limit=8):  # restored on exit
         if backend == "flex":
             mod._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device

@@ -22,6 +22,19 @@ def raise_recompile_limit() -> None:
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
 
 
+_compiled: dict = {}  # (function, compile options) -> its torch.compile wrapper
+
+
+def compile_once(fn, **compile_kwargs):
+    """`torch.compile(fn, **compile_kwargs)`, built once per function and options (the backends'
+    compiled kernels), after raising the recompile limit."""
+    key = (fn, tuple(sorted(compile_kwargs.items())))
+    if key not in _compiled:
+        raise_recompile_limit()
+        _compiled[key] = torch.compile(fn, **compile_kwargs)
+    return _compiled[key]
+
+
 def canonical_seq_idx(seq_idx_BT: Tensor) -> Tensor:
     """Relabel document ids as 0, 1, 2, ... in order of appearance along each row (int32).
 

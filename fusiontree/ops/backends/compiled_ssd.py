@@ -17,21 +17,15 @@ backend on CUDA.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from fusiontree.ops.backends.common import raise_recompile_limit
+from fusiontree.ops.backends.common import compile_once
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
-
-_compiled: dict[str, object] = {}
 
 
 def _fn(name: str):
-    if name not in _compiled:
-        ref = {"chunked": ssd_chunked_ref, "step": ssd_step_ref}[name]
-        raise_recompile_limit()  # signatures: initial state, seq_idx, dtypes, grad mode
-        _compiled[name] = torch.compile(ref, fullgraph=True)
-    return _compiled[name]
+    # one compiled entry per signature: initial state, seq_idx, dtypes, grad mode
+    return compile_once({"chunked": ssd_chunked_ref, "step": ssd_step_ref}[name], fullgraph=True)
 
 
 def ssd_chunked_compiled(

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from fusiontree.ops.backends.common import canonical_seq_idx, raise_recompile_limit
+from fusiontree.ops.backends.common import canonical_seq_idx, compile_once
 
 # Shorter training/prefill inputs take the masked SDPA path (one FlexAttention block is 128).
 _FLEX_MIN_T = 128
@@ -62,7 +62,6 @@ _FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 # calls per token: 44% of the step's host time), against one kernel launch for the others.
 _MASKED_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-_compiled: dict = {}  # function -> its torch.compile wrapper (CUDA)
 # FlexAttention `kernel_options` (tile sizes, warps, stages) for the window / document path;
 # empty: FlexAttention's own choice. benchmarks/kernels_gpu.py --flex-options tries others.
 FLEX_KERNEL_OPTIONS: dict = {}
@@ -70,12 +69,7 @@ FLEX_KERNEL_OPTIONS: dict = {}
 
 def _on(device: torch.device, fn):
     """`fn` compiled (once) on CUDA; as it is on other devices."""
-    if device.type != "cuda":
-        return fn
-    if fn not in _compiled:
-        raise_recompile_limit()
-        _compiled[fn] = torch.compile(fn)
-    return _compiled[fn]
+    return compile_once(fn) if device.type == "cuda" else fn
 
 
 def _flex_fn(device: torch.device):
