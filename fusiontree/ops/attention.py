@@ -3,13 +3,9 @@
 Legend: B batch, T queries, S keys (S = S0 cached keys + the T new ones), H query heads,
 K key/value heads, G = H // K query heads per kv head, D head dim.
 
-Masking is defined on explicit positions, never on tensor lengths, so that a full forward,
-chunked prefill and ring-buffer decoding all apply the same rule. Query i may see key j iff
-
-    k_pos[j] >= 0                         (a slot that holds a real token)
-    k_pos[j] <= q_pos[i]                  (causal)
-    q_pos[i] - k_pos[j] < window          (local layers; window counts the query itself)
-    q_seq[i] == k_seq[j]                  (packed documents, when given)
+Query i may see key j iff `fusiontree.ops.masks.visible(q_pos[i], k_pos[j], window, q_seq[i],
+k_seq[j])`: a real key (position >= 0), causal, inside the window (local layers; `window=None`
+is a global layer), in the same document when packed.
 
 Memory stays O(T * (S0 + window)): queries are processed in blocks, and a block of queries
 only looks at the cached keys plus the new keys that can fall inside its window. That
@@ -24,6 +20,8 @@ import math
 import torch
 from einops import rearrange
 from torch import Tensor
+
+from fusiontree.ops.masks import visible
 
 
 def _cached_and_span(t: Tensor, dim: int, S0: int, lo: int, hi: int) -> Tensor:
@@ -62,11 +60,10 @@ def attention_ref(
         kb, vb, kpos = (_cached_and_span(t, dim, S0, lo, S0 + e)
                         for t, dim in ((k, 2), (v, 2), (k_pos_BS, 1)))
         qpos = q_pos_BT[:, s:e]
-        mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
-        if window is not None:
-            mask &= (qpos[:, :, None] - kpos[:, None, :]) < window
+        qseq = kseq = None
         if q_seq_BT is not None:
-            mask &= q_seq_BT[:, s:e, None] == _cached_and_span(k_seq_BS, 1, S0, lo, S0 + e)[:, None]
+            qseq, kseq = q_seq_BT[:, s:e, None], _cached_and_span(k_seq_BS, 1, S0, lo, S0 + e)[:, None]
+        mask = visible(qpos[:, :, None], kpos[:, None, :], window, qseq, kseq)
         scores = torch.einsum("bkgtd,bksd->bkgts", q[:, :, :, s:e], kb) * scale
         mask = mask[:, None, None]
         # A finite fill keeps fully masked rows finite (they are zeroed below).
@@ -93,12 +90,9 @@ def attention_naive(
     k = k_BSKD.float().repeat_interleave(G, dim=2)
     v = v_BSKD.float().repeat_interleave(G, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q_BTHD.float(), k) / math.sqrt(q_BTHD.shape[-1])
-    qp, kp = q_pos_BT[:, :, None], k_pos_BS[:, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        mask &= qp - kp < window
-    if q_seq_BT is not None:
-        mask &= q_seq_BT[:, :, None] == k_seq_BS[:, None, :]
+    mask = visible(q_pos_BT[:, :, None], k_pos_BS[:, None, :], window,
+                   None if q_seq_BT is None else q_seq_BT[:, :, None],
+                   None if k_seq_BS is None else k_seq_BS[:, None, :])
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q_BTHD.dtype)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor
 
+from fusiontree.ops.masks import document_starts
+
 
 def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     """cu_seqlens [S+1] (0, l0, l0+l1, ..., total) -> seq_idx [1, total] (int32 document index)."""
@@ -45,10 +47,8 @@ def _segsum(a: Tensor) -> Tensor:
 
 def _log_decay(dt_BTH: Tensor, A_H: Tensor, seq_idx_BT: Tensor | None) -> Tensor:
     a_BTH = dt_BTH * A_H
-    if seq_idx_BT is not None:
-        start_BT = torch.zeros_like(seq_idx_BT, dtype=torch.bool)
-        start_BT[:, 1:] = seq_idx_BT[:, 1:] != seq_idx_BT[:, :-1]
-        a_BTH = a_BTH.masked_fill(start_BT[..., None], float("-inf"))
+    if seq_idx_BT is not None:  # the initial state belongs to the first document
+        a_BTH = a_BTH.masked_fill(document_starts(seq_idx_BT, first=False)[..., None], float("-inf"))
     return a_BTH
 
 
@@ -162,11 +162,11 @@ def ssd_recurrent_ref(
     h = (torch.zeros(Bsz, H, P, N, dtype=dtype, device=x.device) if initial_state_BHPN is None
          else initial_state_BHPN.to(dtype))
     ys = []
+    starts_BT = None if seq_idx_BT is None else document_starts(seq_idx_BT, first=False)
     for t in range(T):
         decay = torch.exp(dt[:, t] * A)[..., None, None]
-        if seq_idx_BT is not None and t > 0:
-            keep = (seq_idx_BT[:, t] == seq_idx_BT[:, t - 1]).to(dtype)
-            decay = decay * keep[:, None, None, None]
+        if starts_BT is not None:
+            decay = decay * (~starts_BT[:, t]).to(dtype)[:, None, None, None]
         h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
     y = torch.stack(ys, dim=1)

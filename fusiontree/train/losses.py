@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusiontree.config import LossConfig
+from fusiontree.ops.masks import document_starts
 
 
 def shifted_targets(input_ids_BT: Tensor, ignore_index: int, seq_idx_BT: Tensor | None = None,
                     labels_BT: Tensor | None = None, mask_cross_document: bool = True) -> Tensor:
     """Targets for logits[:, :-1]: labels (default input_ids) shifted left by one."""
     tgt = (input_ids_BT if labels_BT is None else labels_BT)[:, 1:].clone()
-    if seq_idx_BT is not None and mask_cross_document:
-        tgt[seq_idx_BT[:, 1:] != seq_idx_BT[:, :-1]] = ignore_index
+    if seq_idx_BT is not None and mask_cross_document:  # the target starts another document
+        tgt[document_starts(seq_idx_BT, first=False)[:, 1:]] = ignore_index
     return tgt
 
 

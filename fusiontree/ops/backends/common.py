@@ -6,8 +6,9 @@ Legend: B batch, T time.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from fusiontree.ops.masks import document_starts
 
 
 def raise_recompile_limit() -> None:
@@ -43,5 +44,4 @@ def canonical_seq_idx(seq_idx_BT: Tensor) -> Tensor:
     ids for equality and give the initial state to id 0 (mamba-ssm) agree with the reference
     on the relabelled ids, also for rows that start at an id other than 0 or reuse an id.
     Computed on the device, without a host sync."""
-    change_BT = seq_idx_BT[:, 1:] != seq_idx_BT[:, :-1]
-    return F.pad(torch.cumsum(change_BT, dim=1, dtype=torch.int32), (1, 0)).contiguous()
+    return torch.cumsum(document_starts(seq_idx_BT, first=False), dim=1, dtype=torch.int32).contiguous()

@@ -13,7 +13,7 @@ The regime is told apart by shapes and tensor identity alone, so choosing costs 
     positions (T x T is tiny there). On torch 2.11 Inductor found no kernel configuration
     for FlexAttention at T = 63, so short sequences never take that path.
   * No document mask, `k_pos is q_pos` (the model passes the very same tensor when no token is
-    padding) and a global layer or a window >= T: SDPA with `is_causal` (flash kernel).
+    padding) and a global layer (a window >= T acts as one): SDPA with `is_causal` (flash kernel).
   * Otherwise FlexAttention. Its block mask depends only on (T, window) when there is neither
     a document mask nor padding, and is cached per shape. With document masks or padding
     (keys with k_pos < 0) it depends on the data and is built once per forward: it is cached
@@ -49,11 +49,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from fusiontree.ops.backends.common import canonical_seq_idx, compile_once
+from fusiontree.ops.masks import effective_window, visible
 
 # Shorter training/prefill inputs take the masked SDPA path (one FlexAttention block is 128).
 _FLEX_MIN_T = 128
-# A global layer on the FlexAttention path: a window longer than any sequence (int32 index math).
-_NO_WINDOW = 2**30
 # SDPA kernels allowed for the unmasked causal path on CUDA. The math kernel is left out on
 # purpose: at 32K tokens it would build a 32K x 32K score matrix per head and run out of memory.
 _FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -92,9 +91,8 @@ def _mask_mod(window_t: Tensor, q_seq_BT: Tensor | None, k_seq_BS: Tensor | None
     """Index-based rule (positions advance by one per token inside a document), plus the
     document and padding rules read from data when given."""
     def mask_mod(b, h, q_idx, kv_idx):
-        keep = (kv_idx <= q_idx) & (q_idx - kv_idx < window_t)
-        if q_seq_BT is not None:
-            keep = keep & (q_seq_BT[b, q_idx] == k_seq_BS[b, kv_idx])
+        keep = visible(q_idx, kv_idx, window_t, None if q_seq_BT is None else q_seq_BT[b, q_idx],
+                       None if k_seq_BS is None else k_seq_BS[b, kv_idx])
         if k_pos_BS is not None:
             keep = keep & (k_pos_BS[b, kv_idx] >= 0)
         return keep
@@ -163,12 +161,8 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
     """The reference's rule on positions, as one boolean [B, T, S] mask."""
     K = k.shape[2]
     G = q.shape[2] // K
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        mask &= (qp - kp) < window
-    if q_seq is not None:
-        mask &= q_seq[:, :, None] == k_seq[:, None, :]
+    mask = visible(q_pos[:, :, None], k_pos[:, None, :], window, None if q_seq is None else q_seq[:, :, None],
+                   None if k_seq is None else k_seq[:, None, :])
     seen_BT = mask.any(dim=-1)
     # A query that sees no key would be a 0/0 softmax: let it see every key, then zero its row.
     mask = mask | ~seen_BT[..., None]
@@ -214,14 +208,15 @@ def attention_flex(
         return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
 
     padded = k_pos_BS is not q_pos_BT
-    if q_seq_BT is None and not padded and (window is None or window >= T):
+    window = effective_window(window, T)
+    if q_seq_BT is None and not padded and window is None:
         return _causal_sdpa(q_BTHD, k_BSKD, v_BSKD, scale)
 
     if not q_BTHD.is_cuda and torch.is_grad_enabled() and any(
             t.requires_grad for t in (q_BTHD, k_BSKD, v_BSKD)):
         raise ValueError("the flex attention backend has no backward on CPU (FlexAttention runs "
                          "forward-only there); train on CPU with kernels.attention=reference")
-    w = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
+    w = T if window is None else window  # global: a window of every key, in the index math
     device = q_BTHD.device
     if q_seq_BT is None and not padded:
         block_mask = _index_block_mask(T, w, device)
