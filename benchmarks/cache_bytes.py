@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusiontree.config import model_preset  # noqa: E402
+from fusiontree.models.config import model_preset  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
 from _results import git_commit, write_results  # noqa: E402
 
@@ -52,7 +52,7 @@ def main() -> None:
     for pattern in (args.patterns.split(",") if args.patterns else [base.attn_pattern]):
         cfg = dataclasses.replace(base, attn_pattern=pattern)
         kv, ms = cache_bytes(cfg, args.context)
-        globals_ = sum(cfg.attn_pattern[i % len(cfg.attn_pattern)] == "G" for i in range(cfg.n_layers))
+        globals_ = sum(cfg.layer_window(i) is None for i in range(cfg.n_layers))
         rows.append({"preset": args.preset, "attn_pattern": pattern, "global_layers": globals_,
                      "layers": cfg.n_layers, "context": args.context, "kv_bytes": kv, "mamba_state_bytes": ms,
                      "cache_bytes": kv + ms, "transformer_cache_bytes": twin_kv + twin_ms,

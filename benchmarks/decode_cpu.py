@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusiontree.config import model_preset  # noqa: E402
+from fusiontree.models.config import model_preset  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
 from _results import git_commit, write_results  # noqa: E402
 

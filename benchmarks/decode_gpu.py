@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusiontree.config import KernelConfig, model_preset  # noqa: E402
+from fusiontree.config import KernelConfig  # noqa: E402
+from fusiontree.models.config import model_preset  # noqa: E402
 from fusiontree.inference.cuda_graph import GraphedDecoder  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
 from fusiontree.models.flops import count_params  # noqa: E402

@@ -70,7 +70,8 @@ def worker(a: argparse.Namespace) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from fusiontree.config import KernelConfig, LossConfig, ParallelConfig, RunConfig, model_preset
+    from fusiontree.config import KernelConfig, LossConfig, ParallelConfig, RunConfig
+    from fusiontree.models.config import model_preset
     from fusiontree.models import HybridLanguageModel
     from fusiontree.models.flops import count_params, flops_per_token
     from fusiontree.ops import resolve_kernels

@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusiontree.config import KernelConfig, LossConfig, model_preset  # noqa: E402
+from fusiontree.config import KernelConfig, LossConfig  # noqa: E402
+from fusiontree.models.config import model_preset  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
 from fusiontree.models.flops import count_params, flops_per_token  # noqa: E402
 from fusiontree.models.layers import cast_model  # noqa: E402

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from fusiontree.config import RunConfig, config_from_dict, dump_config, load_config, model_preset, preset_names
-from fusiontree.models.flops import count_params
+from fusiontree.config import RunConfig, config_from_dict, dump_config, load_config
+from fusiontree.models.config import model_preset, preset_names
+from fusiontree.models.flops import count_params, transformer_twin_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +73,11 @@ def test_presets():
         assert abs(count_params(twin) / count_params(model_preset(name)) - 1) < 0.05
     assert isinstance(RunConfig().model, type(small))
     assert dataclasses.replace(small, window=512).window == 512
+
+
+def test_transformer_twin_depths_follow_the_parameter_count_rule():
+    """The twins' depths in the preset table are those the model's own parameter count gives."""
+    for name in ("debug", "tiny", "small", "1b"):
+        want = transformer_twin_layers(model_preset(name))
+        assert model_preset(f"transformer-{name}").n_layers == want, (
+            f"transformer-{name}: set its depth in fusiontree/models/config.py to {want}")

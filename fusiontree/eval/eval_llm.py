@@ -270,7 +270,7 @@ def needle_in_haystack(model, sp, contexts: list[int], depths: list[float], tria
     if len(usable) < len(contexts):
         log.warning("needle: contexts %s exceed max_seq_len=%d and are skipped",
                     [L for L in contexts if L not in usable], cfg.max_seq_len)
-    window = window or (cfg.window if cfg.has_attention and "L" in cfg.attn_pattern else None)
+    window = window or cfg.local_window
     res = passkey_grid(model, sp, usable, depths, trials, digits, seed=seed, batch_size=batch_size, window=window)
     if heatmap_path is not None:
         plot_heatmap(res, heatmap_path, title)

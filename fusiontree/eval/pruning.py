@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fusiontree.config import ModelConfig
+from fusiontree.models.config import ModelConfig
 from fusiontree.models import HybridLanguageModel
 from fusiontree.train.gate_monitor import off_branch
 

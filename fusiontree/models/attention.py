@@ -10,7 +10,7 @@ import torch.nn as nn
 from einops import rearrange
 from torch import Tensor
 
-from fusiontree.config import ModelConfig
+from fusiontree.models.config import ModelConfig
 from fusiontree.models.cache import AttentionLayerCache, SeqInfo
 from fusiontree.models.positions import RotaryPositionalEmbedding
 from fusiontree.ops import Kernels
@@ -21,8 +21,7 @@ class LocalGlobalAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.attn_head_dim
-        self.is_global = cfg.layer_is_global(layer_idx)
-        self.window = None if self.is_global else cfg.window
+        self.window = cfg.layer_window(layer_idx)  # None: global
         self.kernels = kernels
         d = cfg.d_model
         self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
@@ -31,6 +30,10 @@ class LocalGlobalAttention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.rope = RotaryPositionalEmbedding(self.head_dim, cfg.rope_theta)
         self.init_std = cfg.init_std
+
+    @property
+    def is_global(self) -> bool:
+        return self.window is None
 
     def init_weights(self) -> None:
         for lin in (self.wq, self.wk, self.wv, self.wo):

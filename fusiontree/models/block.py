@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fusiontree.config import ModelConfig
+from fusiontree.models.config import ModelConfig
 from fusiontree.models.attention import LocalGlobalAttention
 from fusiontree.models.cache import AttentionLayerCache, MambaLayerState, SeqInfo
 from fusiontree.models.layers import RMSNorm, SwiGLU

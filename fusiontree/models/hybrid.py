@@ -16,11 +16,12 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import Tensor
 
-from fusiontree.config import ModelConfig
+from fusiontree.models.config import ModelConfig
 from fusiontree.models.block import HybridBlock, gate_stats
 from fusiontree.models.cache import KVCache, MambaStates, SeqInfo
 from fusiontree.models.layers import RMSNorm
 from fusiontree.ops import Kernels, reference_kernels
+from fusiontree.ops.masks import document_starts
 from fusiontree.ops.backends.common import raise_recompile_limit
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,7 @@ def positions_from_seq_idx(seq_idx_BT: Tensor) -> Tensor:
     """Positions that restart at 0 at every document start of a packed row."""
     T = seq_idx_BT.shape[1]
     idx = torch.arange(T, device=seq_idx_BT.device).expand_as(seq_idx_BT)
-    start = torch.ones_like(seq_idx_BT, dtype=torch.bool)
-    start[:, 1:] = seq_idx_BT[:, 1:] != seq_idx_BT[:, :-1]
+    start = document_starts(seq_idx_BT, first=True)
     return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
 
 

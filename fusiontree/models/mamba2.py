@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from fusiontree.config import ModelConfig
+from fusiontree.models.config import ModelConfig
 from fusiontree.models.cache import MambaLayerState, SeqInfo
 from fusiontree.models.layers import GatedRMSNorm, keep_fp32, no_weight_decay
 from fusiontree.ops import Kernels

@@ -35,7 +35,8 @@ A trainer makes these calls, in this order, on every rank:
 
 from fusiontree.parallel.mpu import DeepSpeedMPU, destroy_parallel_state, init_parallel_state
 from fusiontree.parallel.parallelize import parallelize, sequence_parallel_params
-from fusiontree.parallel.reshard import consolidate_state_dicts, shard_state_dict, tensor_parallel_splits
+from fusiontree.models.splits import tensor_parallel_splits
+from fusiontree.parallel.reshard import consolidate_state_dicts, shard_state_dict
 
 __all__ = ["DeepSpeedMPU", "init_parallel_state", "destroy_parallel_state", "parallelize",
            "sequence_parallel_params", "consolidate_state_dicts", "shard_state_dict", "tensor_parallel_splits"]

@@ -6,7 +6,7 @@ Legend: k tensor-parallel size, r this rank's position in the tensor-parallel gr
 The plain model is built first, identically on every rank; `parallelize` broadcasts it from
 the group's first rank (so a rank-dependent seed cannot desynchronise the shards), then swaps
 each mixer and MLP for its tensor-parallel subclass (`fusiontree.parallel.layers`) holding
-rank r's share of every split parameter (`fusiontree.parallel.reshard.tensor_parallel_splits`).
+rank r's share of every split parameter (`fusiontree.models.splits.tensor_parallel_splits`).
 Parameter names do not change. Build optimizers after this call.
 
 Gradients of replicated parameters (see comm.py for the hooks):
@@ -33,11 +33,11 @@ import torch.nn as nn
 from megatron.core import parallel_state
 
 from fusiontree.config import ParallelConfig
+from fusiontree.models.splits import TensorSplit, tensor_parallel_splits
 from fusiontree.parallel.comm import sync_grad_over, sync_replica_grad_over
 from fusiontree.parallel.layers import (ColumnLinear, RowLinear, SequenceGatherRMSNorm, SequenceParallelHybridBlock,
                                         SequenceScatterEmbedding, SequenceShardSRTE, TensorParallelAttention,
                                         TensorParallelMamba2Mixer, TensorParallelSwiGLU)
-from fusiontree.parallel.reshard import TensorSplit, tensor_parallel_splits
 
 
 def _swap_class(module: nn.Module, cls: type, **attrs) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusiontree.config import RunConfig, dump_config, load_config, model_preset
+from fusiontree.config import RunConfig, dump_config, load_config
+from fusiontree.models.config import model_preset
 from fusiontree.data.build import BuildArgs, build_shards
 from fusiontree.data.corpus import stdlib_dir
 from fusiontree.data.tokenizer import load_sentencepiece

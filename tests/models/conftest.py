@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from fusiontree.config import model_preset
+from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 
 # Every block layout the model supports, at debug size (window 16, one local + one global layer).

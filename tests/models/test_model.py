@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusiontree.config import model_preset
+from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.block import HybridBlock
 from fusiontree.models.cache import SeqInfo

@@ -77,7 +77,7 @@ def test_query_without_visible_keys_gives_zero_not_nan():
 
 _MEMORY_PROBE = r"""
 import json, resource, sys, torch
-from fusiontree.config import model_preset
+from fusiontree.models.config import model_preset
 from fusiontree.models.attention import LocalGlobalAttention
 from fusiontree.models.cache import SeqInfo
 from fusiontree.ops import reference_kernels

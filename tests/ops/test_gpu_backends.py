@@ -18,7 +18,8 @@ import os
 import pytest
 import torch
 
-from fusiontree.config import KernelConfig, model_preset
+from fusiontree.config import KernelConfig
+from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.hybrid import positions_from_seq_idx
 from fusiontree.models.layers import cast_model

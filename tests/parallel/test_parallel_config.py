@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from fusiontree.config import ParallelConfig, load_config, model_preset
+from fusiontree.config import ParallelConfig, load_config
+from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.parallel import consolidate_state_dicts, shard_state_dict, tensor_parallel_splits
 

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from fusiontree.config import LossConfig, ParallelConfig, model_preset
+from fusiontree.config import LossConfig, ParallelConfig
+from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.layers import cast_model
 from fusiontree.ops import reference_kernels

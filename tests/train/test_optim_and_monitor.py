@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from fusiontree.config import model_preset
+from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.optim import SkippableAdamW, lr_at, param_groups
