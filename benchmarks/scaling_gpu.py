@@ -78,6 +78,7 @@ def worker(a: argparse.Namespace) -> None:
     from fusiontree.parallel import DeepSpeedMPU, init_parallel_state, parallelize
     from fusiontree.train.distributed import init_distributed
     from fusiontree.train.losses import HybridModelLoss
+    from fusiontree.train.mechanics import apply_activation_checkpointing
     from fusiontree.train.metrics import device_peak_flops
     from fusiontree.train.optim import SkippableAdamW, param_groups
     from launch.train import deepspeed_config
@@ -101,9 +102,10 @@ def worker(a: argparse.Namespace) -> None:
     model = HybridLanguageModel(mcfg, kernels).to(di.device)
     model.check_inputs = False
     ckpt = c["seq_len"] >= a.ckpt_from
-    model.activation_checkpointing = ckpt
     if c["tp"] > 1:
         model = parallelize(model, pcfg)
+    if ckpt:
+        apply_activation_checkpointing(model)
     opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-4)
     ds = deepspeed_config(str(ROOT / f"configs/ds/zero{c['zero']}.json"), RunConfig(), 1, 1,
                          bf16=di.device.type == "cuda")

@@ -5,7 +5,7 @@ Transformer twins, measured side by side in one process.
 
 A case is PRESET@SEQxBATCH with optional suffixes: `+ckpt` for per-block activation
 checkpointing of every block, `+ckptN` of the first N blocks only (the peer takes both),
-`+compile` for per-block torch.compile (`HybridLanguageModel.compile_blocks`, compiled during
+`+compile` for per-block torch.compile (`fusiontree.train.mechanics.apply_compile`, compiled during
 the warm-up steps). PRESET `mamba-ref-NAME` is the peer: mamba-ssm's own
 `MambaLMHeadModel`, a Mamba-2 hybrid with attention every 6th layer, sized to NAME's parameter
 count (width, MLP, SSM and attention heads of NAME; the layer count is chosen to match; run without
@@ -38,6 +38,7 @@ from fusiontree.models.flops import count_params, flops_per_token  # noqa: E402
 from fusiontree.models.layers import cast_model  # noqa: E402
 from fusiontree.ops import resolve_kernels  # noqa: E402
 from fusiontree.train.losses import HybridModelLoss  # noqa: E402
+from fusiontree.train.mechanics import apply_activation_checkpointing, apply_compile  # noqa: E402
 from fusiontree.train.metrics import device_peak_flops  # noqa: E402
 from _results import cuda_span_ms, git_commit, write_results  # noqa: E402
 
@@ -127,11 +128,11 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
         kernels_desc = kernels.describe()
         model = cast_model(HybridLanguageModel(cfg, kernels).to(dev), torch.bfloat16).train()
         model.check_inputs = False
-        model.activation_checkpointing = ckpt
-        model.checkpoint_num_layers = ckpt_layers or 0
         if "compile" in flags:
-            model.compile_blocks()
+            apply_compile(model)
             kernels_desc += " +compiled blocks"
+        if ckpt:
+            apply_activation_checkpointing(model, ckpt_layers or 0)
         n_params = count_params(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     loss_fn = HybridModelLoss(LossConfig())

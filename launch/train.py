@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from fusiontree.config import RunConfig, config_to_dict, dump_config, load_config  # noqa: E402
 from fusiontree.data import build_train_loader, build_val_loaders, load_tokenizer  # noqa: E402
+from fusiontree.inference import generate  # noqa: E402
 from fusiontree.models import HybridLanguageModel  # noqa: E402
 from fusiontree.models.flops import flops_per_token as model_flops_per_token  # noqa: E402
 from fusiontree.ops import resolve_kernels  # noqa: E402
@@ -41,6 +42,7 @@ from fusiontree.train.gate_monitor import GateMonitor  # noqa: E402
 from fusiontree.train.hooks import (CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook,  # noqa: E402
                                     TrainContext, TrainState)
 from fusiontree.train.losses import HybridModelLoss  # noqa: E402
+from fusiontree.train.mechanics import apply_activation_checkpointing, apply_compile  # noqa: E402
 from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, device_peak_flops, memory_gib  # noqa: E402
 from fusiontree.train.optim import SkippableAdamW, lr_at, param_groups  # noqa: E402
 
@@ -241,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     log.info("kernels: %s", kernels.describe())
     model = HybridLanguageModel(cfg.model, kernels).to(di.device)
     model.check_inputs = False  # the data pipeline already checked the ids
-    model.activation_checkpointing = cfg.train.activation_checkpointing
-    model.checkpoint_num_layers = cfg.train.checkpoint_num_layers
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and di.device.type == "cuda")
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters, precision %s, %d process(es): tensor parallel %d%s x data parallel %d",
@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.parallel.tensor_parallel > 1:
         model = parallelize(model, cfg.parallel)
     if cfg.train.compile:
-        model.compile_blocks()  # per block; compiled on the first step of each sequence length
+        apply_compile(model)  # per block; compiled on the first step of each sequence length
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model, cfg.train.checkpoint_num_layers)
 
     # DeepSpeed engine over torch's AdamW
     import deepspeed
@@ -399,7 +401,7 @@ def generate_sample(model: HybridLanguageModel, tokenizer, cfg: RunConfig) -> st
     model.eval()
     ids = torch.tensor([[tokenizer.bos_id()] + tokenizer.encode(cfg.generate.prompt)],
                        device=next(model.parameters()).device)
-    out = model.generate(ids, cfg.generate.max_new_tokens, temperature=cfg.generate.temperature,
+    out = generate(model, ids, cfg.generate.max_new_tokens, temperature=cfg.generate.temperature,
                          top_k=cfg.generate.top_k, top_p=cfg.generate.top_p, eos_token_id=tokenizer.eos_id())
     return tokenizer.decode(out[0, 1:].tolist())
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from fusiontree.config import CurriculumStage, DataConfig
 from fusiontree.eval.passkey import passkey_grid
 from fusiontree.eval.tables import markdown_table, summary_row
-from fusiontree.inference.generate import sample_next
+from fusiontree.inference.generate import complete
 from fusiontree.train.losses import shifted_targets
 
 log = logging.getLogger("fusiontree.eval")
@@ -304,47 +304,6 @@ def plot_heatmap(res: dict, path: str | Path, title: str = "") -> None:
 
 # ------------------------------------------------------------------------------ code
 
-@torch.no_grad()
-def complete(model, prompts: list[list[int]], max_new_tokens: int, stop=None, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None,
-             decode=None) -> list[list[int]]:
-    """Sample continuations of `prompts` (left-padded into one batch with an attention mask)
-    with the KV + Mamba caches; a row stops at
-    eos or when `stop(decode(row_tokens))` is true (checked every 8 tokens and at the end).
-    Returns the new tokens of each row (eos excluded)."""
-    device = _device(model)
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids_BT = torch.zeros(B, T, dtype=torch.long)
-    mask_BT = torch.zeros(B, T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids_BT[b, T - len(p):] = torch.tensor(p)
-        mask_BT[b, T - len(p):] = 1
-    ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
-    kv, ms = model.allocate_inference_cache(B, T + max_new_tokens)
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    inputs = model.prepare_inputs_for_generation(ids_BT, kv, ms, mask_BT)
-    for step in range(max_new_tokens):
-        logits_BV = model(**inputs).logits[:, -1]
-        nxt_B = sample_next(logits_BV, temperature, 0, top_p, generator)
-        ids_BT = torch.cat([ids_BT, nxt_B[:, None]], 1)
-        mask_BT = torch.cat([mask_BT, torch.ones_like(mask_BT[:, :1])], 1)
-        for b, t in enumerate(nxt_B.tolist()):  # host sync: stop checks need the tokens
-            if done[b]:
-                continue
-            if eos_id is not None and t == eos_id:
-                done[b] = True
-            else:
-                new[b].append(t)
-        if stop is not None and (step % 8 == 7 or step == max_new_tokens - 1):
-            for b in range(B):
-                done[b] = done[b] or stop(decode(new[b]))
-        if all(done):
-            break
-        inputs = model.prepare_inputs_for_generation(ids_BT, kv, ms, mask_BT)
-    return new
-
-
 def _python_lines(files: list[Path]) -> list[tuple[Path, list[str]]]:
     out = []
     for f in files:
@@ -375,7 +334,7 @@ def next_line_exact_match(model, sp, files: list[Path], samples: int = 100, cont
         targets.append(lines[i].rstrip())
     hits, examples = 0, []
     for s in range(0, len(prompts), batch_size):
-        outs = complete(model, prompts[s:s + batch_size], max_new_tokens, eos_id=newline[0])
+        outs = complete(model, prompts[s:s + batch_size], max_new_tokens, eos_token_id=newline[0])
         for j, toks in enumerate(outs):
             got = sp.decode(toks).split("\n")[0].rstrip()
             ok = got == targets[s + j]
@@ -431,9 +390,9 @@ def humaneval(model, sp, opts: EvalOptions) -> dict:
         ids = sp.encode(p["prompt"])
         truncated += len(ids) > budget
         prompt = ids[-budget:]
-        outs = complete(model, [prompt] * opts.humaneval_samples, opts.humaneval_max_new_tokens, stop=stop,
-                        temperature=opts.humaneval_temperature, top_p=opts.humaneval_top_p, eos_id=EOS_ID,
-                        generator=gen if opts.humaneval_temperature > 0 else None, decode=sp.decode)
+        outs = complete(model, [prompt] * opts.humaneval_samples, opts.humaneval_max_new_tokens, EOS_ID,
+                        stop=lambda toks: stop(sp.decode(toks)), temperature=opts.humaneval_temperature,
+                        top_p=opts.humaneval_top_p, generator=gen if opts.humaneval_temperature > 0 else None)
         for toks in outs:
             programs.append((p["task_id"], humaneval_program(p, truncate_completion(sp.decode(toks)))))
     t_gen = time.perf_counter() - t0

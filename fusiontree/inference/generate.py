@@ -2,11 +2,15 @@
 
 Legend: B batch, T prompt length, V vocabulary.
 
-Prompts of different lengths come left-padded with an `attention_mask` (1 = real token).
-Every row continues at its own positions, so a row's tokens do not depend on the other rows.
+Prompts of different lengths come left-padded with an `attention_mask` (1 = real token;
+`left_pad` makes the batch). Every row continues at its own positions, so a row's tokens do
+not depend on the other rows. `complete` returns each row's continuation, for evaluation
+tasks that stop at a token or a string.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -40,9 +44,12 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
              attention_mask: Tensor | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, cuda_graph: bool = False,
-             compile_decode: bool = True) -> Tensor:
-    """Returns [B, T + n] token ids, n <= max_new_tokens (fewer when every row hit EOS).
-    A row that has emitted EOS continues with `pad_token_id` (default: the EOS id).
+             compile_decode: bool = True, stop: Callable[[list[int]], bool] | None = None,
+             stop_every: int = 8) -> Tensor:
+    """Returns [B, T + n] token ids, n <= max_new_tokens (fewer when every row finished).
+    A row finishes when it emits EOS, or when `stop(its new tokens)` is true (checked every
+    `stop_every` tokens: a host sync); a finished row continues with `pad_token_id` (default:
+    the EOS id).
     cuda_graph: after the prefill, replay each decode step from one captured CUDA graph
     (`fusiontree.inference.cuda_graph.GraphedDecoder`; needs use_cache and a CUDA model).
     compile_decode: with cuda_graph, compile the blocks of the step before capturing it (the
@@ -52,12 +59,15 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cuda_graph and not use_cache:
         raise ValueError("cuda_graph=True replays cached decode steps; it needs use_cache=True")
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    if stop is not None and (pad is None or stop_every < 1):
+        raise ValueError("stop needs eos_token_id or pad_token_id (the token a stopped row continues with) "
+                         f"and stop_every >= 1, got stop_every={stop_every}")
     B, T = input_ids.shape
     kv = ms = None
     if use_cache:
         kv, ms = model.allocate_inference_cache(B, T + max_new_tokens)
     mask = attention_mask
-    pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids
     decoder = None
@@ -68,13 +78,16 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
         else:
             logits = decoder.step(tokens[:, -1])
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
+        if pad is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        if eos_token_id is not None:
             finished |= nxt == eos_token_id
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if eos_token_id is not None and bool(finished.all()):  # host sync: stop once every row ended
+        if stop is not None and i % stop_every == stop_every - 1:
+            finished |= _stopped(tokens[:, T:], finished, stop)
+        if (eos_token_id is not None or stop is not None) and bool(finished.all()):  # host sync: every row ended
             break
         if cuda_graph and decoder is None and i + 1 < max_new_tokens:
             from fusiontree.inference.cuda_graph import GraphedDecoder
@@ -84,3 +97,37 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
                         else torch.full((B,), tokens.shape[1] - 1, device=tokens.device))
             decoder = GraphedDecoder(model, kv, ms, next_pos, compile=compile_decode)
     return tokens
+
+
+def _stopped(new_BN: Tensor, finished_B: Tensor, stop: Callable[[list[int]], bool]) -> Tensor:
+    """Rows not yet finished whose new tokens `stop` ends (host sync: `stop` reads tokens)."""
+    done = finished_B.tolist()
+    return torch.tensor([not d and stop(row) for d, row in zip(done, new_BN.tolist())], device=finished_B.device)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths as one left-padded batch: (input_ids [B, T], attention_mask [B, T])."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("give at least one prompt, each with at least one token")
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids_BT[b, T - len(p):] = torch.tensor(p)
+        mask_BT[b, T - len(p):] = 1
+    return ids_BT, mask_BT
+
+
+@torch.no_grad()
+def complete(model, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None = None,
+             stop: Callable[[list[int]], bool] | None = None, temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue each prompt (one left-padded batch) with `generate`; returns each row's new
+    tokens, up to its EOS (excluded) or the check at which `stop` ended it."""
+    device = next(model.parameters()).device
+    ids_BT, mask_BT = left_pad(prompts)
+    out = generate(model, ids_BT.to(device), max_new_tokens, attention_mask=mask_BT.to(device),
+                   temperature=temperature, top_p=top_p, eos_token_id=eos_token_id, generator=generator, stop=stop)
+    rows = out[:, ids_BT.shape[1]:].tolist()  # host sync: the tokens go back to the caller
+    return [row[:row.index(eos_token_id)] if eos_token_id is not None and eos_token_id in row else row
+            for row in rows]

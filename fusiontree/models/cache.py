@@ -130,6 +130,8 @@ class SeqInfo:
     cache_offset: tokens already in the caches before this forward
     cache_step:   [1] int64 device tensor of that count, set only by the static-shape decode
                   step (`HybridLanguageModel.decode_step`), which must not read host ints
+    cached:       this forward reads or writes caches (blocks then run eagerly: the training
+                  mechanics of `fusiontree.train.mechanics` apply to cache-free calls only)
     """
     position_ids: Tensor
     key_pos: Tensor
@@ -137,3 +139,4 @@ class SeqInfo:
     seq_idx: Tensor | None = None
     cache_offset: int = 0
     cache_step: Tensor | None = None
+    cached: bool = False

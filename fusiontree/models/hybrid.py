@@ -4,6 +4,10 @@ Legend: B batch, T time (tokens in this call), D model width, V vocabulary.
 
 The forward never adds a loss term: it returns logits, the updated caches, each layer's gate
 (for `HybridModelLoss`'s regulariser) and, on request, per-layer gate statistics.
+
+The model is plain single-device PyTorch. Parallelism (`fusiontree.parallel.parallelize`) and
+training mechanics (`fusiontree.train.mechanics`: compiled blocks, activation checkpointing)
+are applied to it from outside; generation lives in `fusiontree.inference`.
 """
 
 from __future__ import annotations
@@ -13,16 +17,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from torch import Tensor
 
 from fusiontree.models.config import ModelConfig
 from fusiontree.models.block import HybridBlock, gate_stats
 from fusiontree.models.cache import KVCache, MambaStates, SeqInfo
 from fusiontree.models.layers import RMSNorm
-from fusiontree.ops import Kernels, reference_kernels
+from fusiontree.ops import Kernels, compile_once, reference_kernels
 from fusiontree.ops.masks import document_starts
-from fusiontree.ops.backends.common import raise_recompile_limit
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +59,7 @@ class HybridLanguageModel(nn.Module):
         # Input validation costs a host sync (token range, positions); a training loop whose
         # data is already checked may turn it off.
         self.check_inputs = True
-        # Recompute blocks in the backward pass instead of storing their activations: the
-        # first `checkpoint_num_layers` of them, or every block when that is 0.
-        self.activation_checkpointing = False
-        self.checkpoint_num_layers = 0
-        # Per-block compiled forwards (`compile_blocks`), used by cache-free calls; and those
-        # of `decode_step` (`compile_decode`).
-        self._compiled_blocks: list | None = None
+        # The blocks of `decode_step(compiled=True)`, made by `compile_decode`.
         self._compiled_decode: list | None = None
         self.init_weights()
 
@@ -90,21 +86,7 @@ class HybridLanguageModel(nn.Module):
         return (KVCache([a for a, _ in per_layer], batch_size, max_length),
                 MambaStates([m for _, m in per_layer], batch_size))
 
-    # ------------------------------------------------------------------ compilation
-
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """Regional compilation: each block's forward goes through `torch.compile` (Inductor),
-        which fuses its elementwise chains (norms and their fp32 casts, the conv1d, RoPE, the
-        gate mix, SwiGLU) into a few kernels and their backward likewise.
-
-        Only cache-free calls (training, evaluation, prefill without a cache) use the compiled
-        blocks; calls with a KV cache or Mamba state run eagerly, since they update the caches in
-        place. The SSD and attention backends are opaque to the compiler (each is a kernel
-        of its own, see `fusiontree.ops`): a block compiles into the graphs around them. Blocks
-        of the same structure share one compiled graph. Compilation happens on first use of
-        each input shape, dtype and grad mode."""
-        raise_recompile_limit()
-        self._compiled_blocks = [torch.compile(layer.forward, **compile_kwargs) for layer in self.layers]
+    # ------------------------------------------------------------------ compiled decode step
 
     def compile_decode(self, **compile_kwargs) -> None:
         """Compile each block of `decode_step` (static shapes, caches updated in place inside
@@ -112,12 +94,7 @@ class HybridLanguageModel(nn.Module):
         token (norm casts, RoPE, SRTE, the conv and SSM step around the backends' calls, the
         gate mix) into a few. Only `decode_step(..., compiled=True)` uses them
         (`GraphedDecoder(compile=True)`)."""
-        raise_recompile_limit()
-        self._compiled_decode = [torch.compile(layer.forward, **compile_kwargs) for layer in self.layers]
-
-    @property
-    def blocks_compiled(self) -> bool:
-        return self._compiled_blocks is not None
+        self._compiled_decode = [compile_once(type(layer).forward, **compile_kwargs) for layer in self.layers]
 
     # ------------------------------------------------------------------ forward
 
@@ -210,20 +187,12 @@ class HybridLanguageModel(nn.Module):
         position_ids = position_ids.long()
         key_pos = position_ids if token_mask is None else position_ids.masked_fill(~token_mask, -1)
         info = SeqInfo(position_ids=position_ids, key_pos=key_pos, token_mask=token_mask,
-                       seq_idx=seq_idx, cache_offset=offset)
+                       seq_idx=seq_idx, cache_offset=offset, cached=kv is not None or ms is not None)
 
         x = self.embed(input_ids)
         gates, stats = [], [] if collect_gate_stats else None
-        cached = kv is not None or ms is not None
-        checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled() and not cached
         for i, layer in enumerate(self.layers):
-            if self._compiled_blocks is not None and not cached:
-                layer = self._compiled_blocks[i]
-            if checkpoint and (self.checkpoint_num_layers == 0 or i < self.checkpoint_num_layers):
-                x, g = torch.utils.checkpoint.checkpoint(layer, x, info, use_reentrant=False)
-            else:
-                x, g = layer(x, info, kv.layers[i] if kv is not None else None,
-                             ms.layers[i] if ms is not None else None)
+            x, g = layer(x, info, kv.layers[i] if kv is not None else None, ms.layers[i] if ms is not None else None)
             gates.append(g)
             if collect_gate_stats:
                 stats.append(None if g is None else gate_stats(g, token_mask))
@@ -245,12 +214,15 @@ class HybridLanguageModel(nn.Module):
         the caller does both. No input checks: the caller validates once, outside the graph.
         compiled: run the blocks compiled by `compile_decode` (compiled on first use)."""
         kv, ms = past_key_values, past_mamba_states
-        info = SeqInfo(position_ids=position_ids_B1, key_pos=position_ids_B1, cache_step=cache_step_1)
+        info = SeqInfo(position_ids=position_ids_B1, key_pos=position_ids_B1, cache_step=cache_step_1, cached=True)
         if compiled and self._compiled_decode is None:
             self.compile_decode()
         x = self.embed(input_ids_B1)
-        for i, layer in enumerate(self._compiled_decode if compiled else self.layers):
-            x, _ = layer(x, info, kv.layers[i], ms.layers[i])
+        for i, layer in enumerate(self.layers):
+            if compiled:  # the class forward compiled, called with its block
+                x, _ = self._compiled_decode[i](layer, x, info, kv.layers[i], ms.layers[i])
+            else:
+                x, _ = layer(x, info, kv.layers[i], ms.layers[i])
         return self.lm_head(self.norm_out(x))[:, -1]
 
     # ------------------------------------------------------------------ generation
@@ -258,9 +230,10 @@ class HybridLanguageModel(nn.Module):
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: KVCache | None = None,
                                       past_mamba_states: MambaStates | None = None,
                                       attention_mask: Tensor | None = None) -> dict:
-        """Model inputs for the next generation step. `input_ids` and `attention_mask` cover the
-        whole sequence so far (prompt + generated). With caches that already hold the prefix,
-        only the tokens they have not seen are fed, at each row's own next positions."""
+        """Model inputs for the next generation step (`fusiontree.inference.generate` drives the
+        loop). `input_ids` and `attention_mask` cover the whole sequence so far (prompt +
+        generated). With caches that already hold the prefix, only the tokens they have not
+        seen are fed, at each row's own next positions."""
         cache = past_key_values or past_mamba_states
         seen = cache.seen_tokens if cache is not None else 0
         B, T = input_ids.shape
@@ -274,19 +247,6 @@ class HybridLanguageModel(nn.Module):
         return dict(input_ids=input_ids[:, seen:], position_ids=positions[:, seen:],
                     attention_mask=new_mask, past_key_values=past_key_values,
                     past_mamba_states=past_mamba_states, use_cache=cache is not None)
-
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, use_cache: bool = True,
-                 attention_mask: Tensor | None = None, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None, cuda_graph: bool = False,
-                 compile_decode: bool = True) -> Tensor:
-        from fusiontree.inference.generate import generate
-
-        return generate(self, input_ids, max_new_tokens, use_cache=use_cache, attention_mask=attention_mask,
-                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                        pad_token_id=pad_token_id, generator=generator, cuda_graph=cuda_graph,
-                        compile_decode=compile_decode)
 
     # ------------------------------------------------------------------ accounting
 

@@ -13,8 +13,9 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
 elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
 `train.compile` fuses it, with the norms, RoPE, the gate mix and SwiGLU, by compiling each block
-(`HybridLanguageModel.compile_blocks`); the `mamba_ssm` and `flex` backends stay opaque kernels
-inside those compiled blocks.
+(`fusiontree.train.mechanics.apply_compile`); the `mamba_ssm` and `flex` backends stay opaque
+kernels inside those compiled blocks. `compile_once` and `raise_recompile_limit` are the one way
+the package calls torch.compile.
 flash-attn is not a backend: the GPU machine it would be tested on does not have it, and an
 untested backend would break the rule that every backend is checked against the reference.
 """
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 
 from fusiontree.ops.attention import attention_ref
+from fusiontree.ops.backends.common import compile_once, raise_recompile_limit
 from fusiontree.ops.conv1d import causal_conv1d_ref, causal_conv1d_step_ref
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
 

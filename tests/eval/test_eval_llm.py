@@ -10,6 +10,7 @@ from fusiontree.data import corpus
 from fusiontree.data.shards import read_manifest
 from fusiontree.eval.sandbox import run_sandboxed
 from fusiontree.models import HybridLanguageModel
+from fusiontree.inference import complete, generate
 from tests.eval.conftest import tiny_model_config
 from tests.models.conftest import perturb_
 
@@ -85,9 +86,9 @@ def test_needle_writes_a_heatmap_and_a_uniform_model_retrieves_nothing(tmp_path,
 def test_complete_matches_generate_on_left_padded_prompts(sp):
     model = random_model(3)
     prompts = [sp.encode("def foo(x):\n    return"), sp.encode("import os\n")]
-    got = E.complete(model, prompts, 6)
+    got = complete(model, prompts, 6)
     for p, toks in zip(prompts, got):
-        want = model.generate(torch.tensor([p]), 6)[0, len(p):].tolist()
+        want = generate(model, torch.tensor([p]), 6)[0, len(p):].tolist()
         assert toks == want
 
 

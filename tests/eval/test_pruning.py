@@ -5,6 +5,7 @@ import torch
 
 from fusiontree.eval.pruning import prune_model
 from fusiontree.models.flops import count_params
+from fusiontree.inference import generate
 from tests.models.conftest import build
 
 
@@ -27,8 +28,8 @@ def test_pruning_an_off_branch_keeps_outputs(variant):
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
     # decoding with the pruned model's caches still matches its own full forward
-    out = pruned.generate(ids[:, :5], 20)
-    assert torch.equal(out, pruned.generate(ids[:, :5], 20, use_cache=False))
+    out = generate(pruned, ids[:, :5], 20)
+    assert torch.equal(out, generate(pruned, ids[:, :5], 20, use_cache=False))
 
 
 def test_pruning_a_live_branch_changes_outputs():

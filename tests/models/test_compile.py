@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from fusiontree.train.mechanics import apply_compile, describe_mechanics
 from tests.models.conftest import build
 
 
@@ -20,8 +21,9 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def test_compiled_blocks_match_eager_forward_and_gradients_on_packed_rows():
     eager = build("parallel-token", n_layers=3, attn_pattern="LLG").train()
     compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
-    assert compiled.blocks_compiled and not eager.blocks_compiled
+    apply_compile(compiled)
+    assert describe_mechanics(compiled).startswith("compiled blocks 3/3")
+    assert describe_mechanics(eager).startswith("compiled blocks 0/3")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, eager.cfg.vocab_size, (2, 77), generator=g)  # odd length, not a chunk multiple
     seq_idx = torch.tensor([[0] * 30 + [1] * 47, [0] * 5 + [1] * 40 + [2] * 32])
@@ -44,7 +46,7 @@ def test_compiled_blocks_match_eager_forward_and_gradients_on_packed_rows():
 
 def test_compiled_model_decodes_with_the_eager_cache_path_and_matches_its_full_forward():
     model = build("parallel-channel")
-    model.compile_blocks()
+    apply_compile(model)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids).logits  # cache-free: the compiled blocks

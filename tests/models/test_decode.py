@@ -4,6 +4,7 @@ left-padded batches == rows alone, packed documents == separate documents."""
 import pytest
 import torch
 
+from fusiontree.inference import generate
 from tests.models.conftest import build
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -25,8 +26,8 @@ def test_cached_decode_matches_full_forward_every_step(variant):
             out = model(nxt, past_key_values=kv, past_mamba_states=ms, use_cache=True)
             torch.testing.assert_close(out.logits[:, -1], model(seq).logits[:, -1], **TOL)
     assert kv.seen_tokens == ms.seen_tokens == seq.shape[1]
-    cached = model.generate(prompt, new, use_cache=True)
-    recomputed = model.generate(prompt, new, use_cache=False)
+    cached = generate(model, prompt, new, use_cache=True)
+    recomputed = generate(model, prompt, new, use_cache=False)
     assert torch.equal(cached, recomputed)
     assert torch.equal(cached, seq)
 
@@ -58,15 +59,15 @@ def test_left_padded_batch_matches_rows_alone(variant):
     mask = torch.ones_like(batch)
     mask[0, :13] = 0
     n = 2 * model.cfg.window + 3
-    out = model.generate(batch, n, attention_mask=mask)
-    alone_short = model.generate(short, n)
-    alone_long = model.generate(long, n)
+    out = generate(model, batch, n, attention_mask=mask)
+    alone_short = generate(model, short, n)
+    alone_long = generate(model, long, n)
     assert torch.equal(out[0, 13:], alone_short[0])
     assert torch.equal(out[1], alone_long[0])
     # and the padded prefill's logits on real tokens equal the row's own
     with torch.no_grad():
         torch.testing.assert_close(model(batch, attention_mask=mask).logits[0, 13:], model(short).logits[0], **TOL)
-    assert torch.equal(model.generate(batch, n, attention_mask=mask, use_cache=False), out)
+    assert torch.equal(generate(model, batch, n, attention_mask=mask, use_cache=False), out)
 
 
 def test_packed_documents_match_separate_documents(variant):
@@ -87,11 +88,11 @@ def test_sampling_is_reproducible_and_eos_stops_rows():
     model = build("parallel-token", seed=8)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(9))
     kw = dict(temperature=0.8, top_k=50, top_p=0.9)
-    a = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), **kw)
-    b = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    a = generate(model, prompt, 30, generator=torch.Generator().manual_seed(0), **kw)
+    b = generate(model, prompt, 30, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
     assert torch.equal(a, b)
     eos = int(a[0, 5])  # the first sampled token of row 0: row 0 stops at once
-    c = model.generate(prompt, 30, generator=torch.Generator().manual_seed(0), eos_token_id=eos, **kw)
+    c = generate(model, prompt, 30, generator=torch.Generator().manual_seed(0), eos_token_id=eos, **kw)
     assert (c[0, 5:] == eos).all()
 
 
@@ -131,9 +132,9 @@ def test_cuda_graph_generation_needs_a_cache_and_a_gpu():
     model = build("parallel-channel")
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="needs use_cache=True"):
-        model.generate(ids, 3, use_cache=False, cuda_graph=True)
+        generate(model, ids, 3, use_cache=False, cuda_graph=True)
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
-        model.generate(ids, 3, cuda_graph=True)
+        generate(model, ids, 3, cuda_graph=True)
 
 
 def test_flex_attention_backend_decodes_like_the_reference():

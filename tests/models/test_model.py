@@ -10,6 +10,7 @@ from fusiontree.models.cache import SeqInfo
 from fusiontree.models.layers import cast_model
 from fusiontree.models.positions import RotaryPositionalEmbedding
 from fusiontree.ops import reference_kernels
+from fusiontree.train.mechanics import apply_activation_checkpointing
 from tests.models.conftest import build
 
 
@@ -156,7 +157,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     model.layers[0].mlp.forward = lambda *a: calls.append(1) or mlp_forward(*a)
     base_loss, base_grads = run()
     assert len(calls) == 1
-    model.activation_checkpointing = True
+    apply_activation_checkpointing(model)
     ck_loss, ck_grads = run()
     assert len(calls) == 3  # the block ran again in the backward pass
     torch.testing.assert_close(ck_loss, base_loss)
@@ -178,7 +179,7 @@ def test_checkpoint_num_layers_recomputes_only_the_first_blocks():
         return [p.grad.clone() for p in model.parameters()]
 
     base = run()
-    model.activation_checkpointing, model.checkpoint_num_layers = True, 2
+    apply_activation_checkpointing(model, num_layers=2)
     got = run()
     # one forward each without checkpointing; then blocks 0 and 1 ran again in the backward pass
     assert [len(calls[i]) for i in range(3)] == [3, 3, 2]

@@ -27,6 +27,8 @@ from fusiontree.ops import reference_kernels, resolve_kernels
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.backends.common import canonical_seq_idx
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
+from fusiontree.inference import generate
+from fusiontree.train.mechanics import apply_compile
 from tests.models.conftest import perturb_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -381,11 +383,11 @@ def test_model_bf16_training_step_matches_reference_kernels():
 
 
 def test_model_compiled_blocks_match_eager_bf16_training_step():
-    """`compile_blocks` on the GPU backends (Inductor's Triton kernels around the mamba-ssm and
+    """`apply_compile` on the GPU backends (Inductor's Triton kernels around the mamba-ssm and
     FlexAttention calls) against the same model run eagerly."""
     model, _ = _models(dtype=torch.bfloat16, seed=6)
     eager = copy.deepcopy(model)
-    model.compile_blocks()
+    apply_compile(model)
     _compare_bf16_training_step(model, eager, seed=7)
 
 
@@ -432,7 +434,7 @@ def test_generate_with_compiled_cuda_graph_matches_cached_generation():
     mask = torch.ones_like(prompt)
     mask[1, :23] = 0
     n = 2 * model.cfg.window + 5
-    want = model.generate(prompt, n, attention_mask=mask)
-    got = model.generate(prompt, n, attention_mask=mask, cuda_graph=True)
+    want = generate(model, prompt, n, attention_mask=mask)
+    got = generate(model, prompt, n, attention_mask=mask, cuda_graph=True)
     assert got.shape == want.shape == (2, 200 + n)
     assert torch.equal(got, want), (got != want).nonzero()[:5]

@@ -34,7 +34,9 @@ from fusiontree.models.layers import cast_model
 from fusiontree.ops import reference_kernels
 from fusiontree.parallel import (DeepSpeedMPU, consolidate_state_dicts, destroy_parallel_state, init_parallel_state,
                                  parallelize, sequence_parallel_params, shard_state_dict)
+from fusiontree.inference import generate
 from fusiontree.train.losses import HybridModelLoss
+from fusiontree.train.mechanics import apply_activation_checkpointing
 
 # Per-tensor error bounds, (max |got - want| / max |want|, ||got - want|| / ||want||). fp32:
 # round-off of differently ordered sums (observed <= 1e-5 on CPU and H100). bf16: both sides round to
@@ -217,7 +219,9 @@ def tensor_parallel_equality(ctx: Ctx, tp: int, sp: bool, packed: bool = False, 
     rows = slice(dp_rank * (B // dp), (dp_rank + 1) * (B // dp))
     ref = build_plain(cfg, ctx)
     par = parallelize(build_plain(cfg, ctx), pcfg) if tp > 1 else build_plain(cfg, ctx)
-    ref.activation_checkpointing = par.activation_checkpointing = checkpointing
+    if checkpointing:
+        apply_activation_checkpointing(ref)
+        apply_activation_checkpointing(par)
     if sp:
         n_sync = len(sequence_parallel_params(par))
         rep.check(n_sync > 0, "sequence parallelism registered no gradient all-reduce hooks")
@@ -282,8 +286,8 @@ def generation(ctx: Ctx) -> Report:
     ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=g).to(ctx.device)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # row 1: a shorter prompt, left-padded
-    want = ref.generate(ids, 24, attention_mask=mask)
-    got = par.generate(ids, 24, attention_mask=mask)
+    want = generate(ref, ids, 24, attention_mask=mask)
+    got = generate(par, ids, 24, attention_mask=mask)
     rep.check(torch.equal(got, want), f"TP=2 tokens {got.tolist()} != TP=1 tokens {want.tolist()}")
     kv, ms = par.allocate_inference_cache(2, 36)
     rep.check(kv.layers[0].k_BSKD.shape[2] == cfg.n_kv_heads // 2, "the KV cache does not hold the rank's kv heads")
