@@ -5,7 +5,7 @@
 A case is SEQ:LAYOUT, LAYOUT = tp{T}[xdp{D}][-z{S}] (data-parallel size D, default 1; ZeRO
 stage S, default 1). Tensor parallelism always runs with sequence parallelism, as Megatron
 does. Each case is one `torchrun --nproc_per_node T*D` of this script (`--worker`), which
-builds the model the way launch/train.py does (parallelize(), torch's AdamW under
+builds the model the way the trainer (fusiontree/train/trainer.py) does (parallelize(), torch's AdamW under
 deepspeed.initialize with the mpu adapter, bf16, configs/ds/zero{S}.json) and times
 forward + loss + backward + optimizer step on packed random token rows (micro-batch 1 per
 data-parallel rank, documents of random length with position_ids / seq_idx as the loader
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from _results import git_commit, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from _results import git_commit, write_results  # noqa: E402
 
 DEFAULT_CASES = ("4096:tp1,4096:tp2,4096:tp2xdp2-z1,4096:tp2xdp2-z2,"
                  "32768:tp1,32768:tp2,32768:dp2-z1,32768:dp2-z2,32768:tp4,"
@@ -81,7 +81,7 @@ def worker(a: argparse.Namespace) -> None:
     from fusiontree.train.mechanics import apply_activation_checkpointing
     from fusiontree.train.metrics import device_peak_flops
     from fusiontree.train.optim import SkippableAdamW, param_groups
-    from launch.train import deepspeed_config
+    from fusiontree.train.trainer import deepspeed_config
 
     c = parse_case(a.case)
     di = init_distributed()

@@ -74,7 +74,7 @@ class TrainConfig:
     # activations (Megatron's "block" recompute method), trading memory for less recomputation.
     # 0: every block.
     checkpoint_num_layers: int = 0
-    # Compile each block with torch.compile (HybridLanguageModel.compile_blocks): fuses the
+    # Compile each block with torch.compile (fusiontree.train.mechanics.apply_compile): fuses the
     # elementwise work around the matmuls and kernels. Costs compile time at each new length.
     compile: bool = False
     # Non-finite loss or gradients skip the step; this many in a row stop the run.

@@ -6,7 +6,7 @@
 
 Writes <out_dir>/results.md (the table), results.json, results.png, and keeps each run under
 <out_dir>/runs/ (finished runs are reused, interrupted ones resumed). The file format is in
-fusiontree/eval/ablate.py.
+fusiontree/ablation.py.
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fusiontree.eval.ablate import run_ablation  # noqa: E402
+from fusiontree.ablation import run_ablation
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Shapes: B = micro-batch size (rows), T = sequence length of the current stage.
 
-How a trainer drives it (launch/train.py does exactly this):
+How a trainer drives it (fusiontree/train/trainer.py does exactly this):
 
     loader = build_train_loader(cfg.data, rank=dp_rank, world_size=dp_size, seed=cfg.seed)
     # loader.micro_batch_size, loader.grad_accum_steps, loader.seq_len: the current stage

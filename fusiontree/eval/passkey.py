@@ -24,17 +24,22 @@ forward instead of a prefill plus `digits` decode steps.
 
 `write_training_jsonl` writes documents of random length and depth for the shard builder
 (`data_pipeline/build_shards.py --input ... passkey.jsonl`), so that a small model can learn
-the task; `passkey_grid` evaluates a grid of context lengths x depths.
+the task; `passkey_grid` evaluates a grid of context lengths x depths, and the `needle` task
+(`needle_in_haystack`) runs it for a model with the options of `NeedleOptions` and draws the
+heatmap.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("fusiontree.eval")
 
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
           "There and back again.")
@@ -106,6 +111,21 @@ def write_training_jsonl(path: str | Path, n_docs: int, seed: int = 0, digits: i
 
 
 # ------------------------------------------------------------------------------ evaluation
+
+@dataclass
+class NeedleOptions:
+    contexts: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 10
+    digits: int = 5
+    # Trials whose key lies more than this many tokens back are also scored on their own
+    # ("beyond the window"); 0: the model's window when it has local attention layers.
+    window: int = 0
+
+    def validate(self) -> None:
+        if any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"needle.depths={self.depths} must lie in [0, 1]")
+
 
 @dataclass
 class PasskeyTrial:
@@ -224,3 +244,45 @@ def passkey_grid(model, sp, contexts: list[int], depths: list[float], trials: in
         out["window"] = window
         out["beyond_window"] = beyond
     return out
+
+
+def needle_in_haystack(model, sp, contexts: list[int], depths: list[float], trials: int, digits: int,
+                       heatmap_path: str | Path | None = None, batch_size: int = 16, seed: int = 0,
+                       title: str = "", window: int = 0) -> dict:
+    cfg = model.cfg
+    usable = [L for L in contexts if L <= cfg.max_seq_len]
+    if not usable:
+        raise ValueError(f"every needle context {contexts} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if len(usable) < len(contexts):
+        log.warning("needle: contexts %s exceed max_seq_len=%d and are skipped",
+                    [L for L in contexts if L not in usable], cfg.max_seq_len)
+    window = window or cfg.local_window
+    res = passkey_grid(model, sp, usable, depths, trials, digits, seed=seed, batch_size=batch_size, window=window)
+    if heatmap_path is not None:
+        plot_heatmap(res, heatmap_path, title)
+        res["heatmap"] = str(heatmap_path)
+    return res
+
+
+def plot_heatmap(res: dict, path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = torch.tensor(res["accuracy"]).T.numpy()  # [depth, context]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(res["contexts"]), 1.2 + 0.6 * len(res["depths"])))
+    im = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(res["contexts"])), [str(c) for c in res["contexts"]])
+    ax.set_yticks(range(len(res["depths"])), [f"{d:.0%}" for d in res["depths"]])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth")
+    for i in range(acc.shape[0]):
+        for j in range(acc.shape[1]):
+            ax.text(j, i, f"{acc[i, j]:.0%}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="passkey accuracy")
+    ax.set_title(title or f"passkey retrieval ({res['trials_per_cell']} trials per cell)", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

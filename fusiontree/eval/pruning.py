@@ -74,12 +74,11 @@ def apply_pruning(checkpoint: str | Path, plan: dict | str | Path, out_dir: str 
     """Write a pruned copy of `checkpoint` (a checkpoint or run directory) to `out_dir`:
     model.pt without the planned branches, config.yaml with `model.pruned` extended,
     pruning_plan.json (the plan applied) and meta.json (sizes before and after). The result
-    loads with `fusiontree.eval.loading.load_checkpoint`; it holds no optimizer state, so it
+    loads with `fusiontree.checkpoint.load_checkpoint`; it holds no optimizer state, so it
     is for evaluation and inference, not for resuming training. Returns `out_dir`."""
+    from fusiontree.checkpoint import MODEL_FILE, read_meta, resolve_checkpoint, safe_load, write_model_checkpoint
     from fusiontree.config import dump_config, load_config
-    from fusiontree.eval.loading import resolve_checkpoint
     from fusiontree.models.flops import count_params
-    from fusiontree.train.checkpoint import safe_load
 
     src = resolve_checkpoint(checkpoint)
     plan = load_plan(plan) if not isinstance(plan, dict) else plan
@@ -92,24 +91,18 @@ def apply_pruning(checkpoint: str | Path, plan: dict | str | Path, out_dir: str 
     new_model_cfg = pruned_model_config(cfg.model, plan)
     new_cfg = dataclasses.replace(cfg, model=new_model_cfg)
     new_cfg.validate()
-    state = safe_load(src / "model.pt")
+    state = safe_load(src / MODEL_FILE)
     with torch.device("meta"):
         keep = HybridLanguageModel(new_model_cfg).state_dict()
     missing = [k for k in keep if k not in state]
     if missing:
-        raise ValueError(f"{src / 'model.pt'} lacks parameters the pruned model needs: {missing[:5]}")
+        raise ValueError(f"{src / MODEL_FILE} lacks parameters the pruned model needs: {missing[:5]}")
     pruned_state = {k: state[k].clone() for k in keep}  # own storage: the file holds only what is kept
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(pruned_state, out / "model.pt")
-    (out / "config.yaml").write_text(dump_config(new_cfg))
-    (out / "pruning_plan.json").write_text(json.dumps(plan, indent=2))
-    old_meta = json.loads((src / "meta.json").read_text()) if (src / "meta.json").is_file() else {}
     removed = [f"{int(p['layer'])}:{p['branch']}" for p in plan["prune"]]
-    meta = {k: v for k, v in old_meta.items() if k not in ("files", "zero_stage", "world_size")}
+    meta = {k: v for k, v in read_meta(src).items() if k not in ("files", "zero_stage", "world_size")}
     meta.update({"kind": "pruned", "pruned_from": str(src), "removed": removed,
                  "params_before": count_params(cfg.model), "params_after": count_params(new_model_cfg),
-                 "model_bytes_before": (src / "model.pt").stat().st_size,
-                 "model_bytes_after": (out / "model.pt").stat().st_size})
-    meta["files"] = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != "meta.json"}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return out
+                 "model_bytes_before": (src / MODEL_FILE).stat().st_size})
+    return write_model_checkpoint(out, pruned_state, dump_config(new_cfg),
+                                  lambda d: {**meta, "model_bytes_after": (d / MODEL_FILE).stat().st_size},
+                                  {"pruning_plan.json": json.dumps(plan, indent=2)})

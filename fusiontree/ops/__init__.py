@@ -33,6 +33,8 @@ from fusiontree.ops.backends.common import compile_once, raise_recompile_limit
 from fusiontree.ops.conv1d import causal_conv1d_ref, causal_conv1d_step_ref
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
 
+__all__ = ["Kernels", "resolve_kernels", "reference_kernels", "compile_once", "raise_recompile_limit"]
+
 log = logging.getLogger(__name__)
 
 

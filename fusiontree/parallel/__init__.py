@@ -10,6 +10,7 @@ A trainer makes these calls, in this order, on every rank:
     torch.manual_seed(cfg.seed)                                # 3. the plain model, same on every rank,
     model = HybridLanguageModel(cfg.model, kernels).to(dist_info.device)   #    on this rank's device
     model = parallelize(model, cfg.parallel)                   # 4. in place: this rank's TP share
+    apply_compile(model); apply_activation_checkpointing(model)  #    then the training mechanics, if any
     engine, optimizer, _, _ = deepspeed.initialize(            # 5. ZeRO over the data-parallel group only
         model=model, optimizer=optimizer_over(model.parameters()), config=ds_config, mpu=DeepSpeedMPU())
     ...
@@ -36,7 +37,8 @@ A trainer makes these calls, in this order, on every rank:
 from fusiontree.parallel.mpu import DeepSpeedMPU, destroy_parallel_state, init_parallel_state
 from fusiontree.parallel.parallelize import parallelize, sequence_parallel_params
 from fusiontree.models.splits import tensor_parallel_splits
-from fusiontree.parallel.reshard import consolidate_state_dicts, shard_state_dict
+from fusiontree.parallel.reshard import consolidate_state_dicts, consolidated_model_state, shard_state_dict
 
 __all__ = ["DeepSpeedMPU", "init_parallel_state", "destroy_parallel_state", "parallelize",
-           "sequence_parallel_params", "consolidate_state_dicts", "shard_state_dict", "tensor_parallel_splits"]
+           "sequence_parallel_params", "consolidate_state_dicts", "consolidated_model_state", "shard_state_dict",
+           "tensor_parallel_splits"]

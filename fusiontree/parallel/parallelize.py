@@ -166,6 +166,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, broadcast: bool = True) -
                          f"tensor-parallel size {have}; initialise it from the same config")
     if getattr(model, "parallel_config", None) is not None:
         raise ValueError("this model is already parallelized; build a fresh plain model")
+    if any("forward" in vars(block) for block in model.layers):
+        raise ValueError("the blocks already have training mechanics (fusiontree.train.mechanics), which wrap the "
+                         "forward that parallelize replaces; parallelize the plain model first, then apply them")
     c = _Ctx(cfg, tensor_parallel_splits(model.cfg))
     if broadcast:
         src = parallel_state.get_tensor_model_parallel_src_rank()

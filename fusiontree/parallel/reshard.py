@@ -5,12 +5,17 @@
     plain_sd = consolidate_state_dicts([sd_0, ..., sd_{k-1}], model_cfg)       # TP=k -> TP=1
 
 Parameters without a `TensorSplit` (embedding, LM head, norms, gate, SRTE) are replicated.
+`consolidated_model_state` gathers a training model's plain state dict (through ZeRO-3 and
+tensor parallelism) for the portable model.pt of every checkpoint.
 """
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from torch import Tensor
 
 from fusiontree.models.config import ModelConfig
@@ -57,3 +62,31 @@ def consolidate_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], cfg: Mo
         else:
             out[name] = split.unshard([sd[name] for sd in sds])
     return out
+
+
+def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_parallel: int, zero_stage: int,
+                             is_main: bool) -> dict[str, Tensor] | None:
+    """The plain (single-device) state dict of a training model, on the main rank only (None
+    elsewhere). Collective: ZeRO-3 shards the weights over the data-parallel ranks (gathered
+    for the copy), tensor parallelism splits them over its group (gathered to the group's first
+    rank and consolidated; only the first data-parallel replica sends)."""
+
+    def local() -> dict[str, Tensor]:
+        sd = module.state_dict()
+        return {k: v.detach().cpu().clone() for k, v in sd.items() if isinstance(v, Tensor)}
+
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            sd = local()
+    else:
+        sd = local()
+    if tensor_parallel == 1:
+        return sd if is_main else None
+    if parallel_state.get_data_parallel_rank() != 0:
+        return None
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [None] * tensor_parallel if is_main else None
+    dist.gather_object(sd, shards, dst=dist.get_process_group_ranks(group)[0], group=group)
+    return consolidate_state_dicts(shards, cfg) if is_main else None

@@ -1,6 +1,6 @@
 """The side concerns of the training loop, each behind one named hook.
 
-`launch/train.py` calls `hooks.on_step_end(ctx)` after every optimizer step and
+The trainer (fusiontree/train/trainer.py) calls `hooks.on_step_end(ctx)` after every optimizer step and
 `hooks.on_train_end(ctx)` once at the end; each hook decides from `ctx.state.step` whether it
 has work to do. `TrainContext` carries what they read (the engine, the run directory, the
 counters); hooks never change the training math.
@@ -17,21 +17,9 @@ from typing import Any, Callable
 import torch
 
 from fusiontree.train.gate_monitor import GateMonitor
+from fusiontree.train.state import TrainState
 
 log = logging.getLogger("fusiontree.train")
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps taken (applied or skipped)
-    applied_steps: int = 0  # steps whose update was applied (drives the lr schedule)
-    tokens_seen: int = 0
-    skipped_steps: int = 0
-    consecutive_bad: int = 0
-    last_checkpoint: str = ""
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass

@@ -78,3 +78,9 @@ def lr_at(step: int, lr_peak: float, warmup_steps: int, total_steps: int, decay:
         t = min(1.0, (step - start) / decay_steps)
         return lr_peak - (lr_peak - lr_min) * t
     raise ValueError(f"train.lr_decay={decay!r}; use cosine, wsd or constant")
+
+
+def build_optimizer(model: nn.Module, cfg) -> SkippableAdamW:
+    """The optimizer `cfg` (a `TrainConfig`) describes, over `model`'s parameter groups."""
+    return SkippableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr_peak,
+                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)

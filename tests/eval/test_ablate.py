@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fusiontree.config import load_config
-from fusiontree.eval.ablate import ROOT, _override_args, load_ablation, run_ablation
+from fusiontree.ablation import ROOT, _override_args, load_ablation, run_ablation
 
 SMOKE = {
     "name": "smoke",
@@ -26,8 +26,8 @@ SMOKE = {
     "variants": {"channel": {"model.gate": "channel"}, "token": {"model.gate": "token"},
                  "channel-pruned": {"overrides": {"model.gate": "channel"}, "prune": {"branches": ["0:attention"]}}},
     "eval": {"tasks": ["ppl", "needle"], "threads": 1,
-             "options": {"ppl_max_batches": 1, "needle_contexts": [128], "needle_depths": [0.0, 1.0],
-                         "needle_trials": 2}},
+             "options": {"ppl": {"max_batches": 1}, "needle": {"contexts": [128], "depths": [0.0, 1.0],
+                                                                  "trials": 2}}},
     "jobs": 2,
 }
 
@@ -77,7 +77,7 @@ def test_ablation_files_are_checked_strictly(tmp_path):
     with pytest.raises(ValueError, match="data_build.passkey: unknown keys \\['length'\\]"):
         load_ablation(_write(tmp_path, pk))
     opts = dict(SMOKE, eval={"tasks": ["ppl"], "options": {"needle_size": 3}})
-    with pytest.raises(ValueError, match="unknown eval options \\['needle_size'\\]"):
+    with pytest.raises(ValueError, match="eval.options: unknown config key 'needle_size'"):
         load_ablation(_write(tmp_path, opts))
 
 
@@ -95,7 +95,7 @@ def test_committed_ablation_files_load_and_every_variant_is_a_valid_run_config(p
 
 
 def test_a_bad_variant_fails_before_any_training(tmp_path):
-    from fusiontree.eval.ablate import train_all
+    from fusiontree.ablation import train_all
 
     spec = dict(SMOKE, variants={"ok": {}, "bad": {"model.window": 0}})
     spec.pop("data_build")
@@ -109,7 +109,7 @@ def test_a_bad_variant_fails_before_any_training(tmp_path):
 
 def test_data_is_rebuilt_when_the_passkey_template_changes(tmp_path, monkeypatch):
     from fusiontree.eval import passkey
-    from fusiontree.eval.ablate import DataBuild, build_data
+    from fusiontree.ablation import DataBuild, build_data
 
     spec = DataBuild(output=str(tmp_path / "shards"), inputs=["stdlib:json"], vocab_size=400, seq_lengths=[128],
                      val_fraction=0.3, passkey={"docs": 10, "max_filler": 4})

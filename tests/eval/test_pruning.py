@@ -63,7 +63,7 @@ def _forced_off_checkpoint(tmp_path, eval_shards):
 
 def test_apply_pruning_writes_a_smaller_checkpoint_with_the_same_outputs(tmp_path, eval_shards):
     from fusiontree.config import load_config
-    from fusiontree.eval.loading import load_checkpoint
+    from fusiontree.checkpoint import load_checkpoint
     from fusiontree.eval.pruning import apply_pruning
 
     src, model = _forced_off_checkpoint(tmp_path, eval_shards)

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from fusiontree.train.checkpoint import CheckpointManager, safe_load
+from fusiontree.checkpoint import CheckpointManager, safe_load
 from tests.train.conftest import ROOT, env, losses, metrics, run, shm_leftovers, train_cmd, write_config
 
 

@@ -1,4 +1,6 @@
-"""Atomic training checkpoints: DeepSpeed engine state + per-rank trainer state + metadata.
+"""The checkpoint format, in one place: atomic training checkpoints (DeepSpeed engine state +
+per-rank trainer state + metadata), and loading their portable part (weights, resolved
+config, metadata) for evaluation, generation and pruning.
 
 Layout under `<run>/checkpoints/`:
 
@@ -17,6 +19,12 @@ meta.json is missing or lists a file that is absent or has the wrong size.
 Loading never unpickles arbitrary objects: every file is read with
 `torch.load(weights_only=True)`; DeepSpeed's optimizer files contain three plain classes of
 its own (loss scaler, ZeRO stage enum, fragment address), which are allowlisted by name.
+
+A model checkpoint (`write_model_checkpoint`: a pruned copy, for instance) holds only the
+portable files (model.pt, config.yaml, meta.json and extras): it loads for evaluation and
+inference (`load_checkpoint`), not for resuming training. A run directory (`out_dir`) or its
+`checkpoints/` folder may be given wherever a checkpoint is read: the latest valid checkpoint
+in it is used (`resolve_checkpoint`).
 """
 
 from __future__ import annotations
@@ -26,14 +34,21 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from fusiontree.config import RunConfig, load_config
+from fusiontree.models import HybridLanguageModel
+from fusiontree.ops import reference_kernels, resolve_kernels
+
 log = logging.getLogger(__name__)
 
 ENGINE_TAG = "engine"
+MODEL_FILE, CONFIG_FILE, META_FILE = "model.pt", "config.yaml", "meta.json"
 
 
 def _ds_safe_globals() -> list:
@@ -108,11 +123,10 @@ class CheckpointManager:
         _barrier()
         if self.rank == 0:
             if model_state is not None:
-                torch.save(model_state, tmp / "model.pt")
-            (tmp / "config.yaml").write_text(config_yaml)
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(), "files": files}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+                torch.save(model_state, tmp / MODEL_FILE)
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(), "files": _files(tmp)}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
             _fsync_tree(tmp)
             if final.exists():  # a checkpoint of the same step from an earlier attempt
                 shutil.rmtree(final)
@@ -164,3 +178,90 @@ class CheckpointManager:
             raise ValueError(f"DeepSpeed could not load the engine state from {path / ENGINE_TAG}")
         state = safe_load(path / f"trainer_rank{self.rank:05d}.pt")
         return state, meta
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at (its meta.json)."""
+    return int(json.loads((Path(path) / META_FILE).read_text())["step"])
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != META_FILE}
+
+
+def write_model_checkpoint(out: str | Path, model_state: dict, config_yaml: str,
+                           meta: dict | Callable[[Path], dict], extra_files: dict[str, str] | None = None) -> Path:
+    """A checkpoint of weights only (model.pt, config.yaml, the text files of `extra_files`,
+    meta.json listing every file with its size). `meta`: a dict, or a function of the written
+    directory that returns it (to record sizes of the files). Returns the directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model_state, out / MODEL_FILE)
+    (out / CONFIG_FILE).write_text(config_yaml)
+    for name, text in (extra_files or {}).items():
+        (out / name).write_text(text)
+    meta = meta(out) if callable(meta) else meta
+    (out / META_FILE).write_text(json.dumps({**meta, "files": _files(out)}, indent=2))
+    return out
+
+
+# ------------------------------------------------------------------------------ loading for evaluation
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    cfg: RunConfig
+    meta: dict
+    model: HybridLanguageModel
+
+
+def read_meta(path: str | Path) -> dict:
+    p = Path(path) / META_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint, run or checkpoints directory."""
+    p = Path(path)
+    if (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        if root.is_dir() and any(root.glob("step_*")):
+            latest = CheckpointManager(root, 0, 1).latest_valid()
+            if latest is not None and (latest / MODEL_FILE).is_file():
+                return latest
+    raise ValueError(f"{path} is not a checkpoint (no model.pt + config.yaml) and holds no valid "
+                     "checkpoints/step_* directory; pass a directory written by launch/train.py or "
+                     "fusiontree.eval.pruning.apply_pruning")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernels: str | None = None,
+                    overrides: list[str] | None = None) -> LoadedCheckpoint:
+    """Build the model of the checkpoint's config, load its weights, put it in eval mode.
+    `kernels`: "reference" forces the PyTorch reference ops; None picks what the config says
+    (`auto` resolves per device). `overrides`: dotted config overrides (e.g. --data.shards_dir=...)."""
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / CONFIG_FILE, overrides)
+    device = torch.device(device)
+    kern = reference_kernels() if kernels == "reference" else resolve_kernels(cfg.kernels, device)
+    model = HybridLanguageModel(cfg.model, kern)
+    state = safe_load(ckpt / MODEL_FILE)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt / MODEL_FILE} does not match its config.yaml (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}); was the config edited after saving?")
+    return LoadedCheckpoint(ckpt, cfg, read_meta(ckpt), model.to(device).eval())
+
+
+def checkpoint_tokenizer(ckpt: LoadedCheckpoint, override: str | Path = ""):
+    """The SentencePiece model of a checkpoint: `override`, else the one its run trained with
+    (meta.json), else its config's data.tokenizer_path()."""
+    from fusiontree.data.tokenizer import load_sentencepiece
+
+    if override:
+        return load_sentencepiece(override)
+    path = Path(ckpt.meta.get("tokenizer") or ckpt.cfg.data.tokenizer_path())
+    if not path.is_file():
+        path = ckpt.cfg.data.tokenizer_path()
+    return load_sentencepiece(path)

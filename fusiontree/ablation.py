@@ -3,6 +3,9 @@ evaluate each, and write a markdown table, a plot and JSON.
 
     python launch/ablate.py configs/ablations/gate_cpu.yaml
 
+It orchestrates the other layers (shard builds, training runs through launch/train.py,
+evaluation), so it sits above them, outside `fusiontree.eval`.
+
 An ablation file (strict: unknown keys are errors):
 
     name: gate_cpu
@@ -18,7 +21,7 @@ An ablation file (strict: unknown keys are errors):
       channel: {model.gate: channel}          # dotted overrides of the run config
       token:   {model.gate: token}
       token-pruned: {overrides: {model.gate: token}, prune: {off_threshold: 0.3}}
-    eval: {tasks: [ppl, needle], options: {needle_contexts: [128, 256]}}
+    eval: {tasks: [ppl, needle], options: {needle: {contexts: [128, 256]}}}   # fusiontree.eval.tasks.EvalOptions
     jobs: 1                                   # variants trained at once
 
 Every variant trains through `launch/train.py` in its own process (`python`, one process,
@@ -49,11 +52,13 @@ from pathlib import Path
 
 import yaml
 
-from fusiontree.config import merge_dicts
-from fusiontree.eval.tables import markdown_table, summary_row
+from fusiontree.checkpoint import CheckpointManager, checkpoint_step
+from fusiontree.config import dataclass_from_dict, merge_dicts
+from fusiontree.eval.report import markdown_table, summary_row
+from fusiontree.eval.tasks import EvalOptions, expand_tasks
 
 log = logging.getLogger("fusiontree.ablate")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TOP_KEYS = {"name", "description", "out_dir", "runs_dir", "base_config", "base", "data_build", "variants", "eval",
             "jobs"}
 VARIANT_KEYS = {"overrides", "prune"}
@@ -92,7 +97,7 @@ class Ablation:
     base: dict
     variants: list[Variant]
     eval_tasks: list[str]
-    eval_options: dict
+    eval_options: EvalOptions
     eval_threads: int = 0
     jobs: int = 1
     description: str = ""
@@ -105,17 +110,6 @@ def _resolve(path: str) -> Path:
     else under the repository root (so ablation files work from anywhere)."""
     p = Path(path)
     return p.resolve() if p.is_absolute() or p.exists() else (ROOT / p).resolve()
-
-
-def _nested(dotted: dict) -> dict:
-    out: dict = {}
-    for key, value in dotted.items():
-        node = out
-        parts = str(key).split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
 
 
 def load_ablation(path: str | Path) -> Ablation:
@@ -174,13 +168,11 @@ def load_ablation(path: str | Path) -> Ablation:
     jobs = int(spec.get("jobs", 1))
     if jobs < 1:
         raise ValueError(f"{path}: jobs={jobs} must be >= 1")
-    from fusiontree.eval.eval_llm import EvalOptions, expand_tasks
-
     tasks = expand_tasks(ev.get("tasks", ["ppl", "needle"]))
-    opts = ev.get("options") or {}
-    allowed = {f.name for f in dataclasses.fields(EvalOptions)}
-    if set(opts) - allowed:
-        raise ValueError(f"{path}: unknown eval options {sorted(set(opts) - allowed)}; allowed: {sorted(allowed)}")
+    try:
+        opts = dataclass_from_dict(EvalOptions, ev.get("options") or {})
+    except ValueError as e:
+        raise ValueError(f"{path}: eval.options: {e}") from e
     out_dir = _resolve(spec.get("out_dir", f"runs/ablations/{spec['name']}"))
     runs_dir = _resolve(spec["runs_dir"]) if spec.get("runs_dir") else out_dir / "runs"
     return Ablation(name=str(spec["name"]), out_dir=out_dir, runs_dir=runs_dir, base=base, variants=variants,
@@ -193,10 +185,10 @@ def load_ablation(path: str | Path) -> Ablation:
 def build_data(spec: DataBuild) -> Path:
     """Build the shards of `spec` (with passkey documents if asked) unless already built."""
     from fusiontree.data.build import BuildArgs, build_shards
+    from fusiontree.eval import passkey
     from fusiontree.eval.passkey import write_training_jsonl
 
     out = _resolve(spec.output)
-    from fusiontree.eval import passkey
 
     # The spec and the passkey document template: a changed template must rebuild the data
     # (and so retrain: the run key holds the manifest) even though the spec file is unchanged.
@@ -259,11 +251,9 @@ def _override_args(overrides: dict) -> list[str]:
 
 
 def run_finished(run_dir: Path, steps: int) -> Path | None:
-    from fusiontree.train.checkpoint import CheckpointManager
-
     latest = CheckpointManager(run_dir / "checkpoints", 0, 1).latest_valid() if (run_dir / "checkpoints").is_dir() \
         else None
-    if latest is not None and json.loads((latest / "meta.json").read_text())["step"] >= steps:
+    if latest is not None and checkpoint_step(latest) >= steps:
         return latest
     return None
 
@@ -383,9 +373,9 @@ def _plan_for(prune, checkpoint: Path) -> dict:
 
 
 def evaluate_variant(v: Variant, run: dict, ab: Ablation) -> dict:
-    from fusiontree.eval.eval_llm import EvalOptions, evaluate
-    from fusiontree.eval.loading import checkpoint_tokenizer, load_checkpoint
+    from fusiontree.checkpoint import checkpoint_tokenizer, load_checkpoint
     from fusiontree.eval.pruning import apply_pruning
+    from fusiontree.eval.tasks import evaluate
 
     ckpt_dir = run["checkpoint"]
     info: dict = {"overrides": v.overrides, "run_dir": str(run["run_dir"]), "checkpoint": str(ckpt_dir),
@@ -398,17 +388,16 @@ def evaluate_variant(v: Variant, run: dict, ab: Ablation) -> dict:
     ck = load_checkpoint(ckpt_dir)
     m = ck.cfg.model
     info.update(params=sum(p.numel() for p in ck.model.parameters()), n_layers=m.n_layers, mixer=m.mixer,
-                attn_pattern=m.attn_pattern if m.has_attention else "-", window=m.window)
+                attn_pattern=m.attn_pattern if m.has_attention else "-", window=m.local_window)
     sp = checkpoint_tokenizer(ck)
-    opts = EvalOptions(**ab.eval_options)
-    info["eval"] = evaluate(ck.model, sp, ab.eval_tasks, opts, out, shards_dir=ck.cfg.data.shards_dir,
-                            title=f"{ab.name}: {v.name}")
+    info["eval"] = evaluate(ck.model, sp, ab.eval_tasks, ab.eval_options, out, shards_dir=ck.cfg.data.shards_dir,
+                            title=f"{ab.name}: {v.name}", loss=ck.cfg.loss)
     return info
 
 
 def table_row(name: str, info: dict) -> dict:
     row = {"variant": name, "mixer": info["mixer"], "layers": info["n_layers"], "pattern": info["attn_pattern"],
-           "window": info["window"] if info["attn_pattern"] not in ("-",) and "L" in info["attn_pattern"] else "-",
+           "window": info["window"] if info["window"] is not None else "-",
            "params (M)": info["params"] / 1e6, "train tokens": info["tokens_seen"],
            "train loss": info["final_train_loss"]}
     if info.get("pruned") is not None:

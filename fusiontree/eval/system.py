@@ -20,6 +20,7 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -80,6 +81,23 @@ def _mib(n: int) -> float:
 
 
 DECODE_MODES = ("eager", "static", "cuda_graph", "compiled_cuda_graph")
+
+
+@dataclass
+class SystemOptions:
+    contexts: list[int] = field(default_factory=lambda: [512, 2048])
+    batch: int = 1
+    decode_steps: int = 32
+    # eager | static | cuda_graph | compiled_cuda_graph: how decode steps run (`measure_system`)
+    decode_mode: str = "eager"
+    train: bool = True  # also measure training throughput
+    train_seq_len: int = 512
+    train_micro_batch: int = 4
+    train_steps: int = 4
+
+    def validate(self) -> None:
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"system.decode_mode={self.decode_mode!r}; choose one of {DECODE_MODES}")
 
 
 def _decode_fn(model, kv, ms, context: int, mode: str):
@@ -165,7 +183,7 @@ def training_throughput(model_cfg, seq_len: int, micro_batch: int, steps: int = 
     """Tokens/s of forward + backward + AdamW steps on random tokens at `seq_len`, for a
     freshly built model of `model_cfg` (one process, no DeepSpeed: the model's own speed).
     precision: fp32, bf16 (autocast) or auto (bf16 on CUDA, fp32 on CPU)."""
-    from fusiontree.config import LossConfig
+    from fusiontree.config import KernelConfig, LossConfig
     from fusiontree.models import HybridLanguageModel
     from fusiontree.models.flops import flops_per_token
     from fusiontree.ops import resolve_kernels
@@ -178,7 +196,7 @@ def training_throughput(model_cfg, seq_len: int, micro_batch: int, steps: int = 
         raise ValueError(f"seq_len={seq_len} exceeds model max_seq_len={model_cfg.max_seq_len}")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     torch.manual_seed(seed)
-    kern = kernels if kernels is not None else resolve_kernels(_auto_kernels(), device)
+    kern = kernels if kernels is not None else resolve_kernels(KernelConfig(), device)
     model = HybridLanguageModel(model_cfg, kern).to(device).train()
     model.check_inputs = False
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -206,12 +224,6 @@ def training_throughput(model_cfg, seq_len: int, micro_batch: int, steps: int = 
             "peak_mib": _mib(mem.peak_bytes), "phase_growth_mib": _mib(mem.delta_bytes),
             "memory_kind": _memory_kind(device), "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters())}
-
-
-def _auto_kernels():
-    from fusiontree.config import KernelConfig
-
-    return KernelConfig()
 
 
 def _device_name(device: torch.device) -> str:
@@ -242,3 +254,17 @@ def system_markdown(s: dict) -> str:
                   f"{t['tokens_per_s']:.0f} tokens/s, {t['model_tflops']:.3f} model TFLOP/s, "
                   f"peak {t['peak_mib']:.0f} MiB"]
     return "\n".join(lines)
+
+
+def run_system(model, opts: SystemOptions) -> dict:
+    """The `system` task: `measure_system` at the contexts that fit the model, and the training
+    throughput of a fresh model of its config unless `opts.train` is false."""
+    max_len = model.cfg.max_seq_len
+    ctxs = [L for L in opts.contexts if L + opts.decode_steps <= max_len]
+    if not ctxs:
+        raise ValueError(f"every system context {opts.contexts} (+ decode steps) exceeds max_seq_len={max_len}")
+    res = measure_system(model, ctxs, opts.batch, opts.decode_steps, decode_mode=opts.decode_mode)
+    if opts.train:
+        res["train"] = training_throughput(model.cfg, min(opts.train_seq_len, max_len), opts.train_micro_batch,
+                                           opts.train_steps, next(model.parameters()).device, kernels=model.kernels)
+    return res

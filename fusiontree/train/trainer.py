@@ -1,0 +1,376 @@
+"""The trainer: set up, step, evaluate, save, resume. `launch/train.py` parses the command line
+and calls `run_training`.
+
+    run_training(load_config("configs/pretrain_v1.yaml"), ds_config="configs/ds/zero2.json", resume="auto")
+
+It reads top to bottom: `Trainer.__init__` sets up the processes, the data, the model (plain,
+then parallelized and given its training mechanics from outside), the DeepSpeed engine and
+the state to resume; `train_step` is one optimizer step; `Trainer.fit` is the loop;
+`Trainer.finish` the end of the run. Side concerns (metrics, evaluation, gate monitor,
+checkpoints) hang on the hooks of fusiontree/train/hooks.py.
+
+A signal (SIGUSR1: Slurm's warning before the time limit; SIGTERM: preemption) finishes the
+step in flight; the ranks agree on stopping through one all-reduce, save a checkpoint and
+exit cleanly, and `--resume auto` continues with the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fusiontree.checkpoint import CheckpointManager
+from fusiontree.config import RunConfig, config_to_dict, dump_config
+from fusiontree.data import build_train_loader, build_val_loaders, load_tokenizer
+from fusiontree.inference import generate
+from fusiontree.models import HybridLanguageModel
+from fusiontree.models.flops import flops_per_token as model_flops_per_token
+from fusiontree.ops import resolve_kernels
+from fusiontree.parallel import DeepSpeedMPU, consolidated_model_state, init_parallel_state, parallelize
+from fusiontree.train.distributed import all_reduce_max, init_distributed, shutdown
+from fusiontree.train.gate_monitor import GateMonitor
+from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
+from fusiontree.train.losses import HybridModelLoss
+from fusiontree.train.mechanics import apply_activation_checkpointing, apply_compile
+from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, device_peak_flops, memory_gib
+from fusiontree.train.optim import SkippableAdamW, build_optimizer, lr_at
+from fusiontree.train.state import TrainState, rng_state, seed_everything, set_rng_state
+from fusiontree.train.validation import validation_metrics, validation_sums
+
+log = logging.getLogger("fusiontree.train")
+
+
+# ------------------------------------------------------------------------------ set-up helpers
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)] if rank == 0 else []
+    handlers.append(logging.FileHandler(run_dir / "logs" / f"rank{rank:03d}.log"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s")
+
+
+def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accum: int, bf16: bool) -> dict:
+    """The DeepSpeed JSON with batch sizes, clipping and precision filled from the run config
+    (one source of truth): a JSON that sets them differently is an error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--ds_config {path} does not exist; see configs/ds/zero{{0,1,2,3}}.json")
+    ds = json.loads(p.read_text())
+    ours = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": cfg.train.grad_clip}
+    for key, value in ours.items():
+        if key in ds and ds[key] != value and ds[key] != "auto":
+            raise ValueError(f"{path} sets {key}={ds[key]}, but the run config implies {value}; remove it from "
+                             "the DeepSpeed JSON (batch sizes come from data.*, clipping from train.grad_clip)")
+    ds.pop("train_batch_size", None)
+    ds.update(ours)
+    ds["bf16"] = {"enabled": bf16}
+    ds.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW: no C++ op to build
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+class StopSignal:
+    """Remembers a SIGUSR1 / SIGTERM; `agreed()` says whether any rank got one."""
+
+    def __init__(self):
+        self.got = 0
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.got = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        return all_reduce_max(float(self.got > 0), device) > 0  # deliberate sync: once per step
+
+
+# ------------------------------------------------------------------------------ the step
+
+def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelLoss, ctx: TrainContext,
+               gate_hook: GateMonitorHook, zero_stage: int) -> dict:
+    """One optimizer step over `len(batches)` micro-batches. Returns this rank's metrics."""
+    cfg, device = ctx.cfg, ctx.device
+    loss_sum = torch.zeros((), device=device)
+    ce_sum = torch.zeros((), device=device)
+    tokens = 0
+    optimizer.last_step_skipped = False
+    ds_skipped_before = engine.skipped_steps
+    grad_norm = None
+    for i, batch in enumerate(batches):
+        ids = batch["input_ids"].to(device, non_blocking=True)
+        pos = batch["position_ids"].to(device, non_blocking=True)
+        seq = batch["seq_idx"].to(device, non_blocking=True)
+        want_stats = i == 0 and gate_hook.wants_stats(ctx.state.step + 1)
+        out = engine(ids, position_ids=pos, seq_idx=seq, collect_gate_stats=want_stats)
+        if want_stats:
+            gate_hook.pending = out.gate_stats
+        loss, parts = loss_fn(out.logits, ids, out.gates, seq_idx_BT=seq)
+        if ctx.state.step + 1 in cfg.train.inject_nan_steps:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        if i == len(batches) - 1 and zero_stage == 0:
+            # ZeRO-0 reports no norm of its own; gradients are reduced after the last backward.
+            grad_norm = torch.linalg.vector_norm(torch.stack(
+                [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]))
+        engine.step()
+        loss_sum += loss.detach().float()
+        ce_sum += parts["ce"].float()
+        tokens += ids.numel()
+    skipped = optimizer.last_step_skipped or engine.skipped_steps > ds_skipped_before
+    if grad_norm is None:
+        gn = engine.get_global_grad_norm()
+        grad_norm = torch.tensor(float("nan") if gn is None else float(gn))
+    n = len(batches)
+    return {"loss": loss_sum / n, "ce": ce_sum / n, "tokens": tokens, "skipped": skipped,
+            "grad_norm": grad_norm.float().to(device)}
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None):
+        self.cfg = cfg
+        self._init_processes(local_rank)
+        self._init_data()
+        self._init_model(ds_config)
+        self._init_state(resume)
+        self._init_hooks()
+
+    def _init_processes(self, local_rank: int | None) -> None:
+        cfg = self.cfg
+        self.di = init_distributed(local_rank, cfg.train.device)
+        init_parallel_state(cfg.parallel)  # megatron-core tensor- and data-parallel groups
+        self.mpu = DeepSpeedMPU()
+        self.dp_rank, self.dp_size = self.mpu.get_data_parallel_rank(), self.mpu.get_data_parallel_world_size()
+        self.run_dir = Path(cfg.out_dir)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir, self.di.rank)
+        if self.di.is_main:
+            log.info("resolved config:\n%s", dump_config(cfg))
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        seed_everything(cfg.seed)
+
+    def _init_data(self) -> None:
+        """Tokenizer, the curriculum loader of this data-parallel rank, validation loaders. The
+        ranks of one tensor-parallel group read the same batches."""
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.data)
+        if self.tokenizer.vocab_size() != cfg.model.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size()} ids but model.vocab_size="
+                             f"{cfg.model.vocab_size}; set --model.vocab_size={self.tokenizer.vocab_size()}")
+        self.train_loader = build_train_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size, seed=cfg.seed)
+        self.val_loaders = build_val_loaders(cfg.data, rank=self.dp_rank, world_size=self.dp_size)
+
+    def _init_model(self, ds_config: str) -> None:
+        """The plain model, parallelized, with its training mechanics, inside a DeepSpeed engine
+        over torch's AdamW."""
+        cfg, di = self.cfg, self.di
+        self.kernels = resolve_kernels(cfg.kernels, di.device)
+        log.info("kernels: %s", self.kernels.describe())
+        model = HybridLanguageModel(cfg.model, self.kernels).to(di.device)
+        model.check_inputs = False  # the data pipeline already checked the ids
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and di.device.type == "cuda")
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model %s: %.2fM parameters, precision %s, %d process(es): tensor parallel %d%s x data parallel %d",
+                 cfg.model.preset, n_params / 1e6, "bf16" if self.bf16 else "fp32", di.world_size,
+                 cfg.parallel.tensor_parallel, " (+ sequence parallel)" if cfg.parallel.sequence_parallel else "",
+                 self.dp_size)
+        if cfg.parallel.tensor_parallel > 1:
+            model = parallelize(model, cfg.parallel)
+        if cfg.train.compile:
+            apply_compile(model)  # per block; compiled on the first step of each sequence length
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model, cfg.train.checkpoint_num_layers)
+
+        import deepspeed
+
+        self.optimizer = build_optimizer(model, cfg.train)
+        loader = self.train_loader
+        ds_cfg = deepspeed_config(ds_config, cfg, loader.micro_batch_size, loader.grad_accum_steps, self.bf16)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.loss_fn = HybridModelLoss(cfg.loss)
+
+    def _init_state(self, resume: str) -> None:
+        """`resume`: none (a directory that already holds checkpoints is refused), auto (the
+        latest valid checkpoint, if any) or a checkpoint directory."""
+        cfg, di = self.cfg, self.di
+        self.state = TrainState()
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", di.rank, di.world_size,
+                                      keep=cfg.train.keep_checkpoints)
+        self.monitor = GateMonitor(cfg.model.n_layers)
+        latest = self.ckpt.latest_valid()
+        if resume == "none" and latest is not None:
+            raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue that run, "
+                             "or choose a new out_dir")
+        path = latest if resume == "auto" else (None if resume == "none" else Path(resume))
+        if path is not None:
+            self.resume(path)
+
+    def _init_hooks(self) -> None:
+        cfg, di = self.cfg, self.di
+        self.sink = RankZeroMetrics(self.run_dir, cfg.train.steps, config_to_dict(cfg), cfg.train.wandb_project,
+                                    start_step=self.state.step) if di.is_main else MetricsSink()
+        self.gate_hook = GateMonitorHook(self.monitor, cfg.train.gate_stats_every_steps)
+        self.hooks = Hooks([self.gate_hook, EvalHook(cfg.train.eval_every_steps, self.evaluate),
+                            MetricsHook(self.sink, cfg.train.log_every_steps),
+                            CheckpointHook(cfg.train.checkpoint_every_steps, self.save)])
+        self.ctx = TrainContext(cfg, self.engine, self.state, self.run_dir, di.is_main, di.device)
+        self.stop = StopSignal()
+        self._flops: dict[int, int] = {}  # of the plain model: a tensor-parallel module counts its share
+        self.peak_flops, peak_src = device_peak_flops(di.device, cfg.train.peak_flops_per_device)
+        log.info("MFU denominator: %.3g FLOP/s per device (%s)", self.peak_flops, peak_src)
+
+    # -------------------------------------------------------------------------- evaluate, save, resume
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss per bucket and overall, over all ranks (collective)."""
+        sums = validation_sums(self.engine.module, self.val_loaders, self.loss_fn, self.di.device,
+                               self.cfg.train.eval_batches, forward=self.engine)
+        return validation_metrics(sums)
+
+    def plain_model_state(self) -> dict | None:
+        """The single-device model's weights on rank 0 (collective: they may be sharded)."""
+        return consolidated_model_state(self.engine.module, self.cfg.model, self.cfg.parallel.tensor_parallel,
+                                        self.zero_stage, self.di.is_main)
+
+    def save(self) -> str:
+        """Collective: a checkpoint of the step just taken. Returns its directory."""
+        cfg, state = self.cfg, self.state
+        trainer = {"state": state.to_dict(), "loader": self.train_loader.state_dict(), "rng": rng_state(),
+                   "gate_monitor": self.monitor.state_dict()}
+        meta = {"tokens_seen": self.train_loader.tokens_seen, "tokenizer": str(cfg.data.tokenizer_path()),
+                "zero_stage": self.zero_stage, "preset": cfg.model.preset}
+        path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, self.plain_model_state())
+        if self.di.is_main:
+            if any(s.updates for s in self.monitor.layers):
+                self.monitor.export_pruning_plan(path / "pruning_plan.json")
+            log.info("checkpoint %s", path)
+        return str(path)
+
+    def resume(self, path: Path) -> None:
+        """Collective: engine, counters, loader position, gate statistics and RNGs of `path`."""
+        trainer, _ = self.ckpt.load(self.engine, path)
+        self.state = TrainState.from_dict(trainer["state"])
+        self.train_loader.load_state_dict(trainer["loader"])
+        self.monitor.load_state_dict(trainer["gate_monitor"])
+        set_rng_state(trainer["rng"])
+        log.info("resumed from %s at step %d (%d tokens seen)", path, self.state.step, self.train_loader.tokens_seen)
+
+    # -------------------------------------------------------------------------- the loop
+
+    def flops_per_token(self, seq_len: int) -> int:
+        if seq_len not in self._flops:
+            self._flops[seq_len] = model_flops_per_token(self.cfg.model, seq_len)
+        return self._flops[seq_len]
+
+    def fit(self) -> None:
+        cfg, loader = self.cfg, self.train_loader
+        self.engine.train()
+        t_last = time.perf_counter()
+        while self.state.step < cfg.train.steps:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr_at(self.state.applied_steps, cfg.train.lr_peak, cfg.train.lr_warmup_steps,
+                                cfg.train.steps, cfg.train.lr_decay, cfg.train.lr_min_ratio,
+                                cfg.train.lr_decay_fraction)
+            seq_len = loader.seq_len
+            batches = [loader.next_batch() for _ in range(loader.grad_accum_steps)]
+            m = train_step(self.engine, self.optimizer, batches, self.loss_fn, self.ctx, self.gate_hook,
+                           self.zero_stage)
+            t_last = self._end_step(m, seq_len, t_last)
+            if self.ctx.stop_requested:
+                log.warning("stop requested by signal: checkpoint saved at step %d, exiting", self.state.step)
+                break
+
+    def _end_step(self, m: dict, seq_len: int, t_last: float) -> float:
+        """Agree on the step's loss and on stopping, count it, move the token clock, run the hooks.
+        Returns the time the step ended (`t_last`: when the previous one did)."""
+        cfg, di, state = self.cfg, self.di, self.state
+        red = torch.stack([m["loss"], m["ce"]]).float()  # equal within a tensor-parallel group
+        if dist.is_initialized() and di.world_size > 1:
+            dist.all_reduce(red)
+            red /= di.world_size
+        stop = self.stop.agreed(di.device)
+        loss, ce = (float(x) for x in red.tolist())  # host sync: once per step, for logging
+        tokens = m["tokens"] * self.dp_size
+        state.step += 1
+        if m["skipped"] or not math.isfinite(loss):
+            state.skipped_steps += 1
+            state.consecutive_bad += 1
+            log.warning("step %d skipped: non-finite loss or gradients (loss %s); %d in a row, %d in total",
+                        state.step, loss, state.consecutive_bad, state.skipped_steps)
+        else:
+            state.applied_steps += 1
+            state.consecutive_bad = 0
+        self.train_loader.advance(int(tokens))
+        now = time.perf_counter()
+        tps = tokens / (now - t_last)
+        self.ctx.metrics = {
+            "loss": loss, "ce": ce, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(m["grad_norm"]),
+            "tokens": int(tokens), "tokens_seen": self.train_loader.tokens_seen, "tokens_per_s": tps,
+            "seq_len": seq_len, "skipped_steps": state.skipped_steps,
+            "mfu": (tps / di.world_size) * self.flops_per_token(seq_len) / self.peak_flops if self.peak_flops else None,
+            "mem_gib": memory_gib(di.device)}
+        self.ctx.stop_requested = stop
+        if state.consecutive_bad > cfg.train.max_bad_steps:
+            raise SystemExit(f"stopping: {state.consecutive_bad} consecutive steps with non-finite loss or "
+                             f"gradients (train.max_bad_steps={cfg.train.max_bad_steps}); the last good "
+                             f"checkpoint is {state.last_checkpoint or 'none (no checkpoint saved yet)'}")
+        self.hooks.on_step_end(self.ctx)
+        return now
+
+    # -------------------------------------------------------------------------- the end
+
+    def finish(self) -> None:
+        """Final evaluation, checkpoint and pruning plan (hooks), and a generation sample; a run
+        stopped by a signal only closes its metrics."""
+        cfg, di = self.cfg, self.di
+        if cfg.train.compile:
+            from torch._dynamo.utils import counters
+
+            # Graph breaks are expected around the SSD and attention kernels (opaque to the compiler).
+            log.info("train.compile: %d graphs compiled, %d graph breaks", counters["stats"]["unique_graphs"],
+                     sum(counters["graph_break"].values()))
+        if self.ctx.stop_requested:
+            self.sink.close()
+            return
+        self.hooks.on_train_end(self.ctx)
+        sharded = self.zero_stage == 3 or cfg.parallel.tensor_parallel > 1
+        weights = self.plain_model_state() if sharded else None
+        if di.is_main:
+            model = self.engine.module
+            if weights is not None:  # the weights are sharded: sample from a gathered plain copy
+                model = HybridLanguageModel(cfg.model, self.kernels).to(di.device)
+                model.load_state_dict(weights)
+            sample = generate_sample(model, self.tokenizer, cfg)
+            log.info("sample: %r", sample)
+            (self.run_dir / "sample.txt").write_text(sample)
+
+
+@torch.no_grad()
+def generate_sample(model: HybridLanguageModel, tokenizer, cfg: RunConfig) -> str:
+    model.eval()
+    ids = torch.tensor([[tokenizer.bos_id()] + tokenizer.encode(cfg.generate.prompt)],
+                       device=next(model.parameters()).device)
+    out = generate(model, ids, cfg.generate.max_new_tokens, temperature=cfg.generate.temperature,
+                   top_k=cfg.generate.top_k, top_p=cfg.generate.top_p, eos_token_id=tokenizer.eos_id())
+    return tokenizer.decode(out[0, 1:].tolist())
+
+
+def run_training(cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None) -> int:
+    """Train `cfg` to its last step (or to a stop signal), then leave the process group."""
+    trainer = Trainer(cfg, ds_config, resume, local_rank)
+    trainer.fit()
+    trainer.finish()
+    shutdown()
+    return 0
