@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # Tests and the default job never reach wandb's servers.
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test clean
 
 setup: $(STAMP)
 

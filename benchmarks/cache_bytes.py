@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fusiontree.models.config import model_preset
+from fusiontree.models import HybridLanguageModel
+from _results import git_commit, write_results
 
-from fusiontree.models.config import model_preset  # noqa: E402
-from fusiontree.models import HybridLanguageModel  # noqa: E402
-from _results import git_commit, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_bytes(cfg, context: int) -> tuple[int, int]:

@@ -27,14 +27,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fusiontree.config import CurriculumStage, DataConfig, LossConfig
+from fusiontree.models.config import model_preset
+from fusiontree.data import build_train_loader
+from fusiontree.data.build import BuildArgs, build_shards
+from fusiontree.data.corpus import cpu_count
 
-from fusiontree.config import CurriculumStage, DataConfig, LossConfig  # noqa: E402
-from fusiontree.models.config import model_preset  # noqa: E402
-from fusiontree.data import build_train_loader  # noqa: E402
-from fusiontree.data.build import BuildArgs, build_shards  # noqa: E402
-from fusiontree.data.corpus import cpu_count  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_build(inputs: list[str], out: Path, workers: int, tokenizer: str = "") -> dict:

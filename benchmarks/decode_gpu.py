@@ -25,17 +25,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fusiontree.config import KernelConfig
+from fusiontree.models.config import model_preset
+from fusiontree.inference.cuda_graph import GraphedDecoder
+from fusiontree.models import HybridLanguageModel
+from fusiontree.models.flops import count_params
+from fusiontree.models.layers import cast_model
+from fusiontree.ops import resolve_kernels
+from _results import cuda_span_ms, git_commit, write_results
 
-from fusiontree.config import KernelConfig  # noqa: E402
-from fusiontree.models.config import model_preset  # noqa: E402
-from fusiontree.inference.cuda_graph import GraphedDecoder  # noqa: E402
-from fusiontree.models import HybridLanguageModel  # noqa: E402
-from fusiontree.models.flops import count_params  # noqa: E402
-from fusiontree.models.layers import cast_model  # noqa: E402
-from fusiontree.ops import resolve_kernels  # noqa: E402
-from _results import cuda_span_ms, git_commit, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()

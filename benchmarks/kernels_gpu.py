@@ -1,4 +1,4 @@
-"""GPU kernels per backend (issue 6, item 3a): SSD and window attention forward+backward at 32K
+"""GPU kernels per backend: SSD and window attention forward+backward at 32K
 tokens, and one decode step.
 
     python benchmarks/kernels_gpu.py [--sections ssd,attention,decode] [--out FILE.json] [--commit HASH]
@@ -6,7 +6,7 @@ tokens, and one decode step.
 Shapes (bf16, batch 1):
 - ssd: L=32768, 32 heads x 64, state 128, 1 group, chunk 256; dt and A fp32 as the model
   passes them; every SSD backend that loads (mamba_ssm is the anchor) and the reference.
-- attention: L=32768, 16 heads x 64 (one kv head per head, like the baselines in GPU.md):
+- attention: L=32768, 16 heads x 64 (one kv head per head, the usual baseline shape):
   the flex backend at W = 512, 1024, 2048, and its global path (SDPA, full causal); then
   W=1024 with 4 kv heads (the presets' GQA) and W=1024 over 8 packed documents, and the cost
   of building a document block mask (once per forward, shared by the layers).
@@ -33,15 +33,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fusiontree.config import KernelConfig
+from fusiontree.models.hybrid import positions_from_seq_idx
+from fusiontree.ops import resolve_kernels
+from fusiontree.ops.attention import attention_ref
+from fusiontree.ops.backends import flex as flex_backend
+from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
 
-from fusiontree.config import KernelConfig  # noqa: E402
-from fusiontree.models.hybrid import positions_from_seq_idx  # noqa: E402
-from fusiontree.ops import resolve_kernels  # noqa: E402
-from fusiontree.ops.attention import attention_ref  # noqa: E402
-from fusiontree.ops.backends import flex as flex_backend  # noqa: E402
-from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEV = "cuda"
 L = 32768

@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _results import git_commit, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-from _results import git_commit, write_results  # noqa: E402
 
 
 def run_mode(name: str, shards: Path, steps: int, workdir: Path) -> dict:

@@ -28,19 +28,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fusiontree.config import KernelConfig, LossConfig
+from fusiontree.models.config import model_preset
+from fusiontree.models import HybridLanguageModel
+from fusiontree.models.flops import count_params, flops_per_token
+from fusiontree.models.layers import cast_model
+from fusiontree.ops import resolve_kernels
+from fusiontree.train.losses import HybridModelLoss
+from fusiontree.train.mechanics import apply_activation_checkpointing, apply_compile
+from fusiontree.train.metrics import device_peak_flops
+from _results import cuda_span_ms, git_commit, write_results
 
-from fusiontree.config import KernelConfig, LossConfig  # noqa: E402
-from fusiontree.models.config import model_preset  # noqa: E402
-from fusiontree.models import HybridLanguageModel  # noqa: E402
-from fusiontree.models.flops import count_params, flops_per_token  # noqa: E402
-from fusiontree.models.layers import cast_model  # noqa: E402
-from fusiontree.ops import resolve_kernels  # noqa: E402
-from fusiontree.train.losses import HybridModelLoss  # noqa: E402
-from fusiontree.train.mechanics import apply_activation_checkpointing, apply_compile  # noqa: E402
-from fusiontree.train.metrics import device_peak_flops  # noqa: E402
-from _results import cuda_span_ms, git_commit, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CASES = ("small@4096x2,transformer-small@4096x2,1b@4096x1,transformer-1b@4096x1,"
                  "small@32768x1+ckpt,transformer-small@32768x1+ckpt")

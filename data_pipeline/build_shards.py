@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fusiontree.data.build import DEFAULT_SEQ_LENGTHS, BuildArgs, build_shards, format_summary  # noqa: E402
-from fusiontree.data.corpus import cpu_count  # noqa: E402
+from fusiontree.data.build import DEFAULT_SEQ_LENGTHS, BuildArgs, build_shards, format_summary
+from fusiontree.data.corpus import cpu_count
 
 
 def _int_list(text: str) -> list[int]:

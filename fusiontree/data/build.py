@@ -184,7 +184,10 @@ def _tokenizer_sample(units: list[Unit], args: BuildArgs, tqdm) -> tuple[list[st
 
 
 def build_shards(args: BuildArgs) -> dict:
-    """Run the whole build; returns the manifest plus timings (`summary["timing"]`)."""
+    """Run the whole build; returns the manifest plus timings (`summary["timing"]`).
+
+    Why one function: the phases (tokenizer, packing per split, manifest) run once each, in
+    order, and share the output directory and one timing record; it reads top to bottom."""
     from tqdm import tqdm
 
     args.validate()
