@@ -41,8 +41,10 @@ from fusiontree.train.gate_monitor import GateMonitor  # noqa: E402
 from fusiontree.train.hooks import (CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook,  # noqa: E402
                                     TrainContext, TrainState)
 from fusiontree.train.losses import HybridModelLoss  # noqa: E402
-from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, device_peak_flops, memory_gib  # noqa: E402
+from fusiontree.train.metrics import (MetricsSink, RankZeroMetrics, StepProfiler, device_peak_flops,  # noqa: E402
+                                     memory_gib)
 from fusiontree.train.optim import SkippableAdamW, lr_at, param_groups  # noqa: E402
+from fusiontree.train.startup import StartupClock, use_compile_cache  # noqa: E402
 
 log = logging.getLogger("fusiontree.train")
 
@@ -212,10 +214,15 @@ def evaluate(engine, val_loaders: dict, loss_fn: HybridModelLoss, device: torch.
 # ------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
+    clock = StartupClock()
+    clock.mark("imports")
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    if cfg.train.compile_cache_dir:
+        use_compile_cache(cfg.train.compile_cache_dir)  # before anything compiles
     di: DistInfo = init_distributed(args.local_rank, cfg.train.device)
     init_parallel_state(cfg.parallel)  # megatron-core tensor- and data-parallel groups
+    clock.mark("distributed")
     mpu = DeepSpeedMPU()
     dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
 
@@ -235,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     # the ranks of one tensor-parallel group read the same batches
     train_loader = build_train_loader(cfg.data, rank=dp_rank, world_size=dp_size, seed=cfg.seed)
     val_loaders = build_val_loaders(cfg.data, rank=dp_rank, world_size=dp_size)
+    clock.mark("data")
 
     # model, kernels, precision
     kernels = resolve_kernels(cfg.kernels, di.device)
     log.info("kernels: %s", kernels.describe())
-    model = HybridLanguageModel(cfg.model, kernels).to(di.device)
+    with torch.device(di.device):  # initialised where it trains: a 7B model's fp32 init on the host takes minutes
+        model = HybridLanguageModel(cfg.model, kernels)
     model.check_inputs = False  # the data pipeline already checked the ids
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.checkpoint_num_layers = cfg.train.checkpoint_num_layers
@@ -262,11 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     ds_cfg = deepspeed_config(args.ds_config, cfg, train_loader.micro_batch_size, train_loader.grad_accum_steps, bf16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg, mpu=mpu)
     zero_stage = engine.zero_optimization_stage()
+    if cfg.train.cuda_graphs:
+        if zero_stage == 3:
+            raise ValueError("train.cuda_graphs=true needs parameters that stay in place, but ZeRO-3 gathers "
+                             "them anew every forward; use ZeRO 0-2 (configs/ds/zero{0,1,2}.json)")
+        from fusiontree.train.cuda_graphs import apply_cuda_graphs
+
+        apply_cuda_graphs(engine.module)  # after DeepSpeed has given the parameters their storage
+    clock.mark("model_and_engine")
     loss_fn = HybridModelLoss(cfg.loss)
 
     # resume
     state = TrainState()
-    ckpt = CheckpointManager(run_dir / "checkpoints", di.rank, di.world_size, keep=cfg.train.keep_checkpoints)
+    ckpt = CheckpointManager(run_dir / "checkpoints", di.rank, di.world_size, keep=cfg.train.keep_checkpoints,
+                             async_save=cfg.train.async_checkpoint)
     monitor = GateMonitor(cfg.model.n_layers)
     resume_from = ckpt.latest_valid() if args.resume == "auto" else (None if args.resume == "none" else Path(args.resume))
     if args.resume == "none" and ckpt.latest_valid() is not None:
@@ -279,28 +297,31 @@ def main(argv: list[str] | None = None) -> int:
         monitor.load_state_dict(trainer["gate_monitor"])
         set_rng_state(trainer["rng"])
         log.info("resumed from %s at step %d (%d tokens seen)", resume_from, state.step, state.tokens_seen)
+        clock.mark("resume")
 
     def save() -> str:
         trainer = {"state": state.to_dict(), "loader": train_loader.state_dict(), "rng": rng_state(),
                    "gate_monitor": monitor.state_dict()}
         meta = {"tokens_seen": state.tokens_seen, "tokenizer": str(cfg.data.tokenizer_path()),
                 "zero_stage": zero_stage, "preset": cfg.model.preset}
+        plan = {"pruning_plan.json": monitor.pruning_plan_json()} \
+            if di.is_main and any(s.updates for s in monitor.layers) else {}
         path = ckpt.save(engine, state.step, trainer, dump_config(cfg), meta,
-                         consolidated_model_state(engine, cfg, zero_stage, di.is_main))
+                         consolidated_model_state(engine, cfg, zero_stage, di.is_main), extra_files=plan)
         if di.is_main:
-            monitor.export_pruning_plan(path / "pruning_plan.json") if any(s.updates for s in monitor.layers) else None
-            log.info("checkpoint %s", path)
+            log.info("checkpoint %s%s", path, " (writing in the background)" if ckpt.async_save else "")
         return str(path)
 
     # hooks
     sink = RankZeroMetrics(run_dir, cfg.train.steps, config_to_dict(cfg), cfg.train.wandb_project,
                            start_step=state.step) if di.is_main else MetricsSink()
     gate_hook = GateMonitorHook(monitor, cfg.train.gate_stats_every_steps)
+    # The checkpoint hook runs before the metrics hook, so that a step's row carries its save's stall.
     hooks = Hooks([gate_hook,
                    EvalHook(cfg.train.eval_every_steps,
                             lambda: evaluate(engine, val_loaders, loss_fn, di.device, cfg.train.eval_batches)),
-                   MetricsHook(sink, cfg.train.log_every_steps),
-                   CheckpointHook(cfg.train.checkpoint_every_steps, save)])
+                   *([CheckpointHook(cfg.train.checkpoint_every_steps, save)] if cfg.train.save_checkpoints else []),
+                   MetricsHook(sink, cfg.train.log_every_steps)])
     ctx = TrainContext(cfg, engine, state, run_dir, di.is_main, di.device)
 
     # a signal (Slurm's warning before the time limit, or preemption) saves and exits cleanly
@@ -318,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     peak_flops, peak_src = device_peak_flops(di.device, cfg.train.peak_flops_per_device)
     log.info("MFU denominator: %.3g FLOP/s per device (%s)", peak_flops, peak_src)
 
+    profiler = StepProfiler(run_dir / "profile", cfg.train.profile_steps, di.device) if di.is_main else None
     engine.train()
     t_last = time.perf_counter()
     while state.step < cfg.train.steps:
+        if profiler is not None:
+            profiler.start(state.step + 1)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(state.applied_steps, cfg.train.lr_peak, cfg.train.lr_warmup_steps, cfg.train.steps,
                             cfg.train.lr_decay, cfg.train.lr_min_ratio, cfg.train.lr_decay_fraction)
@@ -338,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             red[2] = flag
         loss, ce, stop = (float(x) for x in red.tolist())  # host sync: once per step, for logging
+        if profiler is not None:
+            profiler.stop(state.step + 1)
         tokens = m["tokens"] * dp_size
         state.step += 1
         state.tokens_seen += int(tokens)
@@ -360,14 +386,21 @@ def main(argv: list[str] | None = None) -> int:
                        "tokens_per_s": tps, "seq_len": seq_len, "skipped_steps": state.skipped_steps,
                        "mfu": (tps / di.world_size) * flops_per_token(seq_len) / peak_flops if peak_flops else None,
                        "mem_gib": memory_gib(di.device)}
+        if "first_step" not in clock.phases:  # the first step of this process
+            clock.mark("first_step")
+            ctx.metrics.update(clock.metrics())
+            log.info(clock.summary())
         ctx.stop_requested = stop > 0
         if state.consecutive_bad > cfg.train.max_bad_steps:
+            ckpt.wait()  # the last good checkpoint may still be writing
             raise SystemExit(f"stopping: {state.consecutive_bad} consecutive steps with non-finite loss or "
                              f"gradients (train.max_bad_steps={cfg.train.max_bad_steps}); the last good "
                              f"checkpoint is {state.last_checkpoint or 'none (no checkpoint saved yet)'}")
         hooks.on_step_end(ctx)
         if ctx.stop_requested:
-            log.warning("stop requested by signal: checkpoint saved at step %d, exiting", state.step)
+            log.warning("stop requested by signal: %s at step %d, exiting",
+                        "checkpoint saved" if cfg.train.save_checkpoints else "no checkpoint (train.save_checkpoints=false)",
+                        state.step)
             break
 
     if cfg.train.compile:
@@ -390,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             (run_dir / "sample.txt").write_text(sample)
     else:
         sink.close()
+    ckpt.wait()  # an asynchronous save still writing
     shutdown()
     return 0
 

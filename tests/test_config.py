@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fusiontree.config import RunConfig, config_from_dict, dump_config, load_config, model_preset, preset_names
+from fusiontree.config import (ParallelConfig, RunConfig, config_from_dict, dump_config, load_config, model_preset,
+                               preset_names)
 from fusiontree.models.flops import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,10 @@ def test_presets():
     small = model_preset("small")
     assert (small.d_model, small.n_layers) == (1024, 12)
     assert 1.0e9 <= count_params(model_preset("1b")) <= 1.5e9
-    for name in ("tiny", "small", "1b"):
+    assert 7.0e9 <= count_params(model_preset("7b")) <= 8.5e9
+    for tp in (2, 4, 8):  # every split of the 7B preset divides
+        ParallelConfig(tensor_parallel=tp, sequence_parallel=True).validate(model_preset("7b"), [32768])
+    for name in ("tiny", "small", "1b", "7b"):
         twin = model_preset(f"transformer-{name}")
         assert twin.mixer == "attention" and twin.attn_pattern == "G"
         assert abs(count_params(twin) / count_params(model_preset(name)) - 1) < 0.05

@@ -130,6 +130,8 @@ class SeqInfo:
     cache_offset: tokens already in the caches before this forward
     cache_step:   [1] int64 device tensor of that count, set only by the static-shape decode
                   step (`HybridLanguageModel.decode_step`), which must not read host ints
+    attn_masks:   the attention backend's masks for this forward (`Kernels.attention_masks`),
+                  built once and read by every attention layer; None: each call builds its own
     """
     position_ids: Tensor
     key_pos: Tensor
@@ -137,3 +139,4 @@ class SeqInfo:
     seq_idx: Tensor | None = None
     cache_offset: int = 0
     cache_step: Tensor | None = None
+    attn_masks: object | None = None

@@ -65,6 +65,10 @@ class HybridLanguageModel(nn.Module):
         # of `decode_step` (`compile_decode`).
         self._compiled_blocks: list | None = None
         self._compiled_decode: list | None = None
+        # CUDA graphs of the training forward and backward of blocks [start, n_layers)
+        # (`fusiontree.train.cuda_graphs.apply_cuda_graphs`).
+        self._block_graphs = None
+        self._block_graphs_start = 0
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -213,10 +217,18 @@ class HybridLanguageModel(nn.Module):
                        seq_idx=seq_idx, cache_offset=offset)
 
         x = self.embed(input_ids)
-        gates, stats = [], [] if collect_gate_stats else None
         cached = kv is not None or ms is not None
+        graphs = self._block_graphs
+        graphed = graphs is not None and self.training and not cached and graphs.applies(x, info)
+        eager_layers = self._block_graphs_start if graphed else len(self.layers)
+        if not cached and eager_layers and self.kernels.attention_masks is not None:
+            # One set of attention masks for every layer of this forward.
+            windows = {layer.attn.window for layer in self.layers[:eager_layers] if layer.attn is not None}
+            if windows:
+                info.attn_masks = self.kernels.attention_masks(position_ids, key_pos, seq_idx, seq_idx, windows)
+        gates = []
         checkpoint = self.activation_checkpointing and self.training and torch.is_grad_enabled() and not cached
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:eager_layers]):
             if self._compiled_blocks is not None and not cached:
                 layer = self._compiled_blocks[i]
             if checkpoint and (self.checkpoint_num_layers == 0 or i < self.checkpoint_num_layers):
@@ -225,8 +237,10 @@ class HybridLanguageModel(nn.Module):
                 x, g = layer(x, info, kv.layers[i] if kv is not None else None,
                              ms.layers[i] if ms is not None else None)
             gates.append(g)
-            if collect_gate_stats:
-                stats.append(None if g is None else gate_stats(g, token_mask))
+        if graphed:
+            x, graph_gates = graphs.run(x, info)
+            gates.extend(graph_gates)
+        stats = [None if g is None else gate_stats(g, token_mask) for g in gates] if collect_gate_stats else None
         logits = self.lm_head(self.norm_out(x))
         for c in (kv, ms):
             if c is not None:

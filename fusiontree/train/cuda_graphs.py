@@ -1,0 +1,249 @@
+"""Per-block CUDA graphs of the training forward and backward.
+
+Legend: B batch, T time, D model width.
+
+A training step launches a few hundred kernels per block, and some of them cost far more host
+time than GPU time: mamba-ssm's chunked scan spends about 1 ms of Python per call in the
+forward and 4 in the backward, against a fraction of that on the GPU. With a small model or a
+small micro-batch the GPU then waits for the host. `BlockGraphs` captures the forward and the
+backward of a run of blocks as CUDA graphs, once per input shape, and replays them: the host
+then launches two graphs per block per micro-batch, whatever the blocks contain (compiled
+Inductor kernels, the SSD and FlexAttention kernels, matmuls).
+
+How it fits autograd and the optimizer: each block becomes one autograd node. Its forward
+copies the input into the graph's static input (unless it is already there: block i+1 reads
+block i's static output in place) and replays the forward graph; its backward copies the
+incoming gradients into the static gradient buffers and replays the backward graph, which
+writes the gradient of the input and of every parameter. Parameter gradients are handed to
+autograd as copies, so `AccumulateGrad` (and the hooks DeepSpeed hangs on it) run as usual and
+gradient accumulation over micro-batches adds, never aliases the graph's buffers.
+
+What a graph may not do, and how the capture honours it: no host synchronisation and no
+allocation outside the graph's memory pool, so everything that compiles or autotunes (Inductor,
+FlexAttention, mamba-ssm's Triton autotuner) runs in warm-up iterations on a side stream
+first; no Python-side decisions on data, so the per-forward attention masks are built by a
+graph of their own (`masks_fn`) from the static positions and documents, replayed before the
+blocks. Parameters must keep their storage after capture (build the graphs after DeepSpeed has
+flattened them: the first training forward does).
+
+Only cache-free training forwards with gradients use the graphs; evaluation, decoding and a
+forward of another shape take the blocks' ordinary path (a new training shape, as at a
+curriculum stage change, is captured anew and the old graphs are freed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fusiontree.models.cache import SeqInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _BlockGraph:
+    """Static buffers and graphs of one block at one input shape."""
+    params: tuple[nn.Parameter, ...]
+    fwd: torch.cuda.CUDAGraph
+    bwd: torch.cuda.CUDAGraph
+    static_in: Tensor  # [B, T, D], requires grad
+    static_out: tuple[Tensor, ...]  # x [B, T, D], then the gate when the block has one
+    static_grad_out: tuple[Tensor, ...]  # gradients of static_out, written before a backward replay
+    static_grad_in: tuple[Tensor | None, ...]  # gradient of static_in, then of each parameter
+
+
+class _Replay(torch.autograd.Function):
+    """One block as one autograd node that replays its captured graphs."""
+
+    @staticmethod
+    def forward(ctx, entry: _BlockGraph, x_BTD: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+        if x_BTD.data_ptr() != entry.static_in.data_ptr():
+            entry.static_in.copy_(x_BTD)
+        entry.fwd.replay()
+        ctx.entry = entry
+        return tuple(o.detach() for o in entry.static_out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor):
+        entry: _BlockGraph = ctx.entry
+        for buf, g in zip(entry.static_grad_out, grads):
+            if g is None:
+                buf.zero_()
+            elif g.data_ptr() != buf.data_ptr():
+                buf.copy_(g)
+        entry.bwd.replay()
+        grad_x, *grad_params = entry.static_grad_in
+        # The input gradient goes straight to the previous block's node, which copies it (or
+        # finds it already in place) before anything replays again. Parameter gradients are
+        # copied: autograd may keep the tensor it is given as `.grad`.
+        return (None, grad_x, *(None if g is None else g.clone() for g in grad_params))
+
+
+def _outputs(result: tuple[Tensor, Tensor | None]) -> tuple[Tensor, ...]:
+    x, g = result
+    return (x,) if g is None else (x, g)
+
+
+class BlockGraphs:
+    """CUDA graphs for a run of consecutive blocks of a model's training forward.
+
+    blocks:   the block modules (their parameters are the graphs' parameter inputs)
+    calls:    what runs each block, `call(x_BTD, info) -> (x_BTD, gate or None)`: the block
+              itself or its compiled forward
+    masks_fn: `Kernels.attention_masks` (or None): rebuilt inside a graph every forward
+    windows:  the attention windows of the blocks (what `masks_fn` builds masks for)
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], calls: Sequence[Callable], masks_fn: Callable | None,
+                 windows: set, warmup_iters: int = 2):
+        assert len(blocks) == len(calls) and blocks
+        self.blocks, self.calls = list(blocks), list(calls)
+        self.masks_fn, self.windows = masks_fn, windows
+        self.warmup_iters = warmup_iters
+        self.key: tuple | None = None
+        self.entries: list[_BlockGraph] = []
+        self.captures = 0  # how many shapes were captured (for logs and tests)
+
+    @staticmethod
+    def applies(x_BTD: Tensor, info: SeqInfo) -> bool:
+        """A cache-free training forward with gradients, on CUDA, without padding."""
+        return (x_BTD.is_cuda and torch.is_grad_enabled() and info.token_mask is None
+                and info.cache_step is None and info.cache_offset == 0 and info.key_pos is info.position_ids)
+
+    def _shape_key(self, x_BTD: Tensor, info: SeqInfo) -> tuple:
+        seq = info.seq_idx
+        return (tuple(x_BTD.shape), x_BTD.dtype, info.position_ids.dtype,
+                None if seq is None else seq.dtype)
+
+    def run(self, x_BTD: Tensor, info: SeqInfo) -> tuple[Tensor, list[Tensor | None]]:
+        """The blocks' output and each block's gate, by graph replay (capturing first for a new
+        shape). Positions and documents are copied into the graphs' static inputs."""
+        key = self._shape_key(x_BTD, info)
+        if key != self.key:
+            self._capture(x_BTD, info, key)
+        self.static_pos.copy_(info.position_ids)
+        if self.static_seq is not None:
+            self.static_seq.copy_(info.seq_idx)
+        if self.masks_graph is not None:
+            self.masks_graph.replay()
+        gates: list[Tensor | None] = []
+        for entry in self.entries:
+            outs = _Replay.apply(entry, x_BTD, *entry.params)
+            x_BTD = outs[0]
+            gates.append(outs[1] if len(outs) > 1 else None)
+        return x_BTD, gates
+
+    # ------------------------------------------------------------------ capture
+
+    def _static_info(self) -> SeqInfo:
+        return SeqInfo(position_ids=self.static_pos, key_pos=self.static_pos, seq_idx=self.static_seq,
+                       attn_masks=self.static_masks)
+
+    def _build_masks(self):
+        if self.masks_fn is None or not self.windows:
+            return None
+        return self.masks_fn(self.static_pos, self.static_pos, self.static_seq, self.static_seq, self.windows)
+
+    def _capture(self, x_BTD: Tensor, info: SeqInfo, key: tuple) -> None:
+        t0 = time.perf_counter()
+        self.entries, self.masks_graph, self.static_masks = [], None, None
+        self.key = None
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the previous shape's graphs and pool are gone
+        self.static_pos = info.position_ids.detach().clone()
+        self.static_seq = None if info.seq_idx is None else info.seq_idx.detach().clone()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+
+        # Masks: built once eagerly (compiles the mask builder), then captured.
+        with torch.cuda.stream(side):
+            self.static_masks = self._build_masks()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.static_masks is not None:
+            self.masks_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.masks_graph, pool=pool, capture_error_mode="thread_local"):
+                self.static_masks = self._build_masks()
+        sinfo = self._static_info()
+
+        # Warm-up: every block forward and backward on the side stream, so that compilation,
+        # autotuning and lazy initialisation happen outside the captures.
+        x_in = x_BTD.detach().clone().requires_grad_(True)
+        with torch.cuda.stream(side):
+            for block, call in zip(self.blocks, self.calls):
+                params = tuple(p for p in block.parameters() if p.requires_grad)
+                for _ in range(self.warmup_iters):
+                    outs = _outputs(call(x_in, sinfo))
+                    torch.autograd.grad(outs, (x_in,) + params, [torch.ones_like(o) for o in outs],
+                                        allow_unused=True)
+                x_in = outs[0].detach().requires_grad_(True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+        # Forward graphs in run order; block i + 1 reads block i's static output in place.
+        fwd = []
+        x_in = x_BTD.detach().clone().requires_grad_(True)
+        for block, call in zip(self.blocks, self.calls):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                outs = _outputs(call(x_in, sinfo))
+            params = tuple(p for p in block.parameters() if p.requires_grad)
+            fwd.append((graph, x_in, outs, params))
+            x_in = outs[0].detach().requires_grad_(True)
+
+        # Backward graphs in reverse order; block i's output gradient buffer is block i + 1's
+        # input gradient, so the chain needs no copies either.
+        entries: list[_BlockGraph] = []
+        next_grad_in: Tensor | None = None
+        for graph, x_in, outs, params in reversed(fwd):
+            grad_out = tuple(torch.zeros_like(o) for o in outs)
+            if next_grad_in is not None:
+                grad_out = (next_grad_in,) + grad_out[1:]
+            bwd = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(bwd, pool=pool, capture_error_mode="thread_local"):
+                grads = torch.autograd.grad(outs, (x_in,) + params, grad_out, allow_unused=True)
+            entries.append(_BlockGraph(params=params, fwd=graph, bwd=bwd, static_in=x_in,
+                                       static_out=tuple(outs), static_grad_out=grad_out,
+                                       static_grad_in=tuple(grads)))
+            next_grad_in = grads[0]
+        self.entries = entries[::-1]
+        torch.cuda.synchronize()
+        self.key = key
+        self.captures += 1
+        log.info("cuda graphs: captured %d blocks for input %s in %.1f s", len(self.entries),
+                 tuple(x_BTD.shape), time.perf_counter() - t0)
+
+
+def graphable_blocks(model) -> tuple[int, int]:
+    """The blocks [start, n_layers) that may be graphed: those that keep their activations
+    (a recomputed block's backward reruns its forward, which a captured graph cannot)."""
+    n = len(model.layers)
+    k = model.checkpoint_num_layers if model.activation_checkpointing else 0
+    if model.activation_checkpointing and (k == 0 or k >= n):
+        raise ValueError(f"CUDA graphs need blocks that keep their activations, but activation "
+                         f"checkpointing recomputes all {n}; checkpoint fewer blocks")
+    return k, n
+
+
+def apply_cuda_graphs(model) -> BlockGraphs:
+    """Graph the training forward and backward of the model's blocks that keep their
+    activations (after `compile_blocks`, if used: the graphs then replay the compiled kernels).
+    Call it after the parameters have their final storage (after `deepspeed.initialize`); the
+    capture itself happens at the first training forward of each shape."""
+    start, n = graphable_blocks(model)
+    compiled = model._compiled_blocks
+    blocks = list(model.layers)[start:n]
+    calls = [compiled[i] if compiled is not None else model.layers[i] for i in range(start, n)]
+    windows = {b.attn.window for b in blocks if b.attn is not None}
+    model._block_graphs = BlockGraphs(blocks, calls, model.kernels.attention_masks, windows)
+    model._block_graphs_start = start
+    return model._block_graphs
+
