@@ -3,8 +3,8 @@
     python benchmarks/train_e2e_gpu.py --cases small@4096x4+compile,transformer-small@4096x4+compile
     python benchmarks/train_e2e_gpu.py --cases 1b@32768x1+compile+ckpt10+gpus2,mamba-ref-1b@32768x1+ckpt10
 
-Builds SentencePiece shards once from this machine's own Python sources (the standard library
-and installed packages; vocabulary 32000, buckets for every case's length), then runs
+Builds SentencePiece shards once from this machine's own Python sources (the standard library,
+plus any --corpus directories; vocabulary 32000, buckets for every case's length), then runs
 `launch/train.py` for each case (`python` for one GPU, the `deepspeed` launcher for several),
 reads the run's `metrics.jsonl` and writes one row per case to the JSON: tokens/s (median of the
 steps after `--warmup`), MFU (the trainer's own: every FLOP the model does over the card's dense
@@ -49,7 +49,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -94,34 +93,18 @@ def layout(c: dict) -> str:
     return " x ".join(parts or ["1 GPU"]) + f", ZeRO-{c['zero']}"
 
 
-def corpus_inputs(max_mb: float) -> list[str]:
-    """Directories of .py files this machine has: the standard library, then installed
-    packages, largest first, until about `max_mb` of sources."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    purelib = Path(sysconfig.get_paths()["purelib"])
-    picked, total = [str(stdlib)], _py_mb(stdlib)
-    sizes = sorted(((_py_mb(d), d) for d in purelib.iterdir() if d.is_dir() and not d.name.endswith("info")),
-                   reverse=True)
-    for mb, d in sizes:
-        if total >= max_mb:
-            break
-        picked.append(str(d))
-        total += mb
-    return picked
-
-
-def _py_mb(d: Path) -> float:
-    return sum(f.stat().st_size for f in d.rglob("*.py") if f.is_file()) / 1e6
-
-
-def build_shards(out: Path, seq_lens: list[int], vocab: int, max_mb: float, workers: int) -> dict:
+def build_shards(out: Path, seq_lens: list[int], vocab: int, corpus: list[str], workers: int) -> dict:
+    """The project's default corpus (this Python's standard library, without site-packages), plus
+    the directories in `corpus`."""
     manifest = out / "manifest.json"
     if manifest.exists():
         built = json.loads(manifest.read_text()).get("build_args", {})
         if set(seq_lens) <= set(built.get("seq_lengths", [])) and built.get("vocab_size") == vocab:
             return {"shards": str(out), "reused": True}
-    inputs = corpus_inputs(max_mb)
-    cmd = [sys.executable, str(ROOT / "data_pipeline/build_shards.py"), "--input", *inputs, "--output", str(out),
+    inputs = list(corpus)
+    print(f"building shards from {'the standard library' if not inputs else inputs} into {out}", flush=True)
+    cmd = [sys.executable, str(ROOT / "data_pipeline/build_shards.py"), *(["--input", *inputs] if inputs else []),
+           "--output", str(out),
            "--vocab-size", str(vocab), "--seq-lengths", ",".join(map(str, sorted(set(seq_lens)))),
            "--workers", str(workers), "--no-progress"]
     t0 = time.time()
@@ -329,7 +312,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/ft_e2e", help="shards, runs, caches and logs")
     ap.add_argument("--shards", default="", help="existing shards (default: build under --work)")
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--corpus-mb", type=float, default=150.0, help="about this much Python source for the shards")
+    ap.add_argument("--corpus", nargs="*", default=[], help="directories of text or code beside the standard library")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--case-timeout", type=int, default=900)
     ap.add_argument("--commit", default="")
@@ -349,7 +332,7 @@ def main() -> None:
             c["cache"] = "warm" if key in seen else "cold"
             seen.add(key)
     if args.dry_run:
-        args.vocab, args.corpus_mb = min(args.vocab, 512), min(args.corpus_mb, 2.0)
+        args.vocab = min(args.vocab, 512)
     else:
         import torch
 
@@ -359,7 +342,7 @@ def main() -> None:
     seq_lens = sorted({c["seq_len"] for c in cases if not c["preset"].startswith("mamba-ref-")})
     data = {}
     if not args.shards:
-        data = build_shards(work / "shards", seq_lens, args.vocab, args.corpus_mb, args.workers)
+        data = build_shards(work / "shards", seq_lens, args.vocab, args.corpus, args.workers)
         args.shards = data["shards"]
     if args.side_by_side:
         n_gpus = 2 if args.dry_run else __import__("torch").cuda.device_count()
