@@ -147,8 +147,9 @@ def trainer_command(c: dict, args, run_dir: Path, cache: Path) -> list[str]:
               *(f"--{k}={v}" for k, v in over.items())]
     if c["gpus"] == 1:
         return [sys.executable, *script]
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(c["gpus"]), "--master_port", str(_free_port()), *script]
+    # DeepSpeed's launcher as a module: its console script may not be on PATH (a --target install)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(c["gpus"]),
+            "--master_port", str(_free_port()), *script]
 
 
 def _safe(name: str) -> str:
@@ -238,6 +239,9 @@ def run_case(c: dict, args, work: Path, gpus: list[int] | None) -> dict:
     except subprocess.TimeoutExpired:
         r = {"case": c["case"], "preset": c["preset"], "seq_len": c["seq_len"], "gpus": c["gpus"],
              "error": f"no result within --case-timeout {args.case_timeout} s"}
+    except Exception as e:  # one broken case must not end the others
+        r = {"case": c["case"], "preset": c["preset"], "seq_len": c["seq_len"], "gpus": c["gpus"],
+             "error": f"{type(e).__name__}: {e}"}
     if gpus is not None:
         r["on_gpus"] = gpus
     print(json.dumps({k: v for k, v in r.items() if k not in ("log_tail", "step_s")}), flush=True)

@@ -24,7 +24,12 @@ FlexAttention, mamba-ssm's Triton autotuner) runs in warm-up iterations on a sid
 first; no Python-side decisions on data, so the per-forward attention masks are built by a
 graph of their own (`masks_fn`) from the static positions and documents, replayed before the
 blocks. Parameters must keep their storage after capture (build the graphs after DeepSpeed has
-flattened them: the first training forward does).
+flattened them: the first training forward does). Inside warm-up and capture a block runs on
+fresh leaf aliases of its parameters (same storage, `block_call_on_aliases`), never on the
+parameters themselves: a parameter's gradient accumulator lives as long as the hooks on it
+(DeepSpeed keeps one per parameter) and belongs to the stream it was made on, and a backward
+that reached it from the capture stream would synchronise with that stream and invalidate
+the capture.
 
 Only cache-free training forwards with gradients use the graphs; evaluation, decoding and a
 forward of another shape take the blocks' ordinary path (a new training shape, as at a
@@ -90,6 +95,24 @@ class _Replay(torch.autograd.Function):
 def _outputs(result: tuple[Tensor, Tensor | None]) -> tuple[Tensor, ...]:
     x, g = result
     return (x,) if g is None else (x, g)
+
+
+def trainable(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in block.named_parameters() if p.requires_grad]
+
+
+def block_call_on_aliases(block: nn.Module, call: Callable, x_BTD: Tensor, info: SeqInfo,
+                          ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Run `call` (the block or its compiled forward) with each trainable parameter of `block`
+    replaced by a new leaf that shares its storage. Returns (outputs, aliases): gradients taken
+    with respect to the aliases are the parameters' gradients, and reach none of the
+    parameters' own autograd nodes."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    aliases = {n: p.detach().requires_grad_(True) for n, p in trainable(block)}
+    with _reparametrize_module(block, aliases):
+        outs = _outputs(call(x_BTD, info))
+    return outs, tuple(aliases.values())
 
 
 class BlockGraphs:
@@ -179,10 +202,9 @@ class BlockGraphs:
         x_in = x_BTD.detach().clone().requires_grad_(True)
         with torch.cuda.stream(side):
             for block, call in zip(self.blocks, self.calls):
-                params = tuple(p for p in block.parameters() if p.requires_grad)
                 for _ in range(self.warmup_iters):
-                    outs = _outputs(call(x_in, sinfo))
-                    torch.autograd.grad(outs, (x_in,) + params, [torch.ones_like(o) for o in outs],
+                    outs, aliases = block_call_on_aliases(block, call, x_in, sinfo)
+                    torch.autograd.grad(outs, (x_in,) + aliases, [torch.ones_like(o) for o in outs],
                                         allow_unused=True)
                 x_in = outs[0].detach().requires_grad_(True)
         torch.cuda.current_stream().wait_stream(side)
@@ -194,22 +216,22 @@ class BlockGraphs:
         for block, call in zip(self.blocks, self.calls):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                outs = _outputs(call(x_in, sinfo))
-            params = tuple(p for p in block.parameters() if p.requires_grad)
-            fwd.append((graph, x_in, outs, params))
+                outs, aliases = block_call_on_aliases(block, call, x_in, sinfo)
+            params = tuple(p for _, p in trainable(block))
+            fwd.append((graph, x_in, outs, params, aliases))
             x_in = outs[0].detach().requires_grad_(True)
 
         # Backward graphs in reverse order; block i's output gradient buffer is block i + 1's
         # input gradient, so the chain needs no copies either.
         entries: list[_BlockGraph] = []
         next_grad_in: Tensor | None = None
-        for graph, x_in, outs, params in reversed(fwd):
+        for graph, x_in, outs, params, aliases in reversed(fwd):
             grad_out = tuple(torch.zeros_like(o) for o in outs)
             if next_grad_in is not None:
                 grad_out = (next_grad_in,) + grad_out[1:]
             bwd = torch.cuda.CUDAGraph()
             with torch.cuda.graph(bwd, pool=pool, capture_error_mode="thread_local"):
-                grads = torch.autograd.grad(outs, (x_in,) + params, grad_out, allow_unused=True)
+                grads = torch.autograd.grad(outs, (x_in,) + aliases, grad_out, allow_unused=True)
             entries.append(_BlockGraph(params=params, fwd=graph, bwd=bwd, static_in=x_in,
                                        static_out=tuple(outs), static_grad_out=grad_out,
                                        static_grad_in=tuple(grads)))

@@ -465,6 +465,11 @@ def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(
     if compiled:
         model.compile_blocks()
         eager.compile_blocks()
+    # What DeepSpeed does to every parameter: a hook that keeps its gradient accumulator alive,
+    # made on the default stream (a capture that reached those accumulators was invalidated).
+    reduced = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: reduced.append(1))
     graphs = apply_cuda_graphs(model)
     vocab = model.cfg.vocab_size
     for round_, T in enumerate((700, 300, 700)):
@@ -479,6 +484,7 @@ def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(
             check(f"grad_{name}_T{T}", gg[name], ge[name], (1e-2, 5e-2))
             check(f"grad_{name}_vs_reference_T{T}", gg[name], gr[name], BF16_MODEL_GRAD_TOL)
     assert graphs.captures == 3
+    assert len(reduced) == 9 * sum(1 for _ in model.parameters())  # every parameter, every micro-batch
     ids, seq = _packed_batch(vocab, 2, 700, seed=999)
     model.eval(), eager.eval()
     with torch.no_grad():
