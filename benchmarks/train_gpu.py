@@ -6,11 +6,16 @@ Transformer twins, measured side by side in one process.
 A case is PRESET@SEQxBATCH with optional suffixes: `+ckpt` for per-block activation
 checkpointing of every block, `+ckptN` of the first N blocks only (the peer takes both),
 `+compile` for per-block torch.compile (`fusiontree.train.mechanics.apply_compile`, compiled during
-the warm-up steps). PRESET `mamba-ref-NAME` is the peer: mamba-ssm's own
+the warm-up steps), `+graphs` for per-block CUDA graphs of the forward and backward
+(`fusiontree.train.cuda_graphs`, captured during the warm-up steps), `+docs` for rows packed
+with documents as the data loader makes them (seq_idx and per-document positions; without it,
+one document per row). PRESET `mamba-ref-NAME` is the peer: mamba-ssm's own
 `MambaLMHeadModel`, a Mamba-2 hybrid with attention every 6th layer, sized to NAME's parameter
-count (width, MLP, SSM and attention heads of NAME; the layer count is chosen to match; run without
-causal-conv1d and flash-attn, so with its `use_mem_eff_path=False` path -- nn.Conv1d, then
-the SSD kernel -- and SDPA attention without rotary embeddings).
+count (width, MLP, SSM and attention heads of NAME; the layer count is chosen to match), with SDPA
+attention without rotary embeddings (no flash-attn). By default its `use_mem_eff_path=False`
+path without causal-conv1d (nn.Conv1d, then the SSD kernel); `+fused` takes its fused path
+(`use_mem_eff_path=True`: causal-conv1d's kernel and one fused conv + scan + norm function),
+which needs causal-conv1d installed.
 Each step: bf16 weights (A_log, D, dt_bias fp32), forward, HybridModelLoss, backward, fused
 AdamW. MFU = model FLOPs per token (every FLOP the model does: projections, SSD as
 computed, attention up to each layer's window; x3 for forward + backward) x tokens/s / peak
@@ -32,6 +37,7 @@ from fusiontree.config import KernelConfig, LossConfig
 from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.flops import count_params, flops_per_token
+from fusiontree.models.hybrid import positions_from_seq_idx
 from fusiontree.models.layers import cast_model
 from fusiontree.ops import resolve_kernels
 from fusiontree.train.losses import HybridModelLoss
@@ -45,14 +51,14 @@ DEFAULT_CASES = ("small@4096x2,transformer-small@4096x2,1b@4096x1,transformer-1b
                  "small@32768x1+ckpt,transformer-small@32768x1+ckpt")
 
 
-SUFFIX = re.compile(r"^(ckpt\d*|compile)$")
+SUFFIX = re.compile(r"^(ckpt\d*|compile|graphs|docs|fused)$")
 
 
 def parse_case(case: str) -> tuple[str, int, int, set[str]]:
     head, *flags = case.split("+")
     bad = [f for f in flags if not SUFFIX.match(f)]
     if bad:
-        raise SystemExit(f"case {case!r}: unknown suffix {bad}; use +ckpt, +ckptN or +compile")
+        raise SystemExit(f"case {case!r}: unknown suffix {bad}; use +ckpt, +ckptN, +compile, +graphs, +docs or +fused")
     preset, _, shape = head.partition("@")
     seq, _, batch = shape.partition("x")
     return preset, int(seq), int(batch), set(flags)
@@ -72,8 +78,9 @@ class _PeerOut:
 class MambaReferencePeer(torch.nn.Module):
     """mamba-ssm's MambaLMHeadModel sized like one of our presets; returns what the loss reads."""
 
-    def __init__(self, cfg, dev: torch.device):
+    def __init__(self, cfg, dev: torch.device, fused: bool = False):
         super().__init__()
+        import mamba_ssm.modules.mamba2 as mamba2_module
         from mamba_ssm.models.config_mamba import MambaConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -85,7 +92,7 @@ class MambaReferencePeer(torch.nn.Module):
                 vocab_size=cfg.vocab_size, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                 ssm_cfg={"layer": "Mamba2", "d_state": cfg.ssm_state, "headdim": cfg.ssm_head_dim,
                          "ngroups": cfg.ssm_groups, "expand": cfg.ssm_expand, "chunk_size": cfg.chunk_size,
-                         "use_mem_eff_path": False},
+                         "use_mem_eff_path": fused},
                 attn_layer_idx=[i for i in range(n_layer) if i % 6 == 5],
                 # No rotary: mamba-ssm's needs flash-attn, which this peer is run without.
                 attn_cfg={"num_heads": cfg.n_heads, "num_heads_kv": cfg.n_kv_heads, "head_dim": cfg.attn_head_dim,
@@ -93,6 +100,10 @@ class MambaReferencePeer(torch.nn.Module):
                 tie_embeddings=False)
             return MambaLMHeadModel(mc, device=device, dtype=torch.bfloat16)
 
+        if fused and mamba2_module.causal_conv1d_fn is None:
+            raise SystemExit("+fused needs causal-conv1d, which does not import here")
+        if not fused:
+            mamba2_module.causal_conv1d_fn = None  # the unfused path: nn.Conv1d, as without causal-conv1d
         n_layer = 1
         while sum(p.numel() for p in build(n_layer + 1, "meta").parameters()) <= target:
             n_layer += 1
@@ -113,13 +124,15 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
     torch.manual_seed(0)
     extra = {}
     if peer:
-        if "compile" in flags:
-            raise SystemExit(f"case {case!r}: the mamba-ssm peer runs eager, as its package ships; drop +compile")
-        model = MambaReferencePeer(cfg, dev).train()
+        if flags & {"compile", "graphs", "docs"}:
+            raise SystemExit(f"case {case!r}: the mamba-ssm peer runs as its package ships (eager, one document "
+                             "per row); drop +compile, +graphs and +docs")
+        model = MambaReferencePeer(cfg, dev, fused="fused" in flags).train()
         if ckpt:  # mamba-ssm has no checkpointing switch: wrap its blocks (the first N for +ckptN)
             layers = model.model.backbone.layers
             _checkpoint_blocks(layers[:ckpt_layers] if ckpt_layers else layers)
-        kernels_desc = "mamba-ssm MambaLMHeadModel (its own Triton/CUDA kernels)"
+        kernels_desc = ("mamba-ssm MambaLMHeadModel, fused path (causal-conv1d, use_mem_eff_path=True)"
+                        if "fused" in flags else "mamba-ssm MambaLMHeadModel, unfused path (nn.Conv1d)")
         n_params = sum(p.numel() for p in model.parameters())
         extra["n_layer"] = model.n_layer
     else:
@@ -134,13 +147,22 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
             apply_activation_checkpointing(model, ckpt_layers or 0)
         n_params = count_params(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    if "graphs" in flags:
+        from fusiontree.train.mechanics import apply_cuda_graphs
+
+        apply_cuda_graphs(model)
+        kernels_desc += " +cuda graphs"
     loss_fn = HybridModelLoss(LossConfig())
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=dev)
+    fwd_kwargs = {}
+    if "docs" in flags:
+        seq_idx = packed_documents(batch, seq, mean_len=1000, seed=0).to(dev)
+        fwd_kwargs = dict(seq_idx=seq_idx, position_ids=positions_from_seq_idx(seq_idx))
     torch.cuda.reset_peak_memory_stats(dev)
 
     def step() -> torch.Tensor:
-        out = model(ids)
-        loss, _ = loss_fn(out.logits, ids, out.gates)
+        out = model(ids, **fwd_kwargs)
+        loss, _ = loss_fn(out.logits, ids, out.gates, seq_idx_BT=fwd_kwargs.get("seq_idx"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -176,9 +198,23 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
     peak, _ = device_peak_flops(dev)
     return {"case": case, "preset": preset, "seq_len": seq, "batch": batch, "checkpointing": ckpt,
             "checkpoint_num_layers": ckpt_layers,
-            "compiled": "compile" in flags, "params": n_params, "kernels": kernels_desc, "step_ms": ms,
+            "compiled": "compile" in flags, "cuda_graphs": "graphs" in flags, "packed_docs": "docs" in flags,
+            "params": n_params, "kernels": kernels_desc, "step_ms": ms,
             "tokens_per_s": tps, "flops_per_token": fpt, "mfu": None if peer else tps * fpt / peak,
             "peak_mem_gib": peak_gib, "loss_finite": ok, **extra}
+
+
+def packed_documents(batch: int, seq: int, mean_len: int, seed: int) -> torch.Tensor:
+    """seq_idx [batch, seq] of rows packed with documents of exponentially distributed
+    lengths (mean `mean_len` tokens), the way the loader packs real corpora."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths = []
+        while sum(lengths) < seq:
+            lengths.append(max(1, int(torch.empty(1).exponential_(1.0 / mean_len, generator=g))))
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:seq])
+    return torch.stack(rows)
 
 
 def _checkpoint_blocks(blocks: torch.nn.ModuleList) -> None:

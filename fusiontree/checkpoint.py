@@ -16,6 +16,14 @@ has written and every file is flushed to disk, so a crash during a save never da
 latest good checkpoint; `latest_valid()` ignores temporaries and any directory whose
 meta.json is missing or lists a file that is absent or has the wrong size.
 
+Asynchronous saves (`async_save=True`): the training loop waits only while every tensor of the
+state is copied to host memory (pinned and reused from one save to the next); a background
+thread per rank then writes that snapshot into the same temporary directory, flushes it and
+leaves a marker, and rank 0's thread renames the directory into place once every rank's
+marker is there. The guarantees stay those of a synchronous save: a checkpoint is complete or
+ignored. At most one save is in flight per rank: the next save, and the end of training,
+wait for it.
+
 Loading never unpickles arbitrary objects: every file is read with
 `torch.load(weights_only=True)`; DeepSpeed's optimizer files contain three plain classes of
 its own (loss scaler, ZeRO stage enum, fragment address), which are allowlisted by name.
@@ -29,11 +37,14 @@ in it is used (`resolve_checkpoint`).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -98,19 +109,83 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class _HostSnapshot:
+    """Copies of state dicts in host memory, made while the training loop waits, written to
+    files later. Device tensors go to pinned buffers that are reused by the next save (same
+    shapes every time), so a save after the first costs one device-to-host copy."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.used: list[tuple[tuple, torch.Tensor]] = []
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_cuda:
+            return t.detach().clone()
+        key = (tuple(t.shape), t.dtype)
+        pool = self.free.setdefault(key, [])
+        buf = pool.pop() if pool else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.used.append((key, buf))
+        buf.copy_(t.detach(), non_blocking=True)
+        return buf
+
+    def copy(self, obj):
+        """`obj` with every tensor replaced by a host copy; containers are rebuilt, other
+        leaves deep-copied (they may change once training goes on)."""
+        if isinstance(obj, torch.Tensor):
+            return self._host(obj)
+        if isinstance(obj, dict):
+            out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
+            for k, v in obj.items():
+                out[k] = self.copy(v)
+            return out
+        if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+            return type(obj)(self.copy(v) for v in obj)
+        return copy.deepcopy(obj)
+
+    def synchronize(self) -> None:
+        if torch.cuda.is_available() and self.used:
+            torch.cuda.synchronize()  # deliberate sync: the copies must be complete before training goes on
+
+    def release(self) -> None:
+        """The snapshot has been written: its buffers serve the next one."""
+        for key, buf in self.used:
+            self.free[key].append(buf)
+        self.used = []
+
+
+def _snapshot_engine(base_engine, snapshot: _HostSnapshot, pending: list):
+    """A DeepSpeed checkpoint engine that snapshots each state dict instead of writing it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SnapshotCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str):
+            pending.append((snapshot.copy(state_dict), path))
+
+    engine = SnapshotCheckpointEngine(base_engine.config_params) if hasattr(base_engine, "config_params") \
+        else SnapshotCheckpointEngine()
+    return engine
+
+
 class CheckpointManager:
-    def __init__(self, root: str | Path, rank: int, world_size: int, keep: int = 3):
+    def __init__(self, root: str | Path, rank: int, world_size: int, keep: int = 3, async_save: bool = False):
         self.root = Path(root)
         self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.async_save = async_save
+        self._snapshot = _HostSnapshot()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def _final(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
     def save(self, engine, step: int, trainer_state: dict, config_yaml: str, meta: dict,
-             model_state: dict | None = None) -> Path:
+             model_state: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
         """Collective: every rank calls it. `model_state` (rank 0's consolidated weights) goes
-        to model.pt, the portable file that evaluation, generation and pruning read.
-        Returns the checkpoint directory."""
+        to model.pt, the portable file that evaluation, generation and pruning read;
+        `extra_files` (rank 0: name -> text) go into the checkpoint beside it.
+        Returns the checkpoint directory (there once `wait()` returns, for an asynchronous save)."""
+        self.wait()
+        extra_files = extra_files or {}
         final = self._final(step)
         tmp = self.root / f".tmp-{final.name}"
         if self.rank == 0:
@@ -118,23 +193,74 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-        torch.save(trainer_state, tmp / f"trainer_rank{self.rank:05d}.pt")
-        _barrier()
-        if self.rank == 0:
-            if model_state is not None:
+        if not self.async_save:
+            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+            torch.save(trainer_state, tmp / f"trainer_rank{self.rank:05d}.pt")
+            if self.rank == 0 and model_state is not None:
                 torch.save(model_state, tmp / MODEL_FILE)
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-            meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(), "files": _files(tmp)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            _fsync_tree(tmp)
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)  # make the rename itself durable
-            self._prune()
-        _barrier()
+            _barrier()
+            if self.rank == 0:
+                self._finalize(tmp, final, step, {CONFIG_FILE: config_yaml, **extra_files}, meta)
+            _barrier()
+            return final
+        pending: list = []
+        saved_engine = engine.checkpoint_engine
+        engine.checkpoint_engine = _snapshot_engine(saved_engine, self._snapshot, pending)
+        try:
+            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        finally:
+            engine.checkpoint_engine = saved_engine
+        pending.append((self._snapshot.copy(trainer_state), str(tmp / f"trainer_rank{self.rank:05d}.pt")))
+        if self.rank == 0 and model_state is not None:
+            pending.append((model_state, str(tmp / MODEL_FILE)))  # already a host copy
+        self._snapshot.synchronize()
+        texts = {CONFIG_FILE: config_yaml, **extra_files}
+        self._thread = threading.Thread(target=self._write, args=(pending, tmp, final, step, texts, meta),
+                                        name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
         return final
+
+    def _write(self, pending: list, tmp: Path, final: Path, step: int, texts: dict[str, str], meta: dict) -> None:
+        try:
+            for state, path in pending:
+                torch.save(state, path)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            self._snapshot.release()
+            (tmp / f".done_rank{self.rank:05d}").touch()
+            if self.rank == 0:
+                markers = [tmp / f".done_rank{r:05d}" for r in range(self.world_size)]
+                while not all(m.exists() for m in markers):  # the other ranks' writers
+                    time.sleep(0.05)
+                for m in markers:
+                    m.unlink()
+                self._finalize(tmp, final, step, texts, meta)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until this rank's asynchronous save (and, on rank 0, its renaming into place)
+        is done; raise what went wrong in it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    def _finalize(self, tmp: Path, final: Path, step: int, texts: dict[str, str], meta: dict) -> None:
+        """Rank 0, once every rank's files are in `tmp`: the text files (config, pruning plan),
+        meta.json with every file's size, flush, rename into place, drop old checkpoints."""
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(), "files": _files(tmp)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)  # make the rename itself durable
+        self._prune()
 
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").exists())

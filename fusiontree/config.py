@@ -77,6 +77,19 @@ class TrainConfig:
     # Compile each block with torch.compile (fusiontree.train.mechanics.apply_compile): fuses the
     # elementwise work around the matmuls and kernels. Costs compile time at each new length.
     compile: bool = False
+    # Capture each block's training forward and backward as CUDA graphs and replay them
+    # (fusiontree/train/cuda_graphs.py): the host launches two graphs per block instead of
+    # hundreds of kernels. CUDA only, one tensor-parallel rank per model, ZeRO 0-2; blocks that
+    # `activation_checkpointing` recomputes stay ungraphed. Captured at the first step of each
+    # sequence length.
+    cuda_graphs: bool = False
+    # Where Inductor and Triton keep compiled kernels and autotuning results ("": their own
+    # defaults under /tmp and ~/.triton). Point every rank of a cluster at one shared directory
+    # so that only the first run of a configuration compiles and autotunes.
+    compile_cache_dir: str = ""
+    # Optimizer steps (1-based) to run under torch.profiler; each writes a table of the top
+    # operators by GPU (or CPU) time to <out_dir>/profile/step_<N>.txt.
+    profile_steps: list[int] = field(default_factory=list)
     # Non-finite loss or gradients skip the step; this many in a row stop the run.
     max_bad_steps: int = 5
     log_every_steps: int = 10
@@ -84,6 +97,11 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every_steps: int = 100
     keep_checkpoints: int = 3
+    # false: no checkpoints at all, not even at the end (throughput benchmarks, smoke tests).
+    save_checkpoints: bool = True
+    # Training waits only while the state is copied to host memory; the files are written by
+    # a background thread (fusiontree/train/checkpoint.py). Complete-or-ignored either way.
+    async_checkpoint: bool = False
     gate_stats_every_steps: int = 25
     wandb_project: str = "fusiontree"
     peak_flops_per_device: float = 0.0  # 0: the GPU's known bf16 peak, or measured on CPU
@@ -97,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"train.lr_min_ratio={self.lr_min_ratio} must lie in [0, 1]")
         if self.lr_warmup_steps < 0 or self.lr_warmup_steps > self.steps:
             raise ValueError(f"train.lr_warmup_steps={self.lr_warmup_steps} must lie in [0, train.steps]")
+        if any(n < 1 for n in self.profile_steps):
+            raise ValueError(f"train.profile_steps={self.profile_steps} must list optimizer steps >= 1")
         if self.checkpoint_num_layers < 0:
             raise ValueError(f"train.checkpoint_num_layers={self.checkpoint_num_layers} must be >= 0 "
                              "(0 recomputes every block)")
@@ -236,6 +256,19 @@ class RunConfig:
         self.data.validate()
         seq_lens = [s.seq_len for s in self.data.curriculum]
         self.parallel.validate(self.model, seq_lens)
+        if self.train.cuda_graphs:
+            if self.train.device == "cpu":
+                raise ValueError("train.cuda_graphs=true needs a CUDA device, but train.device=cpu; "
+                                 "set train.cuda_graphs=false on CPU")
+            if self.parallel.tensor_parallel > 1:
+                raise ValueError("train.cuda_graphs=true captures blocks on one GPU, and tensor parallelism "
+                                 "puts collectives inside them; set train.cuda_graphs=false with "
+                                 "parallel.tensor_parallel > 1")
+            k = self.train.checkpoint_num_layers
+            if self.train.activation_checkpointing and (k == 0 or k >= self.model.n_layers):
+                raise ValueError("train.cuda_graphs=true graphs the blocks that keep their activations, but "
+                                 "train.activation_checkpointing recomputes every block; set "
+                                 f"train.checkpoint_num_layers below model.n_layers={self.model.n_layers}")
         if max(seq_lens) > self.model.max_seq_len:
             raise ValueError(f"data.curriculum reaches seq_len={max(seq_lens)}, beyond model.max_seq_len="
                              f"{self.model.max_seq_len}; raise model.max_seq_len or shorten the curriculum")

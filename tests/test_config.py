@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fusiontree.config import RunConfig, config_from_dict, dump_config, load_config
+from fusiontree.config import ParallelConfig, RunConfig, config_from_dict, dump_config, load_config
 from fusiontree.models.config import model_preset, preset_names
 from fusiontree.models.flops import count_params, transformer_twin_layers
 
@@ -67,7 +67,10 @@ def test_presets():
     small = model_preset("small")
     assert (small.d_model, small.n_layers) == (1024, 12)
     assert 1.0e9 <= count_params(model_preset("1b")) <= 1.5e9
-    for name in ("tiny", "small", "1b"):
+    assert 7.0e9 <= count_params(model_preset("7b")) <= 8.5e9
+    for tp in (2, 4, 8):  # every split of the 7B preset divides
+        ParallelConfig(tensor_parallel=tp, sequence_parallel=True).validate(model_preset("7b"), [32768])
+    for name in ("tiny", "small", "1b", "7b"):
         twin = model_preset(f"transformer-{name}")
         assert twin.mixer == "attention" and twin.attn_pattern == "G"
         assert abs(count_params(twin) / count_params(model_preset(name)) - 1) < 0.05
@@ -77,7 +80,7 @@ def test_presets():
 
 def test_transformer_twin_depths_follow_the_parameter_count_rule():
     """The twins' depths in the preset table are those the model's own parameter count gives."""
-    for name in ("debug", "tiny", "small", "1b"):
+    for name in ("debug", "tiny", "small", "1b", "7b"):
         want = transformer_twin_layers(model_preset(name))
         assert model_preset(f"transformer-{name}").n_layers == want, (
             f"transformer-{name}: set its depth in fusiontree/models/config.py to {want}")

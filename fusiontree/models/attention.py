@@ -69,8 +69,9 @@ class LocalGlobalAttention(nn.Module):
                 pos_all = torch.cat([cpos, k_pos], 1)
             # The cache is written after reading it: the new keys are already in k_all.
             cache.write(k, v, k_pos, info.cache_offset)
+        masks = {} if info.attn_masks is None else {"block_masks": info.attn_masks}
         o = self.kernels.attention(q, k_all.to(q.dtype), v_all.to(q.dtype), info.position_ids, pos_all,
-                                   window=self.window, q_seq_BT=info.seq_idx, k_seq_BS=info.seq_idx)
+                                   window=self.window, q_seq_BT=info.seq_idx, k_seq_BS=info.seq_idx, **masks)
         return self.wo(rearrange(o, "b t h e -> b t (h e)"))
 
     # A decode step is the same computation with T = 1; the cache keeps it O(window) per token.

@@ -132,6 +132,8 @@ class SeqInfo:
                   step (`HybridLanguageModel.decode_step`), which must not read host ints
     cached:       this forward reads or writes caches (blocks then run eagerly: the training
                   mechanics of `fusiontree.train.mechanics` apply to cache-free calls only)
+    attn_masks:   the attention backend's masks for this forward (`Kernels.attention_masks`),
+                  built once and read by every attention layer; None: each call builds its own
     """
     position_ids: Tensor
     key_pos: Tensor
@@ -140,3 +142,4 @@ class SeqInfo:
     cache_offset: int = 0
     cache_step: Tensor | None = None
     cached: bool = False
+    attn_masks: object | None = None

@@ -154,7 +154,7 @@ def _mlp_for(d_model: int) -> int:
 # model owns parameter counting, so these depths come from
 # `fusiontree.models.flops.transformer_twin_layers`, which tests/test_config.py checks them
 # against; a new or resized base preset takes its twin's depth from that function.
-_TWIN_LAYERS = {"debug": 3, "tiny": 9, "small": 21, "1b": 28}
+_TWIN_LAYERS = {"debug": 3, "tiny": 9, "small": 21, "1b": 28, "7b": 43}
 
 
 def _transformer_twin(base: ModelConfig, name: str) -> ModelConfig:
@@ -184,6 +184,12 @@ def _base_presets() -> dict[str, ModelConfig]:
             preset="1b", vocab_size=32000, d_model=2048, n_layers=20, max_seq_len=32768,
             n_heads=16, n_kv_heads=4, window=1024, attn_pattern="LLLLLG", ssm_expand=1,
             ssm_head_dim=64, ssm_state=128, ssm_groups=8, chunk_size=256, mlp_hidden=5632),
+        # 7B class (7.8B parameters): Llama-7B's width and MLP, 32 query / 8 kv heads of 128,
+        # 64 Mamba heads in 8 groups. Sized for tensor parallelism: every split divides by 8.
+        "7b": ModelConfig(
+            preset="7b", vocab_size=32000, d_model=4096, n_layers=32, max_seq_len=32768,
+            n_heads=32, n_kv_heads=8, window=1024, attn_pattern="LLLLLG", ssm_expand=1,
+            ssm_head_dim=64, ssm_state=128, ssm_groups=8, chunk_size=256, mlp_hidden=11008),
     }
 
 

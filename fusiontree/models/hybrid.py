@@ -190,12 +190,17 @@ class HybridLanguageModel(nn.Module):
                        seq_idx=seq_idx, cache_offset=offset, cached=kv is not None or ms is not None)
 
         x = self.embed(input_ids)
-        gates, stats = [], [] if collect_gate_stats else None
+        if not info.cached and self.kernels.attention_masks is not None:
+            # One set of attention masks for every layer of this forward. (Blocks replayed from
+            # CUDA graphs rebuild theirs inside the graphs, from the graphs' static inputs.)
+            windows = {layer.attn.window for layer in self.layers if layer.attn is not None}
+            if windows:
+                info.attn_masks = self.kernels.attention_masks(position_ids, key_pos, seq_idx, seq_idx, windows)
+        gates = []
         for i, layer in enumerate(self.layers):
             x, g = layer(x, info, kv.layers[i] if kv is not None else None, ms.layers[i] if ms is not None else None)
             gates.append(g)
-            if collect_gate_stats:
-                stats.append(None if g is None else gate_stats(g, token_mask))
+        stats = [None if g is None else gate_stats(g, token_mask) for g in gates] if collect_gate_stats else None
         logits = self.lm_head(self.norm_out(x))
         for c in (kv, ms):
             if c is not None:

@@ -7,7 +7,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 
 | op | backends | `auto` on CUDA | `auto` on CPU |
 | --- | --- | --- | --- |
-| ssd (chunked scan + decode step) | `reference`, `compile` (torch.compile of the reference), `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
+| ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
 
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
@@ -47,6 +47,9 @@ class Kernels:
     conv1d: Callable
     conv1d_step: Callable
     attention: Callable
+    # Builds the attention masks one cache-free forward shares across its layers
+    # (`SeqInfo.attn_masks`), or None: the backend needs none (each call builds what it needs).
+    attention_masks: Callable | None = None
 
     def describe(self) -> str:
         return f"ssd={self.ssd_name} attention={self.attention_name} conv1d=reference"
@@ -69,14 +72,6 @@ def _need_triton(what: str) -> None:
         raise ImportError(f"{what} on CUDA generates Triton kernels, and triton does not import: {e}") from e
 
 
-def _ssd_compile(device: torch.device) -> dict:
-    if device.type == "cuda":
-        _need_triton("torch.compile")
-    from fusiontree.ops.backends.compiled_ssd import ssd_chunked_compiled, ssd_step_compiled
-
-    return dict(ssd_chunked=ssd_chunked_compiled, ssd_step=ssd_step_compiled, **_CONV1D)
-
-
 def _ssd_mamba_ssm(device: torch.device) -> dict:
     if device.type != "cuda":
         raise RuntimeError("mamba-ssm's SSD kernels are Triton GPU kernels and need a CUDA device")
@@ -92,20 +87,17 @@ def _attention_reference(device: torch.device) -> dict:
 def _attention_flex(device: torch.device) -> dict:
     if device.type == "cuda":
         _need_triton("FlexAttention")
-    from fusiontree.ops.backends.flex import attention_flex
+    from fusiontree.ops.backends.flex import attention_flex, flex_block_masks
 
-    return dict(attention=attention_flex)
+    return dict(attention=attention_flex, attention_masks=flex_block_masks)
 
 
 SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
-    "reference": _ssd_reference, "compile": _ssd_compile, "mamba_ssm": _ssd_mamba_ssm}
+    "reference": _ssd_reference, "mamba_ssm": _ssd_mamba_ssm}
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
-# On CPU only the references: FlexAttention has no CPU backward, and compiling the SSD on CPU
-# costs more start-up time than it saves at CPU model sizes. `compile` is not in CUDA's list:
-# on torch 2.11 (the GPU machine's) Inductor fails to generate the backward's cumsum (a split
-# scan) from T = 1000 on, so `auto` must not pick it for training; name it to use it.
+# On CPU only the references: FlexAttention has no CPU backward.
 AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "reference"]}
 
 

@@ -37,6 +37,14 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
                      timeout_s: int = 1800) -> DistInfo:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
@@ -44,7 +52,10 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=local_rank_arg if local_rank_arg is not None else 0)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A launcher sets the port for its processes; a world of one picks a free one, so that
+        # two one-process runs on a machine do not both try to listen on a fixed port.
+        os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no GPU is visible; use auto or cpu")

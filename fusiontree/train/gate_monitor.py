@@ -117,15 +117,19 @@ class GateMonitor:
                 "thresholds": {"off_threshold": off_threshold, "frac_threshold": frac_threshold},
                 "prune": prune, "layers": layers}
 
-    def export_pruning_plan(self, path: str | Path, off_threshold: float = 0.05,
-                            frac_threshold: float = 0.02) -> dict:
+    def pruning_plan_json(self, off_threshold: float = 0.05, frac_threshold: float = 0.02) -> str:
         plan = self.pruning_plan(off_threshold, frac_threshold)
         if any(math.isnan(r["mean_gate"]) for r in plan["layers"]):
             raise ValueError("gate statistics contain NaN; the plan would be meaningless")
+        return json.dumps(plan, indent=2)
+
+    def export_pruning_plan(self, path: str | Path, off_threshold: float = 0.05,
+                            frac_threshold: float = 0.02) -> dict:
+        text = self.pruning_plan_json(off_threshold, frac_threshold)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(plan, indent=2))
-        return plan
+        path.write_text(text)
+        return json.loads(text)
 
     def state_dict(self) -> dict:
         return {"layers": [{"updates": s.updates, "tokens": s.tokens, "mean_sum": s.mean_sum,

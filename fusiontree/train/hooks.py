@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -104,20 +105,26 @@ class EvalHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Saves every N steps, at the end, and when a stop was requested (signal)."""
+    """Saves every N steps, at the end, and when a stop was requested (signal). The time the
+    training loop waits for a save goes into the step's metrics as `checkpoint_stall_s`."""
 
     def __init__(self, every_steps: int, save: Callable[[], str]):
         self.every, self.save = every_steps, save
+
+    def _save(self, ctx: TrainContext) -> None:
+        t0 = time.perf_counter()
+        ctx.state.last_checkpoint = self.save()
+        ctx.metrics["checkpoint_stall_s"] = time.perf_counter() - t0
 
     def on_step_end(self, ctx: TrainContext) -> None:
         if ctx.state.consecutive_bad:
             return  # never checkpoint a state that just produced a bad step
         if ctx.state.step % self.every == 0 or ctx.stop_requested:
-            ctx.state.last_checkpoint = self.save()
+            self._save(ctx)
 
     def on_train_end(self, ctx: TrainContext) -> None:
         if ctx.state.step % self.every != 0 and not ctx.state.consecutive_bad:
-            ctx.state.last_checkpoint = self.save()
+            self._save(ctx)
 
 
 class MetricsHook(Hook):

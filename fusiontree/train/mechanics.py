@@ -1,10 +1,13 @@
-"""Training mechanics, applied to a built model from outside like `parallelize`: compiled blocks
-and activation checkpointing (the pattern of torchtitan's `apply_compile` / `apply_ac`).
+"""Training mechanics, applied to a built model from outside like `parallelize`: compiled blocks,
+activation checkpointing (the pattern of torchtitan's `apply_compile` / `apply_ac`) and CUDA
+graphs of the blocks' training forward and backward.
 
     model = HybridLanguageModel(cfg.model, kernels)      # the plain single-device model
     model = parallelize(model, cfg.parallel)             # tensor / sequence parallel shares
     apply_compile(model)                                 # train.compile
     apply_activation_checkpointing(model, cfg.train.checkpoint_num_layers)
+    apply_cuda_graphs(model)                             # train.cuda_graphs, once the parameters
+                                                         # have their final storage (after DeepSpeed)
 
 Each mechanic changes how a block runs a cache-free call (training, evaluation, a prefill
 without a cache): the block's `forward` becomes an instance attribute that dispatches on the
@@ -16,11 +19,13 @@ the caches in place.
 Order: `parallelize` first (it swaps the blocks' classes, whose forward the mechanics then
 wrap), `apply_compile` before `apply_activation_checkpointing` (the recomputation wraps the
 compiled block, so the backward recomputes through the compiled graph rather than compiling
-the recomputation). Both orders are checked.
+the recomputation), `apply_cuda_graphs` last (the graphs replay the compiled blocks; blocks
+that are recomputed stay ungraphed). The orders are checked.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +36,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from fusiontree.ops import compile_once
+from fusiontree.train.cuda_graphs import BlockGraphs
 
 
 @dataclass
@@ -39,12 +45,16 @@ class BlockMechanics:
     forward: Callable  # (block, x_BTD, info) -> (x_BTD, gate): the class forward, or it compiled
     compiled: bool = False
     recompute: bool = False  # activation checkpointing: recompute the block in the backward
+    graphs: BlockGraphs | None = None  # CUDA graphs of this block's training calls
+    graph_index: int = 0  # this block's place among the graphed blocks
 
 
 def _dispatch(block: nn.Module, x_BTD: Tensor, info, attn_cache=None, mamba_state=None):
     if info.cached:
         return type(block).forward(block, x_BTD, info, attn_cache, mamba_state)
     m: BlockMechanics = block.mechanics
+    if m.graphs is not None and block.training and m.graphs.applies(x_BTD, info):
+        return m.graphs.run_block(m.graph_index, x_BTD, info)
     if m.recompute and block.training and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(m.forward, block, x_BTD, info, use_reentrant=False)
     return m.forward(block, x_BTD, info)
@@ -73,6 +83,9 @@ def apply_compile(model: nn.Module, **compile_kwargs) -> nn.Module:
         if m.recompute:
             raise ValueError("apply_compile after apply_activation_checkpointing would compile the "
                              "recomputation; apply compile first")
+        if m.graphs is not None:
+            raise ValueError("apply_compile after apply_cuda_graphs: the graphs capture the blocks as they "
+                             "were; apply the graphs last")
         m.forward, m.compiled = compile_once(type(block).forward, **compile_kwargs), True
     return model
 
@@ -83,16 +96,42 @@ def apply_activation_checkpointing(model: nn.Module, num_layers: int = 0) -> nn.
     every block when it is 0. Only training calls with gradients recompute."""
     if num_layers < 0:
         raise ValueError(f"num_layers={num_layers} must be >= 0 (0 recomputes every block)")
+    if any(vars(b).get("mechanics") is not None and b.mechanics.graphs is not None for b in model.layers):
+        raise ValueError("apply_activation_checkpointing after apply_cuda_graphs; apply the graphs last")
     for i, block in enumerate(model.layers):
         if num_layers == 0 or i < num_layers:
             block_mechanics(block).recompute = True
     return model
 
 
+def apply_cuda_graphs(model: nn.Module) -> BlockGraphs:
+    """CUDA graphs of the training forward and backward of every block that keeps its
+    activations (`fusiontree.train.cuda_graphs`): the blocks from the first one that is not
+    recomputed to the last, which must be contiguous. Call it after the parameters have their
+    final storage (after `deepspeed.initialize`); each shape is captured at its first training
+    forward."""
+    blocks = list(model.layers)
+    recomputed = [vars(b).get("mechanics") is not None and b.mechanics.recompute for b in blocks]
+    start = next((i for i, r in enumerate(recomputed) if not r), len(blocks))
+    if start == len(blocks) or any(recomputed[start:]):
+        raise ValueError("CUDA graphs need a run of final blocks that keep their activations; activation "
+                         f"checkpointing recomputes blocks {[i for i, r in enumerate(recomputed) if r]} of "
+                         f"{len(blocks)}: checkpoint fewer (the first N) blocks")
+    graphed = blocks[start:]
+    mechanics = [block_mechanics(b) for b in graphed]
+    calls = [functools.partial(m.forward, b) for m, b in zip(mechanics, graphed)]
+    windows = {b.attn.window for b in graphed if b.attn is not None}
+    graphs = BlockGraphs(graphed, calls, model.kernels.attention_masks, windows)
+    for i, m in enumerate(mechanics):
+        m.graphs, m.graph_index = graphs, i
+    return graphs
+
+
 def describe_mechanics(model: nn.Module) -> str:
-    """One line for the log: how many blocks are compiled and recomputed."""
+    """One line for the log: how many blocks are compiled, recomputed and graphed."""
     ms = [vars(b).get("mechanics") for b in model.layers]
     n = len(ms)
     compiled = sum(m is not None and m.compiled for m in ms)
     recompute = sum(m is not None and m.recompute for m in ms)
-    return f"compiled blocks {compiled}/{n}, activation checkpointing {recompute}/{n}"
+    graphed = sum(m is not None and m.graphs is not None for m in ms)
+    return f"compiled blocks {compiled}/{n}, activation checkpointing {recompute}/{n}, CUDA graphs {graphed}/{n}"

@@ -155,3 +155,35 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+class StepProfiler:
+    """torch.profiler around chosen optimizer steps; each writes its top operators (by GPU
+    time on CUDA, CPU time otherwise) to `<out_dir>/step_<N>.txt`."""
+
+    def __init__(self, out_dir: Path, steps: list[int], device: torch.device):
+        self.out_dir, self.steps, self.device = out_dir, set(steps), device
+        self.prof = None
+
+    def start(self, step: int) -> None:
+        if step not in self.steps:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.prof = profile(activities=activities)
+        self.prof.__enter__()
+
+    def stop(self, step: int) -> None:
+        if self.prof is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # deliberate sync: the profiled step's kernels end here
+        self.prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step_{step}.txt"
+        path.write_text(f"optimizer step {step}\n{table}\n")
+        log.info("profile of step %d: %s", step, path)
+        self.prof = None

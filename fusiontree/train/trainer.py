@@ -39,9 +39,11 @@ from fusiontree.train.distributed import all_reduce_max, init_distributed, shutd
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
 from fusiontree.train.losses import HybridModelLoss
-from fusiontree.train.mechanics import apply_activation_checkpointing, apply_compile
-from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, device_peak_flops, memory_gib
+from fusiontree.train.mechanics import (apply_activation_checkpointing, apply_compile, apply_cuda_graphs,
+                                        describe_mechanics)
+from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, StepProfiler, device_peak_flops, memory_gib
 from fusiontree.train.optim import SkippableAdamW, build_optimizer, lr_at
+from fusiontree.train.startup import StartupClock, use_compile_cache
 from fusiontree.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from fusiontree.train.validation import validation_metrics, validation_sums
 
@@ -140,9 +142,16 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None):
         self.cfg = cfg
+        self.clock = StartupClock()  # from the process's start: the phases until the first step ends
+        self.clock.mark("imports")
+        if cfg.train.compile_cache_dir:
+            use_compile_cache(cfg.train.compile_cache_dir)  # before anything compiles
         self._init_processes(local_rank)
+        self.clock.mark("distributed")
         self._init_data()
+        self.clock.mark("data")
         self._init_model(ds_config)
+        self.clock.mark("model_and_engine")
         self._init_state(resume)
         self._init_hooks()
 
@@ -177,7 +186,8 @@ class Trainer:
         cfg, di = self.cfg, self.di
         self.kernels = resolve_kernels(cfg.kernels, di.device)
         log.info("kernels: %s", self.kernels.describe())
-        model = HybridLanguageModel(cfg.model, self.kernels).to(di.device)
+        with torch.device(di.device):  # initialised where it trains: a 7B model's fp32 init on the host takes minutes
+            model = HybridLanguageModel(cfg.model, self.kernels)
         model.check_inputs = False  # the data pipeline already checked the ids
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and di.device.type == "cuda")
         n_params = sum(p.numel() for p in model.parameters())
@@ -199,6 +209,12 @@ class Trainer:
         ds_cfg = deepspeed_config(ds_config, cfg, loader.micro_batch_size, loader.grad_accum_steps, self.bf16)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
         self.zero_stage = self.engine.zero_optimization_stage()
+        if cfg.train.cuda_graphs:
+            if self.zero_stage == 3:
+                raise ValueError("train.cuda_graphs=true needs parameters that stay in place, but ZeRO-3 gathers "
+                                 "them anew every forward; use ZeRO 0-2 (configs/ds/zero{0,1,2}.json)")
+            apply_cuda_graphs(model)  # after DeepSpeed has given the parameters their storage
+        log.info("training mechanics: %s", describe_mechanics(model))
         self.loss_fn = HybridModelLoss(cfg.loss)
 
     def _init_state(self, resume: str) -> None:
@@ -207,7 +223,7 @@ class Trainer:
         cfg, di = self.cfg, self.di
         self.state = TrainState()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", di.rank, di.world_size,
-                                      keep=cfg.train.keep_checkpoints)
+                                      keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint)
         self.monitor = GateMonitor(cfg.model.n_layers)
         latest = self.ckpt.latest_valid()
         if resume == "none" and latest is not None:
@@ -222,9 +238,12 @@ class Trainer:
         self.sink = RankZeroMetrics(self.run_dir, cfg.train.steps, config_to_dict(cfg), cfg.train.wandb_project,
                                     start_step=self.state.step) if di.is_main else MetricsSink()
         self.gate_hook = GateMonitorHook(self.monitor, cfg.train.gate_stats_every_steps)
-        self.hooks = Hooks([self.gate_hook, EvalHook(cfg.train.eval_every_steps, self.evaluate),
-                            MetricsHook(self.sink, cfg.train.log_every_steps),
-                            CheckpointHook(cfg.train.checkpoint_every_steps, self.save)])
+        # The checkpoint hook runs before the metrics hook, so that a step's row carries its save's stall.
+        saving = [CheckpointHook(cfg.train.checkpoint_every_steps, self.save)] if cfg.train.save_checkpoints else []
+        self.hooks = Hooks([self.gate_hook, EvalHook(cfg.train.eval_every_steps, self.evaluate), *saving,
+                            MetricsHook(self.sink, cfg.train.log_every_steps)])
+        self.profiler = StepProfiler(self.run_dir / "profile", cfg.train.profile_steps, di.device) \
+            if di.is_main else None
         self.ctx = TrainContext(cfg, self.engine, self.state, self.run_dir, di.is_main, di.device)
         self.stop = StopSignal()
         self._flops: dict[int, int] = {}  # of the plain model: a tensor-parallel module counts its share
@@ -251,11 +270,12 @@ class Trainer:
                    "gate_monitor": self.monitor.state_dict()}
         meta = {"tokens_seen": self.train_loader.tokens_seen, "tokenizer": str(cfg.data.tokenizer_path()),
                 "zero_stage": self.zero_stage, "preset": cfg.model.preset}
-        path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, self.plain_model_state())
+        plan = {"pruning_plan.json": self.monitor.pruning_plan_json()} \
+            if self.di.is_main and any(s.updates for s in self.monitor.layers) else {}
+        path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, self.plain_model_state(),
+                              extra_files=plan)
         if self.di.is_main:
-            if any(s.updates for s in self.monitor.layers):
-                self.monitor.export_pruning_plan(path / "pruning_plan.json")
-            log.info("checkpoint %s", path)
+            log.info("checkpoint %s%s", path, " (writing in the background)" if self.ckpt.async_save else "")
         return str(path)
 
     def resume(self, path: Path) -> None:
@@ -266,6 +286,7 @@ class Trainer:
         self.monitor.load_state_dict(trainer["gate_monitor"])
         set_rng_state(trainer["rng"])
         log.info("resumed from %s at step %d (%d tokens seen)", path, self.state.step, self.train_loader.tokens_seen)
+        self.clock.mark("resume")
 
     # -------------------------------------------------------------------------- the loop
 
@@ -279,6 +300,8 @@ class Trainer:
         self.engine.train()
         t_last = time.perf_counter()
         while self.state.step < cfg.train.steps:
+            if self.profiler is not None:
+                self.profiler.start(self.state.step + 1)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr_at(self.state.applied_steps, cfg.train.lr_peak, cfg.train.lr_warmup_steps,
                                 cfg.train.steps, cfg.train.lr_decay, cfg.train.lr_min_ratio,
@@ -289,7 +312,9 @@ class Trainer:
                            self.zero_stage)
             t_last = self._end_step(m, seq_len, t_last)
             if self.ctx.stop_requested:
-                log.warning("stop requested by signal: checkpoint saved at step %d, exiting", self.state.step)
+                log.warning("stop requested by signal: %s at step %d, exiting",
+                            "checkpoint saved" if cfg.train.save_checkpoints else
+                            "no checkpoint (train.save_checkpoints=false)", self.state.step)
                 break
 
     def _end_step(self, m: dict, seq_len: int, t_last: float) -> float:
@@ -302,6 +327,8 @@ class Trainer:
             red /= di.world_size
         stop = self.stop.agreed(di.device)
         loss, ce = (float(x) for x in red.tolist())  # host sync: once per step, for logging
+        if self.profiler is not None:
+            self.profiler.stop(state.step + 1)
         tokens = m["tokens"] * self.dp_size
         state.step += 1
         if m["skipped"] or not math.isfinite(loss):
@@ -321,8 +348,13 @@ class Trainer:
             "seq_len": seq_len, "skipped_steps": state.skipped_steps,
             "mfu": (tps / di.world_size) * self.flops_per_token(seq_len) / self.peak_flops if self.peak_flops else None,
             "mem_gib": memory_gib(di.device)}
+        if "first_step" not in self.clock.phases:  # the first step of this process
+            self.clock.mark("first_step")
+            self.ctx.metrics.update(self.clock.metrics())
+            log.info(self.clock.summary())
         self.ctx.stop_requested = stop
         if state.consecutive_bad > cfg.train.max_bad_steps:
+            self.ckpt.wait()  # the last good checkpoint may still be writing
             raise SystemExit(f"stopping: {state.consecutive_bad} consecutive steps with non-finite loss or "
                              f"gradients (train.max_bad_steps={cfg.train.max_bad_steps}); the last good "
                              f"checkpoint is {state.last_checkpoint or 'none (no checkpoint saved yet)'}")
@@ -372,5 +404,6 @@ def run_training(cfg: RunConfig, ds_config: str, resume: str = "none", local_ran
     trainer = Trainer(cfg, ds_config, resume, local_rank)
     trainer.fit()
     trainer.finish()
+    trainer.ckpt.wait()  # an asynchronous save still writing
     shutdown()
     return 0

@@ -14,8 +14,8 @@ from fusiontree.models.hybrid import positions_from_seq_idx
 from fusiontree.ops import resolve_kernels
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.backends.common import canonical_seq_idx
-from fusiontree.ops.backends.flex import attention_flex
-from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
+from fusiontree.ops.backends.flex import attention_flex, flex_block_masks
+from fusiontree.ops.ssd import ssd_chunked_ref
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -38,7 +38,7 @@ def test_auto_on_cpu_picks_the_references():
 
 
 def test_unknown_backend_is_a_value_error_listing_the_choices():
-    with pytest.raises(ValueError, match=r"not a known backend.*'compile'.*'mamba_ssm'"):
+    with pytest.raises(ValueError, match=r"not a known backend.*'mamba_ssm'.*'reference'"):
         resolve_kernels(KernelConfig(ssd="triton"), "cpu")
     with pytest.raises(ValueError, match=r"not a known backend.*'flex'"):
         resolve_kernels(KernelConfig(attention="flash_attn"), "cpu")
@@ -59,30 +59,30 @@ def _fake(name, fail_with=None):
 
 def test_auto_on_cuda_takes_the_first_backend_that_loads_and_logs_the_others(monkeypatch, caplog):
     table = {"mamba_ssm": _fake("m", ImportError("No module named 'mamba_ssm'")),
-             "compile": _fake("c"), "reference": _fake("r")}
-    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ["mamba_ssm", "compile", "flex", "reference"])
+             "other": _fake("c"), "reference": _fake("r")}
+    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ["mamba_ssm", "other", "flex", "reference"])
     monkeypatch.setattr(ops, "SSD_BACKENDS", table)
     monkeypatch.setattr(ops, "ATTENTION_BACKENDS", {"flex": lambda d: dict(attention="f"),
                                                     "reference": lambda d: dict(attention="r")})
     with caplog.at_level(logging.INFO, logger="fusiontree.ops"):
         k = resolve_kernels(KernelConfig(), "cuda")
-    assert (k.ssd_name, k.ssd_chunked, k.attention_name, k.attention) == ("compile", "c", "flex", "f")
+    assert (k.ssd_name, k.ssd_chunked, k.attention_name, k.attention) == ("other", "c", "flex", "f")
     assert "mamba_ssm unavailable (No module named 'mamba_ssm')" in caplog.text
     # and a named backend never falls back, even when another one would load
     with pytest.raises(RuntimeError, match="kernels.ssd='mamba_ssm' cannot load on cuda: No module named"):
         resolve_kernels(KernelConfig(ssd="mamba_ssm"), "cuda")
 
 
-def test_auto_on_cuda_prefers_mamba_ssm_and_flex_and_never_compile():
+def test_auto_on_cuda_prefers_mamba_ssm_and_flex():
     order = ops.AUTO_ORDER["cuda"]
     assert order.index("mamba_ssm") < order.index("reference")
     assert order.index("flex") < order.index("reference")
-    assert "compile" not in order  # fails in Inductor's backward codegen on torch 2.11
 
 
-def test_flex_and_compile_load_on_cpu_when_named():
-    k = resolve_kernels(KernelConfig(ssd="compile", attention="flex"), "cpu")
-    assert (k.ssd_name, k.attention_name, k.attention) == ("compile", "flex", attention_flex)
+def test_flex_loads_on_cpu_when_named_with_its_mask_builder():
+    k = resolve_kernels(KernelConfig(attention="flex"), "cpu")
+    assert (k.attention_name, k.attention, k.attention_masks) == ("flex", attention_flex, flex_block_masks)
+    assert resolve_kernels(KernelConfig(), "cpu").attention_masks is None
 
 
 # ------------------------------------------------------------------ flex attention on CPU
@@ -155,25 +155,17 @@ def test_flex_cached_path_matches_reference(window, T):
     assert o[2].abs().max() == 0
 
 
-@pytest.mark.parametrize("backend", ["flex", "compiled_ssd"])
-def test_backends_compile_with_a_raised_recompile_limit(monkeypatch, backend):
-    """FlexAttention compiles once per shape, window path and kernel option, the compiled SSD
-    once per signature; past torch's default 8 entries torch runs the function eagerly (for
-    FlexAttention: every T x T score materialised; it ran out of memory that way at 32K).
-    Compiling must raise the limit first."""
-    import importlib
-
+def test_flex_compiles_with_a_raised_recompile_limit(monkeypatch):
+    """FlexAttention compiles once per shape, window path and kernel option; past torch's
+    default 8 entries torch runs the function eagerly (every T x T score materialised: it ran
+    out of memory that way at 32K). Compiling must raise the limit first."""
     import torch._dynamo.config as dynamo_config
 
-    from fusiontree.ops.backends import common
+    from fusiontree.ops.backends import common, flex
 
-    mod = importlib.import_module(f"fusiontree.ops.backends.{backend}")
     monkeypatch.setattr(common, "_compiled", {})
     with dynamo_config.patch(recompile_limit=8):  # restored on exit
-        if backend == "flex":
-            mod._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device
-        else:
-            mod._fn("chunked")
+        flex._flex_fn(torch.device("cuda"))  # wraps only: nothing runs on the device
         assert dynamo_config.recompile_limit >= 64
 
 
@@ -207,15 +199,47 @@ def test_canonical_seq_idx_keeps_the_reference_semantics():
     torch.testing.assert_close(f, f2)
 
 
-def test_compiled_decode_step_matches_reference_on_cpu():
-    k = resolve_kernels(KernelConfig(ssd="compile"), "cpu")
-    g = torch.Generator().manual_seed(0)
-    B, H, P, G, N = 2, 4, 8, 2, 16
-    x, dt = torch.randn(B, H, P, generator=g), torch.rand(B, H, generator=g) * 0.3
-    A, D = -(torch.rand(H, generator=g) + 0.2), torch.randn(H, generator=g)
-    Bm, Cm = torch.randn(B, G, N, generator=g), torch.randn(B, G, N, generator=g)
-    state = torch.randn(B, H, P, N, generator=g)
-    state_ref = state.clone()
-    y = k.ssd_step(state, x, dt, A, Bm, Cm, D)
-    torch.testing.assert_close(y, ssd_step_ref(state_ref, x, dt, A, Bm, Cm, D), **TOL)
-    torch.testing.assert_close(state, state_ref, **TOL)
+# ------------------------------------------------------------------ one set of masks per forward
+
+
+def test_flex_block_masks_are_what_each_call_would_build():
+    """Masks built once for a forward (documents and padding, local and global windows) give
+    every layer's call the output it computes when it builds its own."""
+    seq = torch.tensor([[0] * 140 + [1] * 160, [3] * 300])
+    pos = positions_from_seq_idx(seq)
+    masks = flex_block_masks(pos, pos, seq, seq, {16, None})
+    assert masks is not None and len(masks) == 2
+    q, k, v = _qkv(2, 300, 0, 4, 2, 16, seed=7)
+    for window in (16, None):
+        torch.testing.assert_close(
+            attention_flex(q, k, v, pos, pos, window=window, q_seq_BT=seq, k_seq_BS=seq, block_masks=masks),
+            attention_flex(q, k, v, pos, pos, window=window, q_seq_BT=seq, k_seq_BS=seq), rtol=0, atol=0)
+    # No documents and no padding: masks of shapes alone, nothing to build per forward.
+    assert flex_block_masks(pos, pos, None, None, {16, None}) is None
+    # Short inputs take the masked SDPA path.
+    assert flex_block_masks(pos[:, :100], pos[:, :100], seq[:, :100], seq[:, :100], {16}) is None
+
+
+def test_model_builds_the_flex_masks_once_per_forward_and_matches_the_reference(monkeypatch):
+    from tests.models.conftest import build
+
+    ref = build("parallel-channel", n_layers=3, attn_pattern="LLG")
+    model = build("parallel-channel", n_layers=3, attn_pattern="LLG")
+    calls = []
+    flex_kernels = resolve_kernels(KernelConfig(attention="flex"), "cpu")
+
+    def counting_masks(*args):
+        calls.append(args[-1])
+        return flex_block_masks(*args)
+
+    kernels = type(flex_kernels)(**{**flex_kernels.__dict__, "attention_masks": counting_masks})
+    model.kernels = kernels
+    for layer in model.layers:
+        layer.attn.kernels = kernels
+        layer.mamba.kernels = kernels
+    ids = torch.randint(0, ref.cfg.vocab_size, (2, 200), generator=torch.Generator().manual_seed(3))
+    seq = torch.tensor([[0] * 77 + [1] * 123, [0] * 10 + [1] * 150 + [2] * 40])
+    with torch.no_grad():
+        got, want = model(ids, seq_idx=seq).logits, ref(ids, seq_idx=seq).logits
+    assert calls == [{16, None}]  # one build for the three layers: the local window and global
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,5 @@
 """Fast backends of the ops, each checked against the reference in `fusiontree/ops/` by tests.
 
-`mamba_ssm`: mamba-ssm's Triton SSD kernels; `compile`: torch.compile of the chunked SSD
-reference (compiled_ssd.py); `flex`: FlexAttention and SDPA for attention. They are imported only by their
+`mamba_ssm`: mamba-ssm's Triton SSD kernels; `flex`: FlexAttention and SDPA for attention. They are imported only by their
 loaders in `fusiontree.ops`, so a missing optional package fails only the backend that needs it.
 """

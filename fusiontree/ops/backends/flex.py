@@ -16,9 +16,10 @@ The regime is told apart by shapes and tensor identity alone, so choosing costs 
     padding) and a global layer (a window >= T acts as one): SDPA with `is_causal` (flash kernel).
   * Otherwise FlexAttention. Its block mask depends only on (T, window) when there is neither
     a document mask nor padding, and is cached per shape. With document masks or padding
-    (keys with k_pos < 0) it depends on the data and is built once per forward: it is cached
-    on the identity and version of the seq / k_pos tensors, which all layers of one forward
-    share, so the layers of a forward build it once per window.
+    (keys with k_pos < 0) it depends on the data: `flex_block_masks` builds the masks of one
+    forward once, one per window, and the model hands them to every layer (`SeqInfo.attn_masks`);
+    called without them, the op builds its own. Building them in one place, from the forward's
+    own tensors, is also what lets a CUDA graph capture the building and replay it on new data.
   A padding query sees no key on the FlexAttention path and gets zero (the reference leaves that row to its
   blocking, and the model discards it); every real token gets the reference's result.
   A document is a contiguous run of one seq id, as for the SSD and conv1d references and the
@@ -105,38 +106,40 @@ def _index_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
     return _block_mask_fn(device)(mask_mod, None, None, T, T, device=device)
 
 
-# key -> ((tensor, version) per data tensor, block mask); one entry per key, so at most a few.
-_data_block_masks: dict[tuple, tuple[list, BlockMask]] = {}
-
-
-def _same_data(saved: list, tensors: tuple) -> bool:
-    for (t0, version), t in zip(saved, tensors):
-        if t0 is not t:
-            return False
-        # Inference tensors keep no version counter, so in-place edits cannot be detected.
-        if t is not None and (t.is_inference() or t._version != version):
-            return False
-    return True
+def _index_window(window: int | None, T: int) -> int:
+    """The window in the masks' index math: global (None, or a window covering all T keys) is a
+    window of every key."""
+    w = effective_window(window, T)
+    return T if w is None else w
 
 
 def _data_block_mask(T: int, window: int, q_seq_BT: Tensor | None, k_seq_BS: Tensor | None,
                      k_pos_BS: Tensor | None, device: torch.device) -> BlockMask:
     Bsz = (q_seq_BT if q_seq_BT is not None else k_pos_BS).shape[0]
-    key = (device, Bsz, T, window, q_seq_BT is None, k_pos_BS is None)
-    tensors = (q_seq_BT, k_seq_BS, k_pos_BS)
-    hit = _data_block_masks.get(key)
-    if hit is not None and _same_data(hit[0], tensors):
-        return hit[1]
     # Relabelled ids: one per contiguous run, so a reused id never joins two runs.
     q_runs = None if q_seq_BT is None else canonical_seq_idx(q_seq_BT)
     k_runs = q_runs if k_seq_BS is q_seq_BT else canonical_seq_idx(k_seq_BS)
     mask_mod = _mask_mod(_window_tensor(window, device), q_runs, k_runs, k_pos_BS)
-    block_mask = _block_mask_fn(device)(mask_mod, Bsz, None, T, T, device=device)
-    # The entry holds these tensors, so none of them can be freed and its address reused
-    # while the entry lives: identity plus version identifies the data.
-    saved = [(t, None if t is None or t.is_inference() else t._version) for t in tensors]
-    _data_block_masks[key] = (saved, block_mask)
-    return block_mask
+    return _block_mask_fn(device)(mask_mod, Bsz, None, T, T, device=device)
+
+
+def _needs_data_mask(T: int, q_pos_BT: Tensor, k_pos_BS: Tensor, q_seq_BT: Tensor | None) -> bool:
+    """Whether a self-attention forward of T tokens takes the FlexAttention path with a mask
+    read from data (documents or padding) rather than one of shapes alone."""
+    return T >= _FLEX_MIN_T and (q_seq_BT is not None or k_pos_BS is not q_pos_BT)
+
+
+def flex_block_masks(q_pos_BT: Tensor, k_pos_BS: Tensor, q_seq_BT: Tensor | None, k_seq_BS: Tensor | None,
+                     windows) -> dict[int, BlockMask] | None:
+    """The data-dependent block masks of one cache-free forward, one per window in `windows`
+    (None: global), keyed as `attention_flex` looks them up; None when no layer needs one.
+    Positions and documents are those of the whole forward (every layer's queries are its keys)."""
+    T = q_pos_BT.shape[1]
+    if k_pos_BS.shape[1] != T or not _needs_data_mask(T, q_pos_BT, k_pos_BS, q_seq_BT):
+        return None
+    padded = k_pos_BS is not q_pos_BT
+    return {w: _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, q_pos_BT.device)
+            for w in sorted({_index_window(x, T) for x in windows})}
 
 
 def _sdpa(backends: list, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
@@ -174,9 +177,9 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
     return o * seen_BT[:, :, None, None].to(o.dtype)
 
 
-# Opaque to an enclosing torch.compile (a model compiled block by block): its mask caches
-# key on tensor identity and version, which tracing cannot follow; FlexAttention itself is
-# compiled here, separately.
+# Opaque to an enclosing torch.compile (a model compiled block by block): it chooses its path
+# from tensor identity (padding) and host-side shapes; FlexAttention itself is compiled here,
+# separately.
 @torch.compiler.disable
 def attention_flex(
     q_BTHD: Tensor,
@@ -188,8 +191,10 @@ def attention_flex(
     q_seq_BT: Tensor | None = None,
     k_seq_BS: Tensor | None = None,
     scale: float | None = None,
+    block_masks: dict[int, BlockMask] | None = None,
 ) -> Tensor:
-    """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD."""
+    """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD.
+    `block_masks`: this forward's masks from `flex_block_masks` (built here when absent)."""
     if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
         raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
                          f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
@@ -216,10 +221,13 @@ def attention_flex(
             t.requires_grad for t in (q_BTHD, k_BSKD, v_BSKD)):
         raise ValueError("the flex attention backend has no backward on CPU (FlexAttention runs "
                          "forward-only there); train on CPU with kernels.attention=reference")
-    w = T if window is None else window  # global: a window of every key, in the index math
+    w = _index_window(window, T)
     device = q_BTHD.device
     if q_seq_BT is None and not padded:
         block_mask = _index_block_mask(T, w, device)
+    elif block_masks is not None and w in block_masks:
+        block_mask = block_masks[w]
+        assert tuple(block_mask.seq_lengths) == (T, T), (block_mask.seq_lengths, T)
     else:
         block_mask = _data_block_mask(T, w, q_seq_BT, k_seq_BS, k_pos_BS if padded else None, device)
     o = _flex_fn(device)(q_BTHD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2),

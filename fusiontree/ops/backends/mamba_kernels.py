@@ -12,7 +12,7 @@ Legend: B batch, T time, H heads, P head dim, G groups, N state size.
 
 The conv1d of the Mamba mixer stays the PyTorch reference with this backend: it is a 4-tap
 elementwise op (fused with its neighbours when the model's blocks are compiled,
-`HybridLanguageModel.compile_blocks`), and mamba-ssm's fused conv needs the separately
+`fusiontree.train.mechanics.apply_compile`), and mamba-ssm's fused conv needs the separately
 compiled causal-conv1d.
 """
 

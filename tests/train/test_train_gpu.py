@@ -1,0 +1,105 @@
+"""launch/train.py on a GPU: the fast paths of the training step train like the plain one.
+
+Skipped without CUDA. On a CUDA machine the runs require the GPU backends (kernels.ssd=mamba_ssm,
+kernels.attention=flex named explicitly: a missing one fails the run with its reason).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusiontree.data.build import BuildArgs, build_shards
+from fusiontree.data.corpus import stdlib_dir
+from tests.train.conftest import losses, metrics, run, train_cmd, write_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="GPU training paths need a CUDA device, and this machine has none "
+                                       "(run them on a GPU machine)")
+
+# The debug preset with the head sizes the GPU kernels are tuned for.
+MODEL = {"preset": "debug", "vocab_size": 512, "d_model": 128, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64,
+         "ssm_head_dim": 64, "ssm_state": 128, "chunk_size": 256, "mlp_hidden": 384, "window": 64}
+
+
+@pytest.fixture(scope="module")
+def gpu_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_shards") / "shards"
+    inputs = [str(stdlib_dir() / d) for d in ("json", "email", "logging", "unittest", "asyncio")]
+    build_shards(BuildArgs(inputs=inputs, output=str(out), vocab_size=512, seq_lengths=[256, 512],
+                           val_fraction=0.1, workers=4, seed=3, progress=False))
+    return out
+
+
+def _config(tmp_path, shards, name, **train):
+    import yaml
+
+    path = write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, steps=8, **train)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"] = MODEL
+    cfg["kernels"] = {"ssd": "mamba_ssm", "attention": "flex"}
+    # two micro-batches per step, and a change of length after step 4 (a new capture)
+    cfg["data"].update(global_batch_tokens=2048, micro_batch_tokens=1024,
+                       curriculum=[{"seq_len": 256, "until_tokens": 8192}, {"seq_len": 512, "until_tokens": 0}])
+    cfg["train"].update(device="cuda", precision="bf16", eval_every_steps=4, checkpoint_every_steps=100)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _ok(res) -> None:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_graphs_train_like_the_plain_step(tmp_path, gpu_shards, compile_):
+    """train.cuda_graphs=true: the losses of the same run without graphs (bf16, same kernels),
+    across gradient accumulation, an evaluation and a curriculum change of length."""
+    plain = tmp_path / "plain"
+    graphed = tmp_path / "graphed"
+    _ok(run(train_cmd(_config(tmp_path, gpu_shards, "plain", compile=compile_), launcher="python"), timeout=600))
+    res = run(train_cmd(_config(tmp_path, gpu_shards, "graphed", compile=compile_, cuda_graphs=True),
+                        launcher="python"), timeout=600)
+    _ok(res)
+    assert res.stderr.count("cuda graphs: captured") == 2, res.stderr[-3000:]  # one per length
+    want, got = losses(plain), losses(graphed)
+    assert sorted(got) == sorted(want) == list(range(1, 9))
+    for s in want:
+        assert abs(got[s] - want[s]) < 2e-2 * abs(want[s]), (s, got[s], want[s])
+    # Adam hides a uniform gradient scale from the losses: compare the gradient norms too.
+    norms = [{r["step"]: r["grad_norm"] for r in metrics(d) if "grad_norm" in r} for d in (plain, graphed)]
+    for s in norms[0]:
+        assert abs(norms[1][s] - norms[0][s]) < 5e-2 * norms[0][s], (s, norms[1][s], norms[0][s])
+    first = metrics(graphed)[0]
+    assert first["startup_s"] > 0 and "startup/first_step_s" in first
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism over NCCL needs 2 GPUs; this "
+                                                          "machine has fewer")
+def test_compiled_tensor_parallel_training_matches_eager_and_one_gpu(tmp_path, gpu_shards):
+    """TP=2 + sequence parallelism over NCCL with compiled blocks: the losses and gradient
+    norms of the same run eager (TP=2 + SP) and on one GPU, to bf16 tolerance, through a
+    curriculum change of length (a recompilation)."""
+    extra = ["--model.ssm_groups=2"]
+    tp_args = ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true", "--data.global_batch_tokens=1024"]
+    runs = {}
+    for name, launcher, args, train in [("one", "python", ["--data.global_batch_tokens=1024"], {}),
+                                        ("tp_eager", "deepspeed", tp_args, {}),
+                                        ("tp_compiled", "deepspeed", tp_args, {"compile": True})]:
+        cmd = train_cmd(_config(tmp_path, gpu_shards, name, **train), launcher=launcher, nproc=2, zero=1,
+                        extra=extra + args)
+        res = run(cmd, timeout=900)
+        _ok(res)
+        runs[name] = tmp_path / name
+    assert "tensor parallel 2 (+ sequence parallel)" in (runs["tp_compiled"] / "logs/rank000.log").read_text()
+    want = losses(runs["one"])
+    for name in ("tp_eager", "tp_compiled"):
+        got = losses(runs[name])
+        assert sorted(got) == list(range(1, 9))
+        for s in want:
+            assert abs(got[s] - want[s]) < 2e-2 * abs(want[s]), (name, s, got[s], want[s])
+        norms = [{r["step"]: r["grad_norm"] for r in metrics(d) if "grad_norm" in r} for d in (runs["one"], runs[name])]
+        for s in norms[0]:
+            assert abs(norms[1][s] - norms[0][s]) < 5e-2 * norms[0][s], (name, s, norms[1][s], norms[0][s])
+    first = metrics(runs["tp_compiled"])[0]
+    print(f"compiled TP=2+SP start-up: {first['startup_s']:.1f} s to the end of step 1 "
+          f"(first step {first['startup/first_step_s']:.1f} s)")
