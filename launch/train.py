@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> str:
         trainer = {"state": state.to_dict(), "loader": train_loader.state_dict(), "rng": rng_state(),
                    "gate_monitor": monitor.state_dict()}
-        meta = {"tokens_seen": state.tokens_seen, "tokenizer": str(cfg.data.tokenizer_path()),
+        meta = {"tokens_seen": state.tokens_seen, "tokenizer": tokenizer.name,
                 "zero_stage": zero_stage, "preset": cfg.model.preset}
         path = ckpt.save(engine, state.step, trainer, dump_config(cfg), meta,
                          consolidated_model_state(engine, cfg, zero_stage, di.is_main))

@@ -324,14 +324,13 @@ def _compressed_line_blocks(unit: Unit) -> Iterator[Block]:
             buf = b""
             for chunk in _decompressed_chunks(unit, f):
                 buf += chunk
-                if len(buf) < STREAM_BLOCK_BYTES:
-                    continue
-                cut = buf.rfind(b"\n") + 1
-                if cut == 0:
-                    continue  # one line longer than a block: keep reading until it ends
-                yield Block(unit, line, lines=buf[:cut], size=credit(f))
-                line += buf.count(b"\n", 0, cut)
-                buf = buf[cut:]
+                while len(buf) >= STREAM_BLOCK_BYTES:
+                    cut = buf.rfind(b"\n", 0, STREAM_BLOCK_BYTES) + 1 or buf.find(b"\n", STREAM_BLOCK_BYTES) + 1
+                    if cut == 0:
+                        break  # one line longer than a block: keep reading until it ends
+                    yield Block(unit, line, lines=buf[:cut], size=credit(f))
+                    line += buf.count(b"\n", 0, cut)
+                    buf = buf[cut:]
             if buf or line == 0:
                 yield Block(unit, line, lines=buf, size=credit(f, final=True))
     except (OSError, EOFError, zlib.error, lzma.LZMAError, _zstd_error()) as e:
@@ -363,25 +362,33 @@ def _check_text_column(schema, text_field: str, unit: Unit) -> None:
 
 
 def _row_blocks(unit: Unit, arrays: Iterator, rows_read: list[int], bytes_per_row: float | None) -> Iterator[Block]:
-    """Group record-batch columns into blocks of about STREAM_BLOCK_BYTES; `rows_read[0]`
-    counts the rows handed out (the position an error reports). Progress credit: rows x
-    `bytes_per_row` of the file, or the column's bytes (arrow files are not compressed)."""
+    """Cut record-batch columns into blocks of about STREAM_BLOCK_BYTES (a batch larger than
+    that is sliced); `rows_read[0]` counts the rows read from the file (the position an
+    error reports). Progress credit: rows x `bytes_per_row` of the file, or the column's
+    bytes (arrow files are not compressed)."""
     import pyarrow as pa
 
-    pending, nbytes, rows = [], 0, 0
+    pending, nbytes, first = [], 0, 0
+
+    def block() -> Block:
+        rows = pa.concat_arrays(pending) if pending else pa.array([], pa.string())
+        # concat copies: a block must not pin (or pickle) the whole batch it was cut from
+        return Block(unit, first, rows=rows, size=round(len(rows) * bytes_per_row) if bytes_per_row else nbytes)
+
     for arr in arrays:
-        pending.append(arr)
-        nbytes += arr.nbytes
-        rows += len(arr)
-        if nbytes >= STREAM_BLOCK_BYTES:
-            # concat copies: a block must not pin (or pickle) the whole batch it was cut from
-            yield Block(unit, rows_read[0], rows=pa.concat_arrays(pending), size=round(rows * bytes_per_row) if bytes_per_row else nbytes)
-            rows_read[0] += rows
-            pending, nbytes, rows = [], 0, 0
-    if pending or rows_read[0] == 0:
-        rows_arr = pa.concat_arrays(pending) if pending else pa.array([], pa.string())
-        yield Block(unit, rows_read[0], rows=rows_arr, size=round(rows * bytes_per_row) if bytes_per_row else nbytes)
-        rows_read[0] += rows
+        rows_read[0] += len(arr)
+        while len(arr):
+            room = STREAM_BLOCK_BYTES - nbytes
+            take = len(arr) if arr.nbytes <= room else max(1, int(len(arr) * room / max(1, arr.nbytes)))
+            piece, arr = arr.slice(0, take), arr.slice(take)
+            pending.append(piece)
+            nbytes += piece.nbytes
+            if nbytes >= STREAM_BLOCK_BYTES:
+                yield block()
+                first += sum(len(a) for a in pending)
+                pending, nbytes = [], 0
+    if pending or first == 0:
+        yield block()
 
 
 def _parquet_blocks(unit: Unit, text_field: str) -> Iterator[Block]:

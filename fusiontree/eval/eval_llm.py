@@ -223,14 +223,12 @@ def perplexity_on_files(model, sp, files: list[Path], seq_len: int, batch_size: 
                         max_tokens: int = 100_000) -> dict:
     """Each file is tokenized (+ eos) and cut into rows of `seq_len` tokens, positions from 0
     in each row, as the shard builder cuts long documents."""
-    from fusiontree.data.tokenizer import EOS_ID
-
     rows: list[list[int]] = []
     n, used = 0, 0
     for f in files:
         if n >= max_tokens:
             break
-        ids = sp.encode(f.read_text(errors="replace")) + [EOS_ID]
+        ids = sp.encode(f.read_text(errors="replace")) + [sp.eos_id()]
         used += 1
         for i in range(0, len(ids) - 1, seq_len):
             if n >= max_tokens:
@@ -415,7 +413,6 @@ def humaneval_program(problem: dict, completion: str) -> str:
 
 @torch.no_grad()
 def humaneval(model, sp, opts: EvalOptions) -> dict:
-    from fusiontree.data.tokenizer import EOS_ID
     from fusiontree.eval.sandbox import run_sandboxed
 
     problems = humaneval_problems(opts.humaneval_limit)
@@ -432,7 +429,7 @@ def humaneval(model, sp, opts: EvalOptions) -> dict:
         truncated += len(ids) > budget
         prompt = ids[-budget:]
         outs = complete(model, [prompt] * opts.humaneval_samples, opts.humaneval_max_new_tokens, stop=stop,
-                        temperature=opts.humaneval_temperature, top_p=opts.humaneval_top_p, eos_id=EOS_ID,
+                        temperature=opts.humaneval_temperature, top_p=opts.humaneval_top_p, eos_id=sp.eos_id(),
                         generator=gen if opts.humaneval_temperature > 0 else None, decode=sp.decode)
         for toks in outs:
             programs.append((p["task_id"], humaneval_program(p, truncate_completion(sp.decode(toks)))))
