@@ -89,7 +89,9 @@ class Tokenizer:
         """Token ids of each text, on this thread only (the builder runs one per process)."""
         if self.kind == "sentencepiece":
             return self._impl.encode(texts, num_threads=1)
-        return [e.ids for e in self._impl.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads
+        encode = getattr(self._impl, "encode_batch_fast", self._impl.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
