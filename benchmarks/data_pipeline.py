@@ -164,8 +164,8 @@ def train_tokenizers(corpus: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
-def _tree_memory(root_pid: int) -> tuple[int, int]:
-    """(sum of PSS, largest RSS) in bytes over a process and its descendants."""
+def _tree_memory(root_pid: int) -> tuple[int, int, int]:
+    """(sum of PSS, largest RSS, PSS of the root) in bytes over a process and its descendants."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -175,7 +175,7 @@ def _tree_memory(root_pid: int) -> tuple[int, int]:
                 children.setdefault(ppid, []).append(int(d))
             except (OSError, ValueError, IndexError):
                 pass
-    pss = rss = 0
+    pss = rss = root = 0
     todo = [root_pid]
     while todo:
         pid = todo.pop()
@@ -184,12 +184,14 @@ def _tree_memory(root_pid: int) -> tuple[int, int]:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
+                        kib = int(line.split()[1])
+                        pss += kib * 1024
+                        root = kib * 1024 if pid == root_pid else root
                     elif line.startswith("Rss:"):
                         rss = max(rss, int(line.split()[1]) * 1024)
         except OSError:
             pass  # exited meanwhile
-    return pss, rss
+    return pss, rss, root
 
 
 _CHILD = """
@@ -207,12 +209,13 @@ def measured_build(spec: dict) -> dict:
     """build_shards(spec) in a child process; its wall time, throughput and peak memory."""
     proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=str(ROOT), spec=json.dumps(spec))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = {"pss": 0, "rss": 0}
+    peak = {"pss": 0, "rss": 0, "builder": 0}
 
     def sample() -> None:
         while proc.poll() is None:
-            pss, rss = _tree_memory(proc.pid)
+            pss, rss, builder = _tree_memory(proc.pid)
             peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+            peak["builder"] = max(peak["builder"], builder)
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -229,7 +232,7 @@ def measured_build(spec: dict) -> dict:
     return {"text_mb": mb, "tokens": tokens, "seconds": t["total_s"], "mb_per_s": mb / t["total_s"],
             "mb_per_s_per_worker": mb / t["total_s"] / workers, "tokens_per_s": tokens / t["total_s"],
             "workers": workers, "peak_pss_mb": peak["pss"] / 2**20, "peak_process_rss_mb": peak["rss"] / 2**20,
-            "summary": summary}
+            "builder_peak_pss_mb": peak["builder"] / 2**20, "summary": summary}
 
 
 def mixture_share_gap(summary: dict) -> dict:

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kernels", default="config", choices=["config", "reference"],
                     help="config: the checkpoint's kernels (auto per device); reference: the PyTorch reference ops")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--tokenizer", default="", help="SentencePiece model (default: the checkpoint's)")
+    ap.add_argument("--tokenizer", default="", help="a .model or tokenizer.json (default: the checkpoint's)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per forward (ppl, needle, next-line)")
     ap.add_argument("--seed", type=int, default=d.seed, help="sampling seed (needle keys, next-line picks, HumanEval)")
     ap.add_argument("--prune", default="none", help="none | auto (the checkpoint's pruning_plan.json) | PLAN.json")

@@ -110,3 +110,38 @@ def test_a_tokenizer_json_without_eos_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text("{not a tokenizer")
     with pytest.raises(ValueError, match="bad.json is not a Hugging Face tokenizer.json"):
         load_tokenizer_file(tmp_path / "bad.json")
+
+
+def test_training_and_evaluation_use_the_builds_tokenizer_json(hf_build, tmp_path):
+    """launch/train.py checks model.vocab_size against the manifest's tokenizer.json, trains,
+    decodes its sample with it; evaluation gets it back from the checkpoint."""
+    import subprocess
+
+    import yaml
+
+    from fusiontree.eval.loading import checkpoint_tokenizer, load_checkpoint
+    from tests.train.conftest import ROOT, env, free_port, train_cmd, write_config
+
+    # Its own port: another one-process run may hold the default one. The first run in a new
+    # venv builds DeepSpeed's CPU op (minutes on a loaded machine).
+    def run(cmd, timeout=500):
+        return subprocess.run(cmd, env={**env(), "MASTER_PORT": str(free_port())}, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    out, _ = hf_build
+    cfg_path = write_config(tmp_path / "c.yaml", out, tmp_path / "run", steps=2, eval_every_steps=2,
+                            checkpoint_every_steps=2)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["data"].update(num_workers=0, curriculum=[{"seq_len": 64, "until_tokens": 0}])
+    cfg["generate"] = {"max_new_tokens": 4}
+    cfg_path.write_text(yaml.safe_dump(cfg))  # vocab_size 512: not the tokenizer's 600
+    res = run(train_cmd(cfg_path, launcher="python"))
+    assert res.returncode != 0 and "the tokenizer has 600 ids but model.vocab_size=512" in res.stdout + res.stderr
+    cfg["model"]["vocab_size"] = 600
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = run(train_cmd(cfg_path, launcher="python"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ckpt = load_checkpoint(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1])
+    assert ckpt.meta["tokenizer"] == str(out / "tokenizer.json")
+    tok = checkpoint_tokenizer(ckpt)
+    assert tok.kind == "huggingface" and tok.sha256 == read_manifest(out)["tokenizer"]["sha256"]
