@@ -24,6 +24,7 @@ Needs no network: every input is made from this machine's Python standard librar
    size?), the tokenizer.json build at the first size (MB/s per core against
    SentencePiece's). Then a mixture of three sources of unequal size (weights 0.5 / 0.3 /
    0.2) at the first size: the largest gap between a source's token share and its weight.
+   Also each tokenizer's batch encoder alone (MB per CPU second, one thread, 5 MB).
 Prints tables, writes JSON.
 """
 
@@ -164,6 +165,32 @@ def train_tokenizers(corpus: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
+def time_encoders(corpus: Path, tokenizers: dict[str, Path], mb: float = 5.0) -> dict:
+    """MB of text per CPU-second of each tokenizer's batch encoder, one thread, on the
+    corpus's first `mb` MB: the tokenizers alone, without reading, packing or writing."""
+    import zstandard
+
+    from fusiontree.data.tokenizer import load_tokenizer_file
+
+    texts, size = [], 0
+    with open(corpus, "rb") as f:
+        buf = zstandard.ZstdDecompressor().stream_reader(f).read(int(mb * 6e6))
+    for line in buf.split(b"\n")[:-1]:
+        texts.append(json.loads(line)["text"])
+        size += len(texts[-1].encode("utf-8", errors="surrogatepass"))
+        if size >= mb * 1e6:
+            break
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread, as in the builder's workers
+    out = {}
+    for kind, path in tokenizers.items():
+        tok = load_tokenizer_file(path)
+        t0 = time.process_time()
+        for i in range(0, len(texts), 64):
+            tok.encode_batch(texts[i:i + 64])
+        out[kind] = size / 1e6 / (time.process_time() - t0)
+    return out
+
+
 def _tree_memory(root_pid: int) -> tuple[int, int, int]:
     """(sum of PSS, largest RSS, PSS of the root) in bytes over a process and its descendants."""
     children: dict[int, list[int]] = {}
@@ -256,6 +283,8 @@ def bench_scale(tmp: Path, sizes_mb: list[float], workers: int) -> dict:
         print(f"scale corpus {mb:g} MB: {corpora[mb]['documents']} documents, {corpora[mb]['file_mb']:.0f} MB zstd",
               flush=True)
     toks = train_tokenizers(Path(corpora[sizes_mb[0]]["path"]), tmp / "tokenizers")
+    encoders = time_encoders(Path(corpora[sizes_mb[0]]["path"]), toks)
+    print("encoders alone, one thread: " + ", ".join(f"{k} {v:.2f} MB/s" for k, v in encoders.items()), flush=True)
     base = dict(seq_lengths=seq, val_fraction=0.01, workers=workers, seed=1234)
     rows = []
     for mb in sizes_mb:
@@ -295,7 +324,7 @@ def bench_scale(tmp: Path, sizes_mb: list[float], workers: int) -> dict:
           flush=True)
     for r in rows + [mix]:
         r.pop("summary")
-    return {"corpora": list(corpora.values()), "builds": rows, "mixture": mix}
+    return {"corpora": list(corpora.values()), "encoders_mb_per_cpu_s": encoders, "builds": rows, "mixture": mix}
 
 
 def main() -> None:
@@ -379,6 +408,8 @@ def main() -> None:
         if len(sp) > 1:
             print(f"peak PSS {sp[-1]['input_mb']:g} MB / {sp[0]['input_mb']:g} MB input: "
                   f"{sp[-1]['peak_pss_mb'] / sp[0]['peak_pss_mb']:.3f}x")
+        print("encoders alone (MB per CPU second, one thread): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in scale["encoders_mb_per_cpu_s"].items()))
         print("\n| mixture split | source | weight share | token share | max copies |")
         print("|---|---|---|---|---|")
         for split, srcs in scale["mixture"]["shares"].items():
