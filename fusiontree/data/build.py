@@ -58,7 +58,7 @@ from typing import Iterator
 import numpy as np
 
 from fusiontree.data import corpus
-from fusiontree.data.corpus import ReadResult, ReadStats, Unit
+from fusiontree.data.corpus import ReadResult, Unit
 from fusiontree.data.packing import PackStats, pack_documents
 from fusiontree.data.shards import FORMAT, MANIFEST, SPLITS, ShardWriter, token_dtype_for, write_manifest
 from fusiontree.data.tokenizer import (KINDS, Tokenizer, load_tokenizer_file, sentencepiece_tokenizer,

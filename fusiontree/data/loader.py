@@ -51,10 +51,8 @@ longest stage, in a fixed order, the same number of batches on every rank.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch

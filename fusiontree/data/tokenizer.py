@@ -30,8 +30,6 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}  # of the tokenizers trained here
 SPECIAL_NAMES = ("pad", "unk", "bos", "eos")
@@ -300,10 +298,6 @@ def tokenizer_from_build(shards_dir: str | Path, override: str | Path = "") -> T
                          f"built with (sha256 {entry['sha256'][:12]}); set data.tokenizer='' to use theirs")
     special = entry.get("special_ids")
     return tokenizer_from_bytes(kind, data, str(path), None if kind == "sentencepiece" else special)
-
-
-def count_unk(ids_list: list[np.ndarray], unk: int | None) -> int:
-    return 0 if unk is None else sum(int(np.count_nonzero(a == unk)) for a in ids_list)
 
 
 def sha256_bytes(data: bytes) -> str:
