@@ -1,16 +1,27 @@
-"""Build a SentencePiece tokenizer and length-bucketed webdataset shards from raw text.
+"""Build length-bucketed webdataset shards from raw text (and a SentencePiece tokenizer, unless given one).
 
     python data_pipeline/build_shards.py                      # the default corpus -> data/shards
     python data_pipeline/build_shards.py --input corpus/ 'more/*.jsonl.gz' --output data/web \
         --vocab-size 32000 --seq-lengths 512,1024,2048,4096,8192,16384,32768 --workers 32
+    python data_pipeline/build_shards.py --tokenizer llama/tokenizer.json --output data/mix \
+        --source code=code/,extra.jsonl.zst:0.7 --source web=web/part-*.parquet:0.3
+    python data_pipeline/build_shards.py --mixture mix.yaml --tokenizer tok.model --output data/mix
 
 With no --input, the corpus is the running interpreter's standard library (.py files and
 their module docstrings) plus pydoc's topics: it exists on every machine, without network.
 Inputs: files, directories (searched recursively) or globs of .txt, .md, .py (one document
-per file), .jsonl and .jsonl.gz (one document per line, text under --text-field).
+per file), .jsonl, .jsonl.gz, .jsonl.zst, .jsonl.xz (one document per line, text under
+--text-field), .parquet and .arrow (one document per row, text in column --text-field), and
+directories written by datasets' save_to_disk.
 
-Output (see fusiontree/data/shards.py): tokenizer.model, train/ and val/ shards per bucket,
-manifest.json. Training reads it with fusiontree.data.build_train_loader.
+--tokenizer: a SentencePiece .model or a Hugging Face tokenizer.json (its special tokens
+from tokenizer_config.json beside it, else from their usual names). Mixtures: each
+--source NAME=PATH[,PATH...]:WEIGHT (or the sources of a --mixture YAML) gets WEIGHT /
+sum of weights of the build's tokens, by repeating or leaving out whole documents.
+
+Output (see fusiontree/data/shards.py): the tokenizer (tokenizer.model or tokenizer.json),
+train/ and val/ shards per bucket, manifest.json. A previous build at --output is replaced
+only when the new one is complete. Training reads it with fusiontree.data.build_train_loader.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fusiontree.data.build import DEFAULT_SEQ_LENGTHS, BuildArgs, build_shards, format_summary
+from fusiontree.data.build import DEFAULT_SEQ_LENGTHS, BuildArgs, build_shards, format_summary, load_mixture, parse_source
 from fusiontree.data.corpus import cpu_count
 
 
@@ -40,9 +51,14 @@ def parse_args(argv: list[str] | None = None) -> BuildArgs:
     d = BuildArgs()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", default=[], help="files, directories or globs (default: the default corpus)")
+    ap.add_argument("--source", action="append", default=[], metavar="NAME=PATH[,PATH...]:WEIGHT",
+                    help="a source of a weighted mixture (repeat for each source; instead of --input)")
+    ap.add_argument("--mixture", default="", metavar="FILE.yaml",
+                    help="the mixture's sources in a YAML file: sources: [{name, inputs, weight}, ...]")
     ap.add_argument("--output", default=d.output, help=f"output directory (default {d.output}); a previous build "
                     "there is replaced, any other content is an error")
-    ap.add_argument("--tokenizer", default="", help="a SentencePiece .model to reuse (default: train a new one)")
+    ap.add_argument("--tokenizer", default="", help="a SentencePiece .model or a Hugging Face tokenizer.json to use "
+                    "(default: train a SentencePiece model)")
     ap.add_argument("--vocab-size", type=int, default=None, help=f"pieces of the new tokenizer (default {d.vocab_size})")
     ap.add_argument("--seq-lengths", type=_int_list, default=list(DEFAULT_SEQ_LENGTHS),
                     help=f"bucket lengths in tokens (default {','.join(map(str, DEFAULT_SEQ_LENGTHS))})")
@@ -55,14 +71,21 @@ def parse_args(argv: list[str] | None = None) -> BuildArgs:
                     f"(default: the CPUs here, {cpu_count()})")
     ap.add_argument("--shard-size", type=int, default=d.shard_size, help=f"samples per shard (default {d.shard_size})")
     ap.add_argument("--seed", type=int, default=d.seed, help=f"split, sampling and packing seed (default {d.seed})")
-    ap.add_argument("--text-field", default=d.text_field, help=f"jsonl key holding the text (default {d.text_field})")
+    ap.add_argument("--text-field", default=d.text_field,
+                    help=f"jsonl key / parquet or arrow column holding the text (default {d.text_field})")
     ap.add_argument("--tokenizer-sample-mb", type=float, default=d.tokenizer_sample_mb,
                     help=f"MB of train text the tokenizer is trained on (default {d.tokenizer_sample_mb:g})")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     if a.tokenizer and a.vocab_size is not None:
         ap.error("--vocab-size applies to a new tokenizer; a reused --tokenizer brings its own vocabulary")
-    return BuildArgs(inputs=a.input, output=a.output, tokenizer=a.tokenizer,
+    if a.source and a.mixture:
+        ap.error("give the mixture's sources with --source or in --mixture, not both")
+    try:
+        sources = load_mixture(a.mixture) if a.mixture else [parse_source(s) for s in a.source]
+    except ValueError as e:
+        ap.error(str(e))
+    return BuildArgs(inputs=a.input, sources=sources, output=a.output, tokenizer=a.tokenizer,
                      vocab_size=a.vocab_size if a.vocab_size is not None else d.vocab_size,
                      seq_lengths=a.seq_lengths, bucket_shares=a.bucket_shares, val_fraction=a.val_fraction, workers=a.workers,
                      shard_size=a.shard_size, seed=a.seed, text_field=a.text_field,

@@ -3,8 +3,10 @@
     python data_pipeline/merge_shards.py --input data/parts/part-* --output data/shards
 
 Build the parts with data_pipeline/build_shards.py and one shared tokenizer (the first
-part trains it, the others pass --tokenizer <first part>/tokenizer.model), the same
---seq-lengths, --seed and --val-fraction; slurm/build_shards.sh does all of it as Slurm jobs.
+part trains it, the others pass --tokenizer <first part>/tokenizer.model; or all pass the
+same .model / tokenizer.json), the same --seq-lengths, --seed and --val-fraction, and for
+mixtures the same source names and weights (each part a --mixture YAML over its share of
+every source); slurm/build_shards.sh does all of it as Slurm jobs.
 Point training at the merged directory (data.shards_dir).
 """
 

@@ -381,13 +381,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
 
 
 def checkpoint_tokenizer(ckpt: LoadedCheckpoint, override: str | Path = ""):
-    """The SentencePiece model of a checkpoint: `override`, else the one its run trained with
-    (meta.json), else its config's data.tokenizer_path()."""
-    from fusiontree.data.tokenizer import load_sentencepiece
+    """The tokenizer of a checkpoint: `override` (a .model or tokenizer.json), else the one
+    its run trained with (meta.json), else the one its shards' manifest names."""
+    from fusiontree.data.tokenizer import load_tokenizer_file, tokenizer_from_build
 
     if override:
-        return load_sentencepiece(override)
-    path = Path(ckpt.meta.get("tokenizer") or ckpt.cfg.data.tokenizer_path())
-    if not path.is_file():
-        path = ckpt.cfg.data.tokenizer_path()
-    return load_sentencepiece(path)
+        return load_tokenizer_file(override)
+    path = Path(ckpt.meta.get("tokenizer") or "")
+    if path.is_file():
+        return load_tokenizer_file(path)
+    return tokenizer_from_build(ckpt.cfg.data.shards_dir, ckpt.cfg.data.tokenizer)

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     ap.add_argument("--kernels", default="config", choices=["config", "reference"],
                     help="config: the checkpoint's kernels (auto per device); reference: the PyTorch reference ops")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--tokenizer", default="", help="SentencePiece model (default: the checkpoint's)")
+    ap.add_argument("--tokenizer", default="", help="a .model or tokenizer.json (default: the checkpoint's)")
     ap.add_argument("--prune", default="none", help="none | auto (the checkpoint's pruning_plan.json) | PLAN.json")
     ap.add_argument("--prune-off-threshold", type=float, default=None,
                     help="re-derive the plan from its per-layer gate evidence with this off threshold")

@@ -8,7 +8,8 @@
 #
 #   1. tokenizer  (one job)       builds part 0 and trains the SentencePiece tokenizer on it
 #                                 (--tokenizer-sample-mb of its text); skipped when TOKENIZER
-#                                 names an existing .model, which every part then reuses
+#                                 names an existing .model or tokenizer.json, which every part
+#                                 then uses
 #   2. part       (a job array)   builds each remaining part with that tokenizer, into
 #                                 $OUTPUT.parts/part-NNNNN/ (one directory per part)
 #   3. merge      (one job)       data_pipeline/merge_shards.py merges the parts, in order,
@@ -18,9 +19,12 @@
 # training at $OUTPUT (data.shards_dir). The per-part builds stay in $OUTPUT.parts
 # (delete them once the merge is checked); logs go to $OUTPUT.parts/logs/.
 #
-# A part is one entry of INPUT_PARTS: a file (.txt .md .py .jsonl .jsonl.gz) or a directory
-# (searched recursively), in sorted order. Part 0 trains the tokenizer, so make it a
-# representative sample of the corpus, or train one separately and pass TOKENIZER.
+# A part is one entry of INPUT_PARTS, in sorted order: a file (.txt .md .py .jsonl .jsonl.gz
+# .jsonl.zst .jsonl.xz .parquet .arrow), a directory (searched recursively, or written by
+# datasets' save_to_disk), or a mixture .yaml (build_shards.py --mixture: that part of every
+# source, with the weights; give every part the same source names and weights, and the
+# merged build follows the weights too). Part 0 trains the tokenizer, so make it a
+# representative sample of the corpus, or pass TOKENIZER (a .model or a tokenizer.json).
 #
 # These #SBATCH lines apply to every stage; SBATCH_ARGS adds options (partition, account).
 #SBATCH --job-name=ft-build-shards
@@ -36,7 +40,7 @@ set -euo pipefail
 INPUT_PARTS=${INPUT_PARTS:-}                          # a glob (quoted) or a space-separated list of parts
 OUTPUT=${OUTPUT:-data/shards_32k}                     # the merged build: set data.shards_dir to it
 PARTS_DIR=${PARTS_DIR:-$OUTPUT.parts}                 # per-part builds, parts.txt and logs
-TOKENIZER=${TOKENIZER:-}                              # an existing tokenizer .model (default: train on part 0)
+TOKENIZER=${TOKENIZER:-}                              # an existing .model or tokenizer.json (default: train on part 0)
 VOCAB_SIZE=${VOCAB_SIZE:-32000}
 SEQ_LENGTHS=${SEQ_LENGTHS:-4096,8192,16384,32768}     # the buckets of configs/pretrain_32k.yaml's curriculum
 VAL_FRACTION=${VAL_FRACTION:-0.002}
@@ -58,10 +62,11 @@ build_part() {  # $1: part index; $2: tokenizer to reuse ("" trains one)
     out=$(part_dir "$1")
     [[ -n $input ]] || { log "part $1 is not listed in $PARTS_DIR/parts.txt"; exit 2; }
     log "part $1: $input -> $out${2:+ (tokenizer $2)}"
-    local tok_args=(--vocab-size "$VOCAB_SIZE")
+    local tok_args=(--vocab-size "$VOCAB_SIZE") in_args=(--input "$input")
     [[ -n $2 ]] && tok_args=(--tokenizer "$2")
+    [[ $input == *.yaml || $input == *.yml ]] && in_args=(--mixture "$input")
     # shellcheck disable=SC2086  # BUILD_ARGS is a list of options
-    "$PYTHON" "$REPO/data_pipeline/build_shards.py" --input "$input" --output "$out" "${tok_args[@]}" \
+    "$PYTHON" "$REPO/data_pipeline/build_shards.py" "${in_args[@]}" --output "$out" "${tok_args[@]}" \
         --seq-lengths "$SEQ_LENGTHS" --val-fraction "$VAL_FRACTION" --seed "$SEED" \
         --workers "${SLURM_CPUS_PER_TASK:-1}" --no-progress $BUILD_ARGS
 }

@@ -1,8 +1,10 @@
-"""Data: SentencePiece tokenizer, packed length-bucketed webdataset shards, curriculum loader.
+"""Data: tokenizers (SentencePiece or tokenizer.json), packed length-bucketed webdataset shards,
+weighted mixtures, curriculum loader.
 
-Build shards with `python data_pipeline/build_shards.py` (fusiontree/data/build.py); train
-from them with `build_train_loader` (fusiontree/data/loader.py explains the API, the
-curriculum and exact resume).
+Build shards with `python data_pipeline/build_shards.py` (fusiontree/data/build.py; input
+formats in corpus.py, tokenizers in tokenizer.py); train from them with
+`build_train_loader` (fusiontree/data/loader.py explains the API, the curriculum and exact
+resume) and `load_tokenizer` (the tokenizer the shards' manifest records).
 """
 
 import importlib

@@ -51,10 +51,8 @@ longest stage, in a fixed order, the same number of batches on every rank.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,7 +61,7 @@ from fusiontree.config import DataConfig
 from fusiontree.data.packing import positions_from_doc_starts
 from fusiontree.data.shards import (CorruptShardError, ShardInfo, bucket_shards, manifest_fingerprint,
                                     read_manifest, read_shard_range, verify_shards)
-from fusiontree.data.tokenizer import load_sentencepiece
+from fusiontree.data.tokenizer import Tokenizer, tokenizer_from_build
 
 log = logging.getLogger("fusiontree.data")
 
@@ -442,15 +440,7 @@ def build_val_loaders(cfg: DataConfig, rank: int = 0, world_size: int = 1) -> di
     return out
 
 
-def load_tokenizer(cfg: DataConfig):
-    """The SentencePiece processor for these shards (checked against the manifest's sha256)."""
-    path = cfg.tokenizer_path()
-    sp = load_sentencepiece(path)
-    manifest_path = Path(cfg.shards_dir) / "manifest.json"
-    if manifest_path.is_file():
-        want = read_manifest(cfg.shards_dir)["tokenizer"]["sha256"]
-        got = hashlib.sha256(path.read_bytes()).hexdigest()
-        if got != want:
-            raise ValueError(f"tokenizer {path} (sha256 {got[:12]}) is not the one the shards in {cfg.shards_dir} "
-                             f"were built with (sha256 {want[:12]}); set data.tokenizer='' to use theirs")
-    return sp
+def load_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer these shards were built with, as their manifest records it (kind, file,
+    special ids), checked against its sha256; `data.tokenizer` may name another copy."""
+    return tokenizer_from_build(cfg.shards_dir, cfg.tokenizer)

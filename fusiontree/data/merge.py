@@ -16,6 +16,9 @@ lengths, token ids); a damaged part stops the merge with its shard named.
 The parts must agree on what the loader relies on: format, tokenizer (sha256), token dtype,
 vocabulary and bucket lengths; the same split seed and val fraction keep every document in
 one split. Counts (documents, tokens, packing and bad-input statistics) are the parts' sums.
+Mixture parts (each built from its own part of every source, with the same source names
+and weights) each follow the weights, so the merge does too; its per-source counts are the
+parts' sums. The merged build replaces `output` only once complete (build.staged_output).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from fusiontree.data.build import TOKENIZER_FILE, _prepare_output
+from fusiontree.data.build import staged_output
 from fusiontree.data.shards import (FORMAT, SPLITS, ShardWriter, bucket_shards, read_manifest, read_shard_range,
                                     verify_shards, write_manifest)
 
@@ -35,6 +38,9 @@ _MUST_MATCH = {
     "seq_lengths": lambda m: m["seq_lengths"],
     "split seed": lambda m: m["build_args"]["seed"],
     "val_fraction": lambda m: m["build_args"]["val_fraction"],
+    # a mixture's parts each follow the weights, so their sum does too
+    "mixture sources and weights": lambda m: [(s["name"], s["weight"]) for s in m["mixture"]["sources"]]
+    if "mixture" in m else None,
 }
 
 
@@ -59,14 +65,22 @@ def merge_builds(parts: list[str | Path], output: str | Path, shard_size: int | 
         for what, get in _MUST_MATCH.items():
             if get(m) != get(first):
                 raise ValueError(f"merge: {p} has {what} {get(m)!r} but {parts[0]} has {get(first)!r}; build every "
-                                 "part with the same --tokenizer, --seq-lengths, --seed and --val-fraction")
+                                 "part with the same --tokenizer, --seq-lengths, --seed, --val-fraction (and mixture)")
     shard_size = shard_size or int(first["shard_size_samples"])
     if shard_size < 1:
         raise ValueError(f"merge: shard_size={shard_size} must be >= 1")
-    dtype, vocab, seq_lengths = first["token_dtype"], int(first["vocab_size"]), [int(L) for L in first["seq_lengths"]]
 
-    _prepare_output(out)
-    shutil.copyfile(parts[0] / first["tokenizer"]["path"], out / TOKENIZER_FILE)
+    with staged_output(out) as stage:
+        manifest = _merge_into(stage, parts, manifests, shard_size)
+    return manifest
+
+
+def _merge_into(out: Path, parts: list[Path], manifests: list[dict], shard_size: int) -> dict:
+    first = manifests[0]
+    dtype, seq_lengths = first["token_dtype"], [int(L) for L in first["seq_lengths"]]
+    vocab = int(first["vocab_size"])
+    tok_file = first["tokenizer"]["path"]
+    shutil.copyfile(parts[0] / tok_file, out / tok_file)
     splits = {}
     for split in SPLITS:
         buckets = {}
@@ -89,13 +103,20 @@ def merge_builds(parts: list[str | Path], output: str | Path, shard_size: int | 
                          "tokens": sum(b["tokens"] for b in buckets.values()),
                          "packing": _sum_dicts([s["packing"] for s in per_part]),
                          "buckets": buckets}
+        if "mixture" in first:
+            for L in seq_lengths:
+                buckets[str(L)]["source_tokens"] = _sum_dicts([s["buckets"][str(L)]["source_tokens"]
+                                                               for s in per_part])
+            splits[split]["sources"] = {name: {**_sum_dicts([s["sources"][name] for s in per_part]),
+                                               "max_copies": max(s["sources"][name]["max_copies"] for s in per_part)}
+                                        for name in per_part[0]["sources"]}
     build_args = dict(first["build_args"])
     build_args["inputs"] = [i for m in manifests for i in m["build_args"]["inputs"]]
     build_args["shard_size"] = shard_size
     manifest = {
         "format": FORMAT,
         "corpus": "; ".join(m["corpus"] for m in manifests),
-        "tokenizer": {**first["tokenizer"], "path": TOKENIZER_FILE},
+        "tokenizer": first["tokenizer"],
         "vocab_size": first["vocab_size"],
         "token_dtype": dtype,
         "seq_lengths": seq_lengths,
@@ -105,5 +126,11 @@ def merge_builds(parts: list[str | Path], output: str | Path, shard_size: int | 
         "input": _sum_dicts([m["input"] for m in manifests]),
         "splits": splits,
     }
+    if "mixture" in first:
+        mix = {**first["mixture"], "warnings": [w for m in manifests for w in m["mixture"]["warnings"]]}
+        mix["sources"] = [{**src, "inputs": [i for m in manifests for i in m["mixture"]["sources"][k]["inputs"]],
+                           "input": _sum_dicts([m["mixture"]["sources"][k]["input"] for m in manifests])}
+                          for k, src in enumerate(first["mixture"]["sources"])]
+        manifest["mixture"] = mix
     write_manifest(out, manifest)  # last: a directory with a manifest holds a complete build
     return manifest

@@ -53,6 +53,7 @@ class PackStats:
 class PackedBucket:
     tokens: list[np.ndarray] = field(default_factory=list)  # each [T]
     doc_starts: list[np.ndarray] = field(default_factory=list)  # each [D] int32, starts with 0
+    source_tokens: dict[int, int] = field(default_factory=dict)  # tokens of each source (mixtures)
 
 
 class _LengthPool:
@@ -145,45 +146,53 @@ def assign_buckets(lengths: list[int], seq_lengths: list[int], shares: list[floa
     return out
 
 
-def _pack_bucket(L: int, docs: list[np.ndarray], out: PackedBucket, stats: PackStats) -> list[np.ndarray]:
-    """Pack `docs` (each at most L tokens) into samples of L, best-fit decreasing; returns
-    the pieces of a final sample that could not be filled (the caller moves them to a
-    smaller bucket or drops them). Ties between equal lengths go to the later document."""
-    pool = _LengthPool([len(t) for t in docs], L)
-    tokens = list(docs)
+def _pack_bucket(L: int, docs: list[tuple[np.ndarray, int]], out: PackedBucket, stats: PackStats
+                 ) -> list[tuple[np.ndarray, int]]:
+    """Pack `docs` ((tokens, source), each at most L tokens) into samples of L, best-fit
+    decreasing; returns the pieces of a final sample that could not be filled (the caller
+    moves them to a smaller bucket or drops them). Ties between equal lengths go to the
+    later document."""
+    pool = _LengthPool([len(t) for t, _ in docs], L)
+    tokens = [t for t, _ in docs]
+    srcs = [s for _, s in docs]
     while pool.total:
         a = pool.longest_at_most(L)
         pool.take(a)
-        parts = [tokens[a]]
+        parts = [(tokens[a], srcs[a])]
         gap = L - len(tokens[a])
         while gap > 0:
             d = pool.longest_at_most(gap)
             if d is not None:
                 pool.take(d)
-                parts.append(tokens[d])
+                parts.append((tokens[d], srcs[d]))
                 gap -= len(tokens[d])
                 continue
             d = pool.shortest_longer_than(gap)
             if d is None:
                 assert pool.total == 0
                 return parts  # the pool is empty: this is the bucket's last sample
-            parts.append(tokens[d][:gap])
+            parts.append((tokens[d][:gap], srcs[d]))
             tokens[d] = tokens[d][gap:]
             pool.shrink(d, len(tokens[d]))
             stats.packing_splits += 1
             gap = 0
-        out.tokens.append(np.concatenate(parts))
-        out.doc_starts.append(np.cumsum([0] + [len(p) for p in parts[:-1]], dtype=np.int64).astype(np.int32))
+        out.tokens.append(np.concatenate([p for p, _ in parts]))
+        out.doc_starts.append(np.cumsum([0] + [len(p) for p, _ in parts[:-1]], dtype=np.int64).astype(np.int32))
+        for p, src in parts:
+            out.source_tokens[src] = out.source_tokens.get(src, 0) + len(p)
     return []
 
 
 def pack_documents(docs: list[np.ndarray], seq_lengths: list[int], rng: np.random.Generator,
-                   shares: list[float] | None = None) -> tuple[dict[int, PackedBucket], PackStats]:
+                   shares: list[float] | None = None, sources: list[int] | None = None
+                   ) -> tuple[dict[int, PackedBucket], PackStats]:
     """Pack `docs` (token arrays, each ending with eos) into samples of the bucket lengths.
 
     `shares`: wanted share of tokens per bucket, in the order of `seq_lengths` (default
-    equal). Every token of every document lands in exactly one sample, except those of the
-    smallest bucket's last partial sample (counted in `dropped_tail_tokens`).
+    equal). `sources`: a source number per document (default all 0); each bucket counts
+    its tokens per source. Every token of every document lands in exactly one sample,
+    except those of the smallest bucket's last partial sample (counted in
+    `dropped_tail_tokens`).
     """
     order = np.argsort(seq_lengths, kind="stable")
     seq_lengths = [int(seq_lengths[k]) for k in order]
@@ -195,22 +204,22 @@ def pack_documents(docs: list[np.ndarray], seq_lengths: list[int], rng: np.rando
     zero = np.zeros(1, dtype=np.int32)
 
     perm = rng.permutation(len(docs))
-    shuffled = [docs[i] for i in perm]
-    where = assign_buckets([len(t) for t in shuffled], seq_lengths, shares)
-    per_bucket: list[list[np.ndarray]] = [[] for _ in seq_lengths]
-    for t, k in zip(shuffled, where):
-        assert len(t) > 0
-        per_bucket[k].append(t)
-    carry: list[np.ndarray] = []
+    shuffled = [(docs[i], 0 if sources is None else sources[i]) for i in perm]
+    where = assign_buckets([len(t) for t, _ in shuffled], seq_lengths, shares)
+    per_bucket: list[list[tuple[np.ndarray, int]]] = [[] for _ in seq_lengths]
+    for doc, k in zip(shuffled, where):
+        assert len(doc[0]) > 0
+        per_bucket[k].append(doc)
+    carry: list[tuple[np.ndarray, int]] = []
     for k in reversed(range(len(seq_lengths))):
         if shares[k] == 0:
             continue  # assign_buckets gave it nothing; leftovers skip it too
         L = seq_lengths[k]
-        fitting: list[np.ndarray] = []
-        for t in per_bucket[k] + carry:
+        fitting: list[tuple[np.ndarray, int]] = []
+        for t, src in per_bucket[k] + carry:
             n = len(t)
             if n <= L:
-                fitting.append(t)
+                fitting.append((t, src))
                 continue
             n_full = n // L
             if n > lmax:
@@ -221,15 +230,16 @@ def pack_documents(docs: list[np.ndarray], seq_lengths: list[int], rng: np.rando
             for j in range(n_full):  # full pieces are samples of their own
                 out[L].tokens.append(t[j * L:(j + 1) * L])
                 out[L].doc_starts.append(zero)
+            out[L].source_tokens[src] = out[L].source_tokens.get(src, 0) + n_full * L
             if n % L:
-                fitting.append(t[n_full * L:])
+                fitting.append((t[n_full * L:], src))
         carry = _pack_bucket(L, fitting, out[L], stats)
         # Cut pieces come in document order and best-fit decreasing sorts samples by their
         # longest piece; a shard should hold neither run.
         order = rng.permutation(len(out[L].tokens))
         out[L].tokens = [out[L].tokens[j] for j in order]
         out[L].doc_starts = [out[L].doc_starts[j] for j in order]
-    stats.dropped_tail_tokens = sum(len(p) for p in carry)
+    stats.dropped_tail_tokens = sum(len(p) for p, _ in carry)
     stats.dropped_tail_documents = len(carry)
     return out, stats
 

@@ -5,7 +5,7 @@ Shapes: T = tokens per sample (the bucket's sequence length), D = document piece
 Layout of a build (all paths in the manifest are relative to its directory):
 
     manifest.json
-    tokenizer.model
+    tokenizer.model | tokenizer.json      the tokenizer (SentencePiece or Hugging Face)
     train/seq00512/shard-000000.tar ...   one folder per split and bucket
     val/seq00512/shard-000000.tar ...
 
@@ -19,8 +19,10 @@ has two members:
 Tar headers (POSIX ustar) carry no time, owner or host, so the same samples give
 byte-identical shards.
 `manifest.json` records per split and bucket: samples, tokens, documents, and per shard its
-path, sample count, byte size and sha256; plus the tokenizer (path, sha256, vocab size,
-special ids), the build arguments and the bad-input counts.
+path, sample count, byte size and sha256; plus the tokenizer (kind, path, sha256, vocab
+size, special ids), the build arguments and the bad-input counts. A mixture build adds
+`mixture` (sources, weights, their input counts), per split `sources` (input and sampled
+documents and tokens of each source) and per bucket `source_tokens`.
 """
 
 from __future__ import annotations

@@ -138,7 +138,6 @@ def humaneval_program(problem: dict, completion: str) -> str:
 
 @torch.no_grad()
 def humaneval(model, sp, opts: HumanEvalOptions, seed: int = 0) -> dict:
-    from fusiontree.data.tokenizer import EOS_ID
     from fusiontree.eval.sandbox import run_sandboxed
 
     problems = humaneval_problems(opts.limit)
@@ -154,7 +153,7 @@ def humaneval(model, sp, opts: HumanEvalOptions, seed: int = 0) -> dict:
         ids = sp.encode(p["prompt"])
         truncated += len(ids) > budget
         prompt = ids[-budget:]
-        outs = complete(model, [prompt] * opts.samples, opts.max_new_tokens, EOS_ID,
+        outs = complete(model, [prompt] * opts.samples, opts.max_new_tokens, sp.eos_id(),
                         stop=lambda toks: stop(sp.decode(toks)), temperature=opts.temperature,
                         top_p=opts.top_p, generator=gen if opts.temperature > 0 else None)
         for toks in outs:

@@ -117,14 +117,12 @@ def expand_files(specs: list[str]) -> list[Path]:
 def _file_rows(sp, files: list[Path], seq_len: int, max_tokens: int) -> tuple[list[list[int]], int]:
     """Each file tokenized (+ eos) and cut into rows of `seq_len` tokens, until `max_tokens`;
     also the number of files that contributed."""
-    from fusiontree.data.tokenizer import EOS_ID
-
     rows: list[list[int]] = []
     n, used = 0, 0
     for f in files:
         if n >= max_tokens:
             break
-        ids = sp.encode(f.read_text(errors="replace")) + [EOS_ID]
+        ids = sp.encode(f.read_text(errors="replace")) + [sp.eos_id()]
         used += 1
         for i in range(0, len(ids) - 1, seq_len):
             if n >= max_tokens:

@@ -16,7 +16,7 @@ import pytest
 from fusiontree.data.build import build_shards, format_summary
 from fusiontree.data.corpus import split_of
 from fusiontree.data.shards import bucket_shards, read_shard_range, tar_bytes
-from fusiontree.data.tokenizer import load_sentencepiece
+from fusiontree.data.tokenizer import load_sentencepiece, load_tokenizer_file
 
 from .conftest import EXPECTED_INPUT, N_DOCS, SEQ_LENGTHS, VOCAB, build_args
 
@@ -137,15 +137,39 @@ def test_tokenizer_ids_and_round_trip(built):
     assert sp.decode(ids) == text and sp.unk_id() not in ids
 
 
-def test_tokenizer_with_other_special_ids_is_refused(tmp_path):
+def test_a_sentencepiece_model_with_other_special_ids_keeps_them(tmp_path):
+    """A Llama-style .model (unk 0, bos 1, eos 2, no pad) is used with its own ids; one
+    without eos is refused (every document ends with eos)."""
+    import sentencepiece as spm
+
+    def train(**kw) -> Path:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50 + ["abc def"] * 50),
+                                       model_writer=model, vocab_size=30, model_type="bpe", minloglevel=2, **kw)
+        path = tmp_path / f"m{len(kw)}.model"
+        path.write_bytes(model.getvalue())
+        return path
+
+    tok = load_tokenizer_file(train())
+    assert tok.special_ids == {"pad": None, "unk": 0, "bos": 1, "eos": 2} and tok.kind == "sentencepiece"
+    with pytest.raises(ValueError, match="has no end-of-document \\(eos\\) token"):
+        load_tokenizer_file(train(eos_id=-1))
+
+
+def test_unk_tokens_are_counted(tmp_path):
+    """A tokenizer without byte fallback maps unseen characters to unk: counted, not silent."""
     import sentencepiece as spm
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50 + ["abc def"] * 50), model_writer=model,
-                                   vocab_size=30, model_type="bpe", minloglevel=2)  # unk=0, bos=1, eos=2
-    (tmp_path / "foreign.model").write_bytes(model.getvalue())
-    with pytest.raises(ValueError, match="special ids"):
-        load_sentencepiece(tmp_path / "foreign.model")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50 + ["abc def"] * 50),
+                                   model_writer=model, vocab_size=30, model_type="bpe", minloglevel=2)
+    (tmp_path / "t.model").write_bytes(model.getvalue())
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("hello world \u4e2d\u6587 and \U0001f642\n" * 3)
+    summary = build_shards(build_args(tmp_path / "in", tmp_path / "out", tokenizer=str(tmp_path / "t.model"),
+                                      val_fraction=0.0, seq_lengths=[8]))
+    assert summary["input"]["unk_tokens"] > 0
+    assert f"unk_tokens={summary['input']['unk_tokens']}" in format_summary(summary, "out")
 
 
 def test_tar_writer_matches_python_tarfile_and_webdataset_reads_it():
@@ -222,3 +246,26 @@ def test_damaged_gzip_input_is_an_error_naming_it(corpus_dir, tmp_path):
     (src / "doc.txt").write_text((corpus_dir / "doc_001.txt").read_text() * 20)
     with pytest.raises(ValueError, match="cut.jsonl.gz is not a readable gzip file"):
         build_shards(build_args(src, tmp_path / "out", val_fraction=0.0))
+
+
+def test_a_failed_rebuild_keeps_the_previous_build(built, corpus_dir, tmp_path):
+    """Rebuilding over a good build and failing (a truncated input; a vocabulary the corpus
+    cannot fill) leaves the good build exactly as it was; a successful rebuild replaces it."""
+    import shutil
+
+    out = tmp_path / "shards"
+    shutil.copytree(built[0], out)
+    before = tree_bytes(out)
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus_dir, bad)
+    data = (bad / "more.jsonl.gz").read_bytes()
+    (bad / "more.jsonl.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="is not a readable gzip file"):
+        build_shards(build_args(bad, out))
+    assert tree_bytes(out) == before
+    with pytest.raises(ValueError, match="cannot make 60000 pieces"):
+        build_shards(build_args(corpus_dir, out, vocab_size=60000))
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "shards"]  # no staging left behind
+    build_shards(build_args(corpus_dir, out, seed=8))
+    assert json.loads((out / "manifest.json").read_text())["build_args"]["seed"] == 8
