@@ -180,7 +180,8 @@ class CurriculumStage:
 class DataConfig:
     """Shards, batch geometry and the length curriculum (fusiontree/data/loader.py)."""
     shards_dir: str = "data/shards"  # the --output of data_pipeline/build_shards.py
-    tokenizer: str = ""  # a .model file; "": the tokenizer.model of shards_dir
+    # A SentencePiece .model or a Hugging Face tokenizer.json; "": the one the shards' manifest names.
+    tokenizer: str = ""
     # Tokens per optimizer step over all ranks, the same in every curriculum stage.
     global_batch_tokens: int = 16384
     # Tokens per micro-batch per rank. micro-batch size = micro_batch_tokens // seq_len, so
@@ -202,9 +203,6 @@ class DataConfig:
     # seed, micro_batch_tokens or shard build cannot replay the same samples: `error`
     # refuses; `next_epoch` starts every bucket at its next epoch.
     resume_mismatch: Literal["error", "next_epoch"] = "error"
-
-    def tokenizer_path(self) -> Path:
-        return Path(self.tokenizer) if self.tokenizer else Path(self.shards_dir) / "tokenizer.model"
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
