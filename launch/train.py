@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     help="DeepSpeed JSON (ZeRO stage and buckets; batch sizes come from the run config)")
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     ap.add_argument("--resume", default="none", help="none | auto (latest valid checkpoint) | a checkpoint dir")
+    ap.add_argument("--init_from", "--init-from", dest="init_from", default="",
+                    help="start from the weights (model.pt) of this checkpoint or run directory, with a fresh "
+                         "optimizer, schedule and data order (e.g. an import of a Hugging Face export); a "
+                         "--resume checkpoint, when there is one, takes precedence")
     ap.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted from launchers
     return ap.parse_known_args(argv)
 
@@ -137,6 +141,20 @@ def consolidated_model_state(engine, cfg: RunConfig, zero_stage: int, is_main: b
     shards = [None] * tp if is_main else None
     dist.gather_object(sd, shards, dst=dist.get_process_group_ranks(group)[0], group=group)
     return consolidate_state_dicts(shards, cfg.model) if is_main else None
+
+
+def load_initial_weights(model: HybridLanguageModel, path: str) -> None:
+    """The weights of a checkpoint's model.pt, into the plain model (before parallelize shards it)."""
+    from fusiontree.eval.loading import resolve_checkpoint
+    from fusiontree.train.checkpoint import safe_load
+
+    ckpt = resolve_checkpoint(path)
+    try:
+        model.load_state_dict(safe_load(ckpt / "model.pt"))
+    except RuntimeError as e:
+        raise ValueError(f"--init_from {path}: its weights do not fit this run's model config ({str(e)[:300]}); "
+                         f"use the model section of {ckpt / 'config.yaml'}") from e
+    log.info("initial weights from %s", ckpt)
 
 
 # ------------------------------------------------------------------------------ the step
@@ -240,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     kernels = resolve_kernels(cfg.kernels, di.device)
     log.info("kernels: %s", kernels.describe())
     model = HybridLanguageModel(cfg.model, kernels).to(di.device)
+    if args.init_from:
+        load_initial_weights(model, args.init_from)
     model.check_inputs = False  # the data pipeline already checked the ids
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.checkpoint_num_layers = cfg.train.checkpoint_num_layers
