@@ -51,9 +51,16 @@ for name, job in spec.items():
     out[name] = {"logits": logits, "gen_cached": gen[True], "gen_uncached": gen[False],
                  "dtype": str(next(model.parameters()).dtype), "class": type(model).__name__,
                  "ids": [tok.encode(t) for t in job["texts"]], "decoded": [tok.decode(tok.encode(t)) for t in job["texts"]],
-                 "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id]}
+                 "special": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id],
+                 "random_decoded": [tok.decode(ids, skip_special_tokens=True) for ids in job.get("random_ids", [])]}
 torch.save(out, "results.pt")
 '''
+
+
+# Arbitrary id sequences (what an untrained model generates): unk, control ids, byte pieces that
+# are not valid UTF-8.
+_g = torch.Generator().manual_seed(5)
+RANDOM_IDS = [torch.randint(0, VOCAB, (int(n),), generator=_g).tolist() for n in torch.randint(1, 40, (300,), generator=_g)]
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +81,8 @@ def run_exports(tmp_path, jobs: dict[str, dict]) -> dict:
 @pytest.fixture(scope="module")
 def layout_results(layout_exports, tmp_path_factory):
     ids, mask = _batch()
-    jobs = {name: {"dir": str(hf), "ids": ids.tolist(), "mask": mask.tolist(), "n_new": N_NEW, "texts": TEXTS}
+    jobs = {name: {"dir": str(hf), "ids": ids.tolist(), "mask": mask.tolist(), "n_new": N_NEW, "texts": TEXTS,
+                   "random_ids": RANDOM_IDS if name == "parallel-channel" else []}
             for name, (_, hf) in layout_exports.items()}
     return run_exports(tmp_path_factory.mktemp("parity"), jobs)
 
@@ -142,3 +150,15 @@ def test_export_refuses_bad_input(layout_exports, tmp_path, hf_shards):
     other.write_bytes(b"not a sentencepiece model")
     with pytest.raises(ValueError, match="not a SentencePiece model"):
         export_hf(ckpt, tmp_path / "out2", tokenizer=other)
+
+
+def test_export_decoder_decodes_any_ids_like_the_exported_tokenizer(layout_results, hf_shards):
+    """The lm-eval backend's text of generated tokens is the export's text of the same tokens."""
+    from fusiontree.hf.tokenizer import ExportDecoder
+
+    decode = ExportDecoder((hf_shards / "tokenizer.model").read_bytes())
+    got = layout_results["parallel-channel"]["random_decoded"]
+    assert len(got) == len(RANDOM_IDS)
+    assert [decode(ids) for ids in RANDOM_IDS] == got
+    sp = spm.SentencePieceProcessor(model_file=str(hf_shards / "tokenizer.model"))
+    assert any(sp.decode(ids) != text for ids, text in zip(RANDOM_IDS, got))  # the ids reach the differences
