@@ -60,11 +60,36 @@ def _dtype_name(state: dict[str, Tensor]) -> str:
     return str(max(counts, key=counts.get)).removeprefix("torch.")
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_file(tensors: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file (an 8-byte little-endian header length, a JSON header of dtypes,
+    shapes and byte ranges, then the tensors' bytes back to back) straight from the tensors'
+    memory: no copy of the weights is made, so a memory-mapped checkpoint is streamed to disk."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"weight {name} has dtype {t.dtype}, which safetensors cannot store")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the tensor bytes start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def save_safetensors(state: dict[str, Tensor], out: Path, max_shard_bytes: int) -> list[str]:
     """One model.safetensors, or shards of at most `max_shard_bytes` (a larger tensor gets a
     shard of its own) with transformers' index file. Returns the file names."""
-    from safetensors.torch import save_file
-
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -72,7 +97,7 @@ def save_safetensors(state: dict[str, Tensor], out: Path, max_shard_bytes: int) 
         if shards[-1] and size + n > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = t.contiguous()
+        shards[-1][name] = t
         size += n
     meta = {"format": "pt"}
     if len(shards) == 1:

@@ -113,9 +113,9 @@ def test_export_tokenizer_gives_sentencepiece_ids(layout_results, hf_shards):
         assert decoded == sp.decode(ids), f"decode differs on {text!r}"
         if "\u2581" not in text:  # SentencePiece itself decodes a literal "▁" as a space
             assert decoded == text
-    # the texts do exercise byte fallback, tabs and user-defined newline pieces
+    # the texts do exercise byte fallback (tabs too, in this small vocabulary) and the newline piece
     pieces = {sp.id_to_piece(i) for t in TEXTS for i in sp.encode(t)}
-    assert any(p.startswith("<0x") for p in pieces) and "\n" in pieces and any("\t" in p for p in pieces)
+    assert {"<0x09>", "<0xF0>", "\n"} <= pieces
 
 
 def test_export_of_a_trained_run_in_shards(trained_run, tmp_path):

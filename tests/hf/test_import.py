@@ -102,3 +102,21 @@ def test_import_and_init_from_refuse_bad_input(tmp_path, trained_run, hf_shards)
     with pytest.raises(AssertionError, match="do not fit this run's model config"):
         train(config, run, "--init_from", str(trained_run))
     assert load_config(tmp_path / "mismatch.yaml").model.d_model == 32
+
+
+def test_safetensors_writer_is_read_back_by_the_safetensors_library(tmp_path):
+    from safetensors import safe_open
+
+    from fusiontree.hf.export import save_file
+
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "scalar": torch.tensor(3.0),
+               "i64": torch.arange(5), "strided": torch.randn(4, 4)[:, 1], "empty": torch.zeros(0, 3),
+               "flag": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "x.safetensors"), {"format": "pt"})
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and torch.equal(got, t), name
+    with pytest.raises(ValueError, match="safetensors cannot store"):
+        save_file({"c": torch.zeros(2, dtype=torch.complex64)}, str(tmp_path / "y.safetensors"), {})
