@@ -5,7 +5,7 @@
 Set-up (not timed): the preset's model with random weights, saved as a checkpoint directory the
 way launch/train.py writes one (model.pt, config.yaml, meta.json), and a SentencePiece tokenizer
 of the preset's vocabulary size trained on this machine's Python standard library (cached in
---work). Timed: the export command in a fresh process, start to exit, and the export's own
+--work, reused by later runs). Timed: the export command in a fresh process, start to exit, and the export's own
 stages (read the checkpoint, write the safetensors shards, config + code + tokenizer).
 Prints a table and writes JSON.
 """
@@ -54,11 +54,13 @@ def tokenizer_for(vocab_size: int, work: Path) -> Path:
 def random_checkpoint(preset: str, work: Path, tokenizer: Path) -> Path:
     """The preset's model with random weights (normal, std 0.02; norms 1), saved as a checkpoint."""
     cfg = load_config(None, [f"--model.preset={preset}"])
+    ckpt = work / f"ckpt_{preset}"
+    if (ckpt / "meta.json").is_file() and json.loads((ckpt / "meta.json").read_text()).get("tokenizer") == str(tokenizer):
+        return ckpt  # made by an earlier run in this work directory
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in HybridLanguageModel(cfg.model).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     state = {k: torch.empty(s).normal_(0, 0.02, generator=g) for k, s in shapes.items()}
-    ckpt = work / f"ckpt_{preset}"
     meta = {"step": 0, "tokenizer": str(tokenizer), "preset": preset, "world_size": 1}
     return write_weights_checkpoint(ckpt, cfg, state, meta)
 

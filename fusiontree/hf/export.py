@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fusiontree.config import dump_config
 from fusiontree.hf.checkpoints import (check_state_matches, check_tokenizer, checkpoint_tokenizer_path, read_checkpoint,
                                        write_weights_checkpoint)
 from fusiontree.hf.convert import from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict
@@ -161,8 +162,6 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, tokenizer: str | Path
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(out)
     save_hf_tokenizer(sp_model, out, model_cfg.max_seq_len)
-    from fusiontree.config import dump_config
-
     (out / "fusiontree_config.yaml").write_text(dump_config(weights.cfg))
     n_params = sum(t.numel() for t in state.values())
     summary = {"source": str(weights.path), "weights_from": weights.source, "step": weights.meta.get("step"),
@@ -187,7 +186,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     model_cfg = model_config_from_hf(json.loads((src / "config.json").read_text()))
     from fusiontree.config import RunConfig, config_from_dict, config_to_dict
 
-    run = config_from_dict(json.loads(json.dumps(_yaml(src / "fusiontree_config.yaml")))) \
+    run = config_from_dict(_yaml(src / "fusiontree_config.yaml")) \
         if (src / "fusiontree_config.yaml").is_file() else RunConfig()
     state = from_hf_state_dict(load_safetensors(src))
     expected = check_state_matches(state, model_cfg, f"{src} (config.json)")

@@ -7,6 +7,7 @@ FusionTree, no hub): `run_hf` in conftest.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -79,11 +80,22 @@ def run_exports(tmp_path, jobs: dict[str, dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def layout_results(layout_exports, tmp_path_factory):
+def trained_export(trained_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The trained run's export, with a shard size small enough to split the weights."""
+    out = tmp_path_factory.mktemp("trained_export") / "hf"
+    return out, export_hf(trained_run, out, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="module")
+def layout_results(layout_exports, trained_export, tmp_path_factory):
+    """Every export's outputs, computed in one isolated process."""
     ids, mask = _batch()
     jobs = {name: {"dir": str(hf), "ids": ids.tolist(), "mask": mask.tolist(), "n_new": N_NEW, "texts": TEXTS,
                    "random_ids": RANDOM_IDS if name == "parallel-channel" else []}
             for name, (_, hf) in layout_exports.items()}
+    ids, mask = _batch(1)
+    jobs["trained-run"] = {"dir": str(trained_export[0]), "ids": ids.tolist(), "mask": mask.tolist(), "n_new": 8,
+                           "texts": TEXTS[:2]}
     return run_exports(tmp_path_factory.mktemp("parity"), jobs)
 
 
@@ -118,11 +130,10 @@ def test_export_tokenizer_gives_sentencepiece_ids(layout_results, hf_shards):
     assert {"<0x09>", "<0xF0>", "\n"} <= pieces
 
 
-def test_export_of_a_trained_run_in_shards(trained_run, tmp_path):
+def test_export_of_a_trained_run_in_shards(trained_run, trained_export, layout_results):
     """A run directory resolves to its latest checkpoint; a small shard size splits the weights
     over several safetensors files with transformers' index, and they load as one model."""
-    out = tmp_path / "hf"
-    summary = export_hf(trained_run, out, max_shard_size="100KB")
+    out, summary = trained_export
     assert summary["step"] == 6 and summary["weights_from"] == "model.pt"
     assert len([f for f in summary["weight_files"] if f.endswith(".safetensors")]) > 3
     assert (out / "model.safetensors.index.json").is_file()
@@ -132,8 +143,7 @@ def test_export_of_a_trained_run_in_shards(trained_run, tmp_path):
     model = HybridLanguageModel(weights.cfg.model).eval()
     model.load_state_dict(weights.state)
     ids, mask = _batch(1)
-    got = run_exports(tmp_path, {"run": {"dir": str(out), "ids": ids.tolist(), "mask": mask.tolist(), "n_new": 8,
-                                         "texts": TEXTS[:2]}})["run"]
+    got = layout_results["trained-run"]
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
     assert (got["logits"] - ref).abs()[mask.bool()].max().item() <= TOLERANCE
