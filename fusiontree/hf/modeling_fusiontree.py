@@ -429,6 +429,9 @@ class FusionTreeModel(FusionTreePreTrainedModel):
         1 = real token, 0 = left padding."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if cache is not None and len(cache.layers) != len(self.layers):
+            raise ValueError(f"the cache has {len(cache.layers)} layers, the model {len(self.layers)}; pass "
+                             "DynamicCache(config=model.config) (its layers follow config.layer_types), or none")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         past_pos = getattr(cache, "fusiontree_positions", None) if cache is not None else None

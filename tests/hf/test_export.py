@@ -172,3 +172,19 @@ def test_export_decoder_decodes_any_ids_like_the_exported_tokenizer(layout_resul
     assert [decode(ids) for ids in RANDOM_IDS] == got
     sp = spm.SentencePieceProcessor(model_file=str(hf_shards / "tokenizer.model"))
     assert any(sp.decode(ids) != text for ids, text in zip(RANDOM_IDS, got))  # the ids reach the differences
+
+
+def test_export_refuses_a_cache_that_does_not_fit():
+    from transformers.cache_utils import DynamicCache
+
+    from fusiontree.hf.configuration_fusiontree import FusionTreeConfig
+    from fusiontree.hf.convert import hf_config_dict
+    from fusiontree.hf.modeling_fusiontree import FusionTreeForCausalLM
+
+    model = layout_model("parallel-channel")
+    hf = FusionTreeForCausalLM(FusionTreeConfig(**hf_config_dict(model.cfg))).eval()
+    ids = torch.randint(0, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match="DynamicCache\\(config=model.config\\)"):
+        hf(ids, cache=DynamicCache())
+    out = hf(ids, cache=DynamicCache(config=hf.config))
+    assert out.cache.fusiontree_positions.tolist() == [[0, 1, 2, 3, 4]]
