@@ -6,7 +6,7 @@
 The export loads with transformers alone (torch + transformers, trust_remote_code=True):
 
     AutoModelForCausalLM.from_pretrained("exports/x", trust_remote_code=True)
-    AutoTokenizer.from_pretrained("exports/x")
+    AutoTokenizer.from_pretrained("exports/x", trust_remote_code=True)
 
 Tensor-parallel checkpoints are consolidated first (the engine files of every rank when the
 checkpoint has no model.pt). An imported checkpoint has no optimizer state: continue training

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -93,14 +94,23 @@ def train_env() -> dict:
     return env
 
 
-def train(config: dict, out_dir: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(config: dict, out_dir: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """launch/train.py in one process (ZeRO-0) with `config` (a dict written as the run's YAML)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir.parent / f"{out_dir.name}.yaml"
     path.write_text(yaml.safe_dump({**config, "out_dir": str(out_dir)}))
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--ds_config", str(ROOT / "configs/ds/zero0.json"),
            "--config", str(path), *extra]
-    res = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    # a port of its own: one process still rendezvous over MASTER_PORT (default 29500)
+    env = dict(train_env(), MASTER_PORT=str(free_port()))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -135,13 +145,14 @@ for name in ("fusiontree", "tests", "einops", "deepspeed", "megatron", "sentence
 """
 
 
-def run_hf(script: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_hf(script: str, tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     home = tmp_path / "hf_home"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_HOME=str(home), PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
     path = tmp_path / "hf_script.py"
     path.write_text(ISOLATION + script)
+    # no stdin: transformers' "run the custom code? [y/N]" prompt fails at once instead of waiting
     res = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=timeout,
-                         cwd=tmp_path)
+                         cwd=tmp_path, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res

@@ -41,7 +41,7 @@ spec = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "spec.json"))
 out = {}
 for name, job in spec.items():
     model = AutoModelForCausalLM.from_pretrained(job["dir"], trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(job["dir"])
+    tok = AutoTokenizer.from_pretrained(job["dir"], trust_remote_code=True)
     ids, mask = torch.tensor(job["ids"]), torch.tensor(job["mask"])
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, use_cache=False).logits

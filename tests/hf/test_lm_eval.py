@@ -25,7 +25,8 @@ def lm_eval(args: list[str], out: Path, data: Path, tmp_path: Path) -> dict:
     common = ["--tasks", "fusiontree_local", "--include_path", str(ROOT / "configs/lm_eval"), "--device", "cpu",
               "--batch_size", "3", "--metadata", json.dumps({"data_dir": str(data)}), "--output_path", str(out),
               "--log_samples"]
-    res = subprocess.run([*args, *common], env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    res = subprocess.run([*args, *common], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     samples = {}
