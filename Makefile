@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	else \
 	  $(BIN)/python -m pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[train,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,hf,dev]"
 	touch $(STAMP)
 
 RUN_DIR ?= runs/default-$(shell date +%Y%m%d-%H%M%S)

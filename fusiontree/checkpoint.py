@@ -347,19 +347,38 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint, run or checkpoints directory."""
+def resolve_checkpoint(path: str | Path, engine_only_ok: bool = False) -> Path:
+    """A checkpoint directory from a checkpoint, run or checkpoints directory (the latest valid
+    one). Its weights are model.pt; `engine_only_ok`: or only DeepSpeed's engine files (a
+    tensor-parallel checkpoint whose model.pt was not written, read by consolidating them)."""
     p = Path(path)
-    if (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file():
+
+    def has_weights(d: Path) -> bool:
+        return (d / MODEL_FILE).is_file() or (engine_only_ok and (d / ENGINE_TAG).is_dir())
+
+    if has_weights(p) and (p / CONFIG_FILE).is_file():
         return p
     for root in (p / "checkpoints", p):
         if root.is_dir() and any(root.glob("step_*")):
             latest = CheckpointManager(root, 0, 1).latest_valid()
-            if latest is not None and (latest / MODEL_FILE).is_file():
+            if latest is not None and has_weights(latest):
                 return latest
     raise ValueError(f"{path} is not a checkpoint (no model.pt + config.yaml) and holds no valid "
                      "checkpoints/step_* directory; pass a directory written by launch/train.py or "
                      "fusiontree.eval.pruning.apply_pruning")
+
+
+def load_model_weights(model, path: str | Path) -> Path:
+    """Load the model.pt of a checkpoint (or the latest of a run directory) into `model`, a plain
+    model of the same config; returns the checkpoint directory. A mismatch is an error that
+    names the config to use."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        model.load_state_dict(safe_load(ckpt / MODEL_FILE))
+    except RuntimeError as e:
+        raise ValueError(f"the weights of {ckpt} do not fit this run's model config ({str(e)[:300]}); use the "
+                         f"model section of {ckpt / CONFIG_FILE}") from e
+    return ckpt
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernels: str | None = None,

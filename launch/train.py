@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     help="DeepSpeed JSON (ZeRO stage and buckets; batch sizes come from the run config)")
     ap.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     ap.add_argument("--resume", default="none", help="none | auto (latest valid checkpoint) | a checkpoint dir")
+    ap.add_argument("--init_from", "--init-from", dest="init_from", default="",
+                    help="start from the weights (model.pt) of this checkpoint or run directory, with a fresh "
+                         "optimizer, schedule and data order (e.g. an import of a Hugging Face export); a "
+                         "--resume checkpoint, when there is one, takes precedence")
     ap.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted from launchers
     return ap.parse_known_args(argv)
 
@@ -34,7 +38,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)  # a bad config fails before any process group starts
-    return run_training(cfg, args.ds_config, args.resume, args.local_rank)
+    return run_training(cfg, args.ds_config, args.resume, args.local_rank, init_from=args.init_from)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ LAYERS = [
     ["fusiontree.checkpoint"],
     ["fusiontree.train"],
     ["fusiontree.eval"],
+    ["fusiontree.hf"],
     ["fusiontree.ablation"],
 ]
 LONG_FUNCTION_LINES = 80

@@ -97,6 +97,12 @@ class Tokenizer:
             return self._impl.decode(ids)
         return self._impl.decode(ids, skip_special_tokens=False)
 
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary entry of id `i` as the tokenizer writes it (e.g. `</s>`)."""
+        if self.kind == "sentencepiece":
+            return self._impl.id_to_piece(int(i))
+        return self._impl.id_to_token(int(i))
+
     def eos_id(self) -> int:
         return self.special_ids["eos"]
 

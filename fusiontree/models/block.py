@@ -145,8 +145,9 @@ class HybridBlock(nn.Module):
             x_BTD = x_BTD + y.to(x_BTD.dtype)
         elif self.attn is not None:
             x_BTD = x_BTD + self._attn(h, info, attn_cache)
-        else:
+        elif self.mamba is not None:
             x_BTD = x_BTD + self._mamba(h, info, mamba_state)
+        # else: pruning removed both branches; the block is its MLP
         x_BTD = x_BTD + self.mlp(self.norm_mlp(x_BTD))
         return x_BTD, g
 

@@ -13,7 +13,7 @@ are applied to it from outside; generation lives in `fusiontree.inference`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -31,11 +31,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HybridOutput:
+    """The forward's result. Reads like a transformers output: `out.logits` and `out["logits"]`
+    are the same tensor, `out["gate_stats"][layer_idx]` a layer's gate summary, and `keys()` /
+    `items()` / `in` list the fields."""
     logits: Tensor  # [B, T, V]
     past_key_values: KVCache | None
     past_mamba_states: MambaStates | None
     gates: list[Tensor | None]  # per layer: [D] (per-channel) or [B, T, D] (per-token); None: no gate
     gate_stats: list[dict[str, Tensor] | None] | None  # per layer, when collect_gate_stats=True
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def items(self) -> list[tuple[str, object]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __getitem__(self, key: str):
+        if not isinstance(key, str):
+            raise TypeError(f"HybridOutput is indexed by field name (one of {self.keys()}), got {key!r}")
+        if key not in self.keys():
+            raise KeyError(f"HybridOutput has no field {key!r}; fields: {self.keys()}")
+        return getattr(self, key)
 
 
 def positions_from_seq_idx(seq_idx_BT: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fusiontree.checkpoint import CheckpointManager
+from fusiontree.checkpoint import CheckpointManager, load_model_weights
 from fusiontree.config import RunConfig, config_to_dict, dump_config
 from fusiontree.data import build_train_loader, build_val_loaders, load_tokenizer
 from fusiontree.inference import generate
@@ -140,7 +140,8 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
 # ------------------------------------------------------------------------------ the trainer
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None):
+    def __init__(self, cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None,
+                 init_from: str = ""):
         self.cfg = cfg
         self.clock = StartupClock()  # from the process's start: the phases until the first step ends
         self.clock.mark("imports")
@@ -150,7 +151,7 @@ class Trainer:
         self.clock.mark("distributed")
         self._init_data()
         self.clock.mark("data")
-        self._init_model(ds_config)
+        self._init_model(ds_config, init_from)
         self.clock.mark("model_and_engine")
         self._init_state(resume)
         self._init_hooks()
@@ -180,14 +181,16 @@ class Trainer:
         self.train_loader = build_train_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size, seed=cfg.seed)
         self.val_loaders = build_val_loaders(cfg.data, rank=self.dp_rank, world_size=self.dp_size)
 
-    def _init_model(self, ds_config: str) -> None:
-        """The plain model, parallelized, with its training mechanics, inside a DeepSpeed engine
-        over torch's AdamW."""
+    def _init_model(self, ds_config: str, init_from: str = "") -> None:
+        """The plain model (with the weights of `init_from`, a checkpoint, if given), parallelized,
+        with its training mechanics, inside a DeepSpeed engine over torch's AdamW."""
         cfg, di = self.cfg, self.di
         self.kernels = resolve_kernels(cfg.kernels, di.device)
         log.info("kernels: %s", self.kernels.describe())
         with torch.device(di.device):  # initialised where it trains: a 7B model's fp32 init on the host takes minutes
             model = HybridLanguageModel(cfg.model, self.kernels)
+        if init_from:
+            log.info("initial weights from %s", load_model_weights(model, init_from))
         model.check_inputs = False  # the data pipeline already checked the ids
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and di.device.type == "cuda")
         n_params = sum(p.numel() for p in model.parameters())
@@ -399,9 +402,12 @@ def generate_sample(model: HybridLanguageModel, tokenizer, cfg: RunConfig) -> st
     return tokenizer.decode(out[0, 1:].tolist())
 
 
-def run_training(cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None) -> int:
-    """Train `cfg` to its last step (or to a stop signal), then leave the process group."""
-    trainer = Trainer(cfg, ds_config, resume, local_rank)
+def run_training(cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None,
+                 init_from: str = "") -> int:
+    """Train `cfg` to its last step (or to a stop signal), then leave the process group.
+    `init_from`: a checkpoint whose weights the run starts from (fresh optimizer and schedule);
+    a checkpoint being resumed takes precedence."""
+    trainer = Trainer(cfg, ds_config, resume, local_rank, init_from)
     trainer.fit()
     trainer.finish()
     trainer.ckpt.wait()  # an asynchronous save still writing
