@@ -119,7 +119,7 @@ def test_training_and_evaluation_use_the_builds_tokenizer_json(hf_build, tmp_pat
 
     import yaml
 
-    from fusiontree.eval.loading import checkpoint_tokenizer, load_checkpoint
+    from fusiontree.checkpoint import checkpoint_tokenizer, load_checkpoint
     from tests.train.conftest import ROOT, env, free_port, train_cmd, write_config
 
     # Its own port: another one-process run may hold the default one. The first run in a new
