@@ -100,7 +100,7 @@ class TrainConfig:
     # false: no checkpoints at all, not even at the end (throughput benchmarks, smoke tests).
     save_checkpoints: bool = True
     # Training waits only while the state is copied to host memory; the files are written by
-    # a background thread (fusiontree/train/checkpoint.py). Complete-or-ignored either way.
+    # a background thread (fusiontree/checkpoint.py). Complete-or-ignored either way.
     async_checkpoint: bool = False
     gate_stats_every_steps: int = 25
     wandb_project: str = "fusiontree"
