@@ -152,7 +152,7 @@ def test_export_of_a_trained_run_in_shards(trained_run, trained_export, layout_r
 
 
 def test_export_refuses_bad_input(layout_exports, tmp_path, hf_shards):
-    with pytest.raises(ValueError, match="not a FusionTree checkpoint"):
+    with pytest.raises(ValueError, match="is not a checkpoint"):
         export_hf(tmp_path, tmp_path / "out")
     ckpt, hf = layout_exports["parallel-channel"]
     with pytest.raises(ValueError, match="exists and is not empty"):

@@ -91,7 +91,7 @@ def test_import_and_init_from_refuse_bad_input(tmp_path, trained_run, hf_shards)
     export_hf(trained_run, tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
-    with pytest.raises(ValueError, match="config.json\) do not match its model config"):
+    with pytest.raises(ValueError, match=r"config.json\) do not match its model config"):
         import_hf(tmp_path / "hf", tmp_path / "out")
     # --init_from with weights of another shape: a clear error, not a half-loaded model
     config = train_config(hf_shards, 1)
