@@ -41,6 +41,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -362,17 +363,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
                      "fusiontree.eval.pruning.apply_pruning")
 
 
+def _check_files(ckpt: Path) -> None:
+    """A checkpoint given directly (not picked by `latest_valid`) is checked the same way: when
+    it has a meta.json, every file it lists must be there with its recorded size."""
+    if (ckpt / META_FILE).is_file() and not CheckpointManager.is_valid(ckpt):
+        raise ValueError(f"checkpoint {ckpt} is incomplete or damaged (meta.json unreadable, or a file it lists "
+                         "is missing or has another size); pass an intact checkpoint, or the run directory to "
+                         "take its latest valid one")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernels: str | None = None,
                     overrides: list[str] | None = None) -> LoadedCheckpoint:
     """Build the model of the checkpoint's config, load its weights, put it in eval mode.
     `kernels`: "reference" forces the PyTorch reference ops; None picks what the config says
-    (`auto` resolves per device). `overrides`: dotted config overrides (e.g. --data.shards_dir=...)."""
+    (`auto` resolves per device). `overrides`: dotted config overrides (e.g. --data.shards_dir=...).
+    A missing, incomplete or unreadable checkpoint is a ValueError that names it."""
     ckpt = resolve_checkpoint(path)
+    _check_files(ckpt)
     cfg = load_config(ckpt / CONFIG_FILE, overrides)
     device = torch.device(device)
     kern = reference_kernels() if kernels == "reference" else resolve_kernels(cfg.kernels, device)
     model = HybridLanguageModel(cfg.model, kern)
-    state = safe_load(ckpt / MODEL_FILE)
+    try:
+        state = safe_load(ckpt / MODEL_FILE)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated or overwritten file
+        raise ValueError(f"{ckpt / MODEL_FILE} cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
+                         "damaged: pass another one, or the run directory to take its latest valid one") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt / MODEL_FILE} does not match its config.yaml (missing {missing[:4]}, "
@@ -382,12 +398,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
 
 def checkpoint_tokenizer(ckpt: LoadedCheckpoint, override: str | Path = ""):
     """The SentencePiece model of a checkpoint: `override`, else the one its run trained with
-    (meta.json), else its config's data.tokenizer_path()."""
-    from fusiontree.data.tokenizer import load_sentencepiece
+    (meta.json), else its config's data.tokenizer_path(). It must match the checkpoint: as many
+    ids as the model's vocabulary, and the very file the run trained with when meta.json
+    records its sha256 (ValueError otherwise: ids would silently mean other text)."""
+    from fusiontree.data.tokenizer import load_sentencepiece, sha256_bytes
 
     if override:
-        return load_sentencepiece(override)
-    path = Path(ckpt.meta.get("tokenizer") or ckpt.cfg.data.tokenizer_path())
-    if not path.is_file():
-        path = ckpt.cfg.data.tokenizer_path()
-    return load_sentencepiece(path)
+        path = Path(override)
+    else:
+        path = Path(ckpt.meta.get("tokenizer") or ckpt.cfg.data.tokenizer_path())
+        if not path.is_file():  # the run's shards moved: the config's path, checked below like any other
+            path = ckpt.cfg.data.tokenizer_path()
+    sp = load_sentencepiece(path)
+    if sp.vocab_size() != ckpt.cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {path} has {sp.vocab_size()} ids but the checkpoint's model has "
+                         f"{ckpt.cfg.model.vocab_size} (model.vocab_size); pass the tokenizer it was trained with")
+    want = ckpt.meta.get("tokenizer_sha256")
+    if want and sha256_bytes(path.read_bytes()) != want:
+        raise ValueError(f"tokenizer {path} is not the one {ckpt.path} was trained with (sha256 "
+                         f"{sha256_bytes(path.read_bytes())[:12]}, recorded {want[:12]}); pass the run's "
+                         f"tokenizer ({ckpt.meta.get('tokenizer', 'see meta.json')})")
+    return sp

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from fusiontree.checkpoint import CheckpointManager
 from fusiontree.config import RunConfig, config_to_dict, dump_config
 from fusiontree.data import build_train_loader, build_val_loaders, load_tokenizer
+from fusiontree.data.tokenizer import sha256_bytes
 from fusiontree.inference import generate
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.flops import flops_per_token as model_flops_per_token
@@ -174,6 +175,8 @@ class Trainer:
         ranks of one tensor-parallel group read the same batches."""
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.data)
+        # Recorded with every checkpoint: generation and evaluation refuse another tokenizer.
+        self.tokenizer_sha256 = sha256_bytes(cfg.data.tokenizer_path().read_bytes())
         if self.tokenizer.vocab_size() != cfg.model.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size()} ids but model.vocab_size="
                              f"{cfg.model.vocab_size}; set --model.vocab_size={self.tokenizer.vocab_size()}")
@@ -269,7 +272,7 @@ class Trainer:
         trainer = {"state": state.to_dict(), "loader": self.train_loader.state_dict(), "rng": rng_state(),
                    "gate_monitor": self.monitor.state_dict()}
         meta = {"tokens_seen": self.train_loader.tokens_seen, "tokenizer": str(cfg.data.tokenizer_path()),
-                "zero_stage": self.zero_stage, "preset": cfg.model.preset}
+                "tokenizer_sha256": self.tokenizer_sha256, "zero_stage": self.zero_stage, "preset": cfg.model.preset}
         plan = {"pruning_plan.json": self.monitor.pruning_plan_json()} \
             if self.di.is_main and any(s.updates for s in self.monitor.layers) else {}
         path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, self.plain_model_state(),
