@@ -1,5 +1,5 @@
-"""Inference: autoregressive generation with the KV + Mamba caches (`generate`, `complete`)
-and decode steps replayed from a CUDA graph (`GraphedDecoder`)."""
+"""Inference: autoregressive generation with the KV + Mamba caches (`generate`, `complete`),
+decode steps replayed from a CUDA graph (`GraphedDecoder`) and streamed text (`TextStream`)."""
 
 from fusiontree.inference.generate import check_sampling, complete, generate, left_pad, sample_next
 from fusiontree.inference.stream import TextStream
