@@ -208,7 +208,7 @@ def bench_attention(rows: list, args) -> None:
     flex_backend.FLEX_KERNEL_OPTIONS.clear()
     # A document block mask depends on the data: built once per forward (all layers share it).
     seq = (torch.arange(L, device=DEV) // (L // 8))[None].int()
-    w_t = flex_backend._window_tensor(1024, torch.device(DEV))
+    w_t = flex_backend.window_tensor(1024, torch.device(DEV))
     build = flex_backend._block_mask_fn(torch.device(DEV))
     ms = cuda_ms(lambda: build(flex_backend._mask_mod(w_t, seq, seq, None), 1, None, L, L, device=DEV), 2, 10)
     _row(rows, section="attention", case="build document block mask (per forward)", L=L, window=1024, ms=ms)

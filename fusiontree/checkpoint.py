@@ -41,6 +41,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -381,17 +382,32 @@ def load_model_weights(model, path: str | Path) -> Path:
     return ckpt
 
 
+def _check_files(ckpt: Path) -> None:
+    """A checkpoint given directly (not picked by `latest_valid`) is checked the same way: when
+    it has a meta.json, every file it lists must be there with its recorded size."""
+    if (ckpt / META_FILE).is_file() and not CheckpointManager.is_valid(ckpt):
+        raise ValueError(f"checkpoint {ckpt} is incomplete or damaged (meta.json unreadable, or a file it lists "
+                         "is missing or has another size); pass an intact checkpoint, or the run directory to "
+                         "take its latest valid one")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernels: str | None = None,
                     overrides: list[str] | None = None) -> LoadedCheckpoint:
     """Build the model of the checkpoint's config, load its weights, put it in eval mode.
     `kernels`: "reference" forces the PyTorch reference ops; None picks what the config says
-    (`auto` resolves per device). `overrides`: dotted config overrides (e.g. --data.shards_dir=...)."""
+    (`auto` resolves per device). `overrides`: dotted config overrides (e.g. --data.shards_dir=...).
+    A missing, incomplete or unreadable checkpoint is a ValueError that names it."""
     ckpt = resolve_checkpoint(path)
+    _check_files(ckpt)
     cfg = load_config(ckpt / CONFIG_FILE, overrides)
     device = torch.device(device)
     kern = reference_kernels() if kernels == "reference" else resolve_kernels(cfg.kernels, device)
     model = HybridLanguageModel(cfg.model, kern)
-    state = safe_load(ckpt / MODEL_FILE)
+    try:
+        state = safe_load(ckpt / MODEL_FILE)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated or overwritten file
+        raise ValueError(f"{ckpt / MODEL_FILE} cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
+                         "damaged: pass another one, or the run directory to take its latest valid one") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt / MODEL_FILE} does not match its config.yaml (missing {missing[:4]}, "
@@ -401,12 +417,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
 
 def checkpoint_tokenizer(ckpt: LoadedCheckpoint, override: str | Path = ""):
     """The tokenizer of a checkpoint: `override` (a .model or tokenizer.json), else the one
-    its run trained with (meta.json), else the one its shards' manifest names."""
+    its run trained with (meta.json), else the one its shards' manifest names. It must match the
+    checkpoint: as many ids as the model's vocabulary, and the very tokenizer the run trained
+    with when meta.json records its sha256 (ValueError otherwise: ids would silently mean other
+    text)."""
     from fusiontree.data.tokenizer import load_tokenizer_file, tokenizer_from_build
 
     if override:
-        return load_tokenizer_file(override)
-    path = Path(ckpt.meta.get("tokenizer") or "")
-    if path.is_file():
-        return load_tokenizer_file(path)
-    return tokenizer_from_build(ckpt.cfg.data.shards_dir, ckpt.cfg.data.tokenizer)
+        tok = load_tokenizer_file(override)
+    else:
+        path = Path(ckpt.meta.get("tokenizer") or "")
+        # The run's tokenizer moved with its shards: the manifest's, checked below like any other.
+        tok = load_tokenizer_file(path) if path.is_file() else \
+            tokenizer_from_build(ckpt.cfg.data.shards_dir, ckpt.cfg.data.tokenizer)
+    if tok.vocab_size() != ckpt.cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size()} ids but the checkpoint's model has "
+                         f"{ckpt.cfg.model.vocab_size} (model.vocab_size); pass the tokenizer it was trained with")
+    want, got = ckpt.meta.get("tokenizer_sha256"), tok.sha256
+    if want and got != want:
+        raise ValueError(f"tokenizer {tok.name} is not the one {ckpt.path} was trained with (sha256 {got[:12]}, "
+                         f"recorded {want[:12]}); pass the run's tokenizer ({ckpt.meta.get('tokenizer', 'see meta.json')})")
+    return tok

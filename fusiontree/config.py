@@ -40,6 +40,10 @@ class KernelConfig:
     # cannot load is an error, never a silent fallback.
     ssd: str = "auto"
     attention: str = "auto"
+    # The static decode step's attention over a cache (CUDA-graphed generation): `all_slots`
+    # reads every allocated slot through the attention backend; `filled_blocks` reads only the
+    # filled blocks (FlexAttention's decoding kernel). No `auto`: opt-in until measured.
+    decode_attention: str = "all_slots"
 
 
 @dataclass

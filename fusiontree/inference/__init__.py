@@ -1,6 +1,7 @@
-"""Inference: autoregressive generation with the KV + Mamba caches (`generate`, `complete`)
-and decode steps replayed from a CUDA graph (`GraphedDecoder`)."""
+"""Inference: autoregressive generation with the KV + Mamba caches (`generate`, `complete`),
+decode steps replayed from a CUDA graph (`GraphedDecoder`) and streamed text (`TextStream`)."""
 
-from fusiontree.inference.generate import complete, generate, left_pad, sample_next
+from fusiontree.inference.generate import check_sampling, complete, generate, left_pad, sample_next
+from fusiontree.inference.stream import TextStream
 
-__all__ = ["complete", "generate", "left_pad", "sample_next"]
+__all__ = ["TextStream", "check_sampling", "complete", "generate", "left_pad", "sample_next"]

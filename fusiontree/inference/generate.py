@@ -16,11 +16,17 @@ import torch
 from torch import Tensor
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """The sampling settings `sample_next` accepts (raises ValueError with the allowed ranges)."""
+    if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # `not >=`: NaN fails too
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={temperature}, "
+                         f"top_p={top_p}, top_k={top_k}")
+
+
 def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
     """Greedy when temperature == 0; otherwise temperature, then top-k, then top-p (nucleus)."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    check_sampling(temperature, top_k, top_p)
     logits = logits_BV.float()
     if temperature == 0:
         return logits.argmax(-1)
@@ -45,11 +51,13 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
              top_p: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, cuda_graph: bool = False,
              compile_decode: bool = True, stop: Callable[[list[int]], bool] | None = None,
-             stop_every: int = 8) -> Tensor:
+             stop_every: int = 8, on_token: Callable[[Tensor], None] | None = None) -> Tensor:
     """Returns [B, T + n] token ids, n <= max_new_tokens (fewer when every row finished).
     A row finishes when it emits EOS, or when `stop(its new tokens)` is true (checked every
     `stop_every` tokens: a host sync); a finished row continues with `pad_token_id` (default:
     the EOS id).
+    on_token: called with each step's tokens [B] (finished rows: the pad id) as soon as they
+    are sampled, before the next step runs (streaming; reading them is a host sync).
     cuda_graph: after the prefill, replay each decode step from one captured CUDA graph
     (`fusiontree.inference.cuda_graph.GraphedDecoder`; needs use_cache and a CUDA model).
     compile_decode: with cuda_graph, compile the blocks of the step before capturing it (the
@@ -83,6 +91,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
         if eos_token_id is not None:
             finished |= nxt == eos_token_id
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        if on_token is not None:
+            on_token(nxt)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if stop is not None and i % stop_every == stop_every - 1:

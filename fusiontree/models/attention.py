@@ -58,10 +58,14 @@ class LocalGlobalAttention(nn.Module):
         k_all, v_all, pos_all = k, v, k_pos
         if cache is not None and info.cache_step is not None:
             # Static-shape decode step (CUDA graphs): the new token goes into its slot first,
-            # then the query attends over every slot by position (empty slots hold -1). With
+            # then the query attends over the slots by position (empty slots hold -1). With
             # one query per row, where its own key sits among the slots does not matter.
             cache.write_step(k, v, k_pos, info.cache_step)
             k_all, v_all, pos_all = cache.k_BSKD, cache.v_BSKD, cache.pos_BS
+            if self.kernels.decode_attention is not None:  # reads only the filled slots
+                o = self.kernels.decode_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), info.position_ids,
+                                                  pos_all, cache.filled_slots(info.cache_step), window=self.window)
+                return self.wo(rearrange(o, "b t h e -> b t (h e)"))
         elif cache is not None:
             ck, cv, cpos = cache.context(info.cache_offset)
             if ck.shape[1]:  # an empty cache adds nothing: the prefill takes the cache-free kernels

@@ -72,6 +72,12 @@ class AttentionLayerCache:
         self.v_BSKD.index_copy_(1, idx, v_B1KD.to(self.v_BSKD.dtype))
         self.pos_BS.index_copy_(1, idx, pos_B1)
 
+    def filled_slots(self, step_1: Tensor) -> Tensor:
+        """[1] device tensor: how many slots, from slot 0, may hold tokens once token number
+        `step_1` is in (a ring buffer fills up and then wraps; a global cache fills in order).
+        The slots past it are empty, so the static decode step need not read them."""
+        return torch.clamp(step_1 + 1, max=self.slots)
+
     def tensors(self) -> list[Tensor]:
         return [self.k_BSKD, self.v_BSKD, self.pos_BS]
 

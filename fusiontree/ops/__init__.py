@@ -9,6 +9,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | --- | --- | --- | --- |
 | ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
+| decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only; opt-in: not yet measured on a GPU) | no `auto`: all_slots unless named | the same |
 
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
 elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
@@ -50,9 +51,15 @@ class Kernels:
     # Builds the attention masks one cache-free forward shares across its layers
     # (`SeqInfo.attn_masks`), or None: the backend needs none (each call builds what it needs).
     attention_masks: Callable | None = None
+    # The static decode step's attention over the first `filled` slots of a cache (contract of
+    # `decode_attention_ref`), or None (`all_slots`): `attention` over every allocated slot.
+    decode_attention: Callable | None = None
+    decode_attention_name: str = "all_slots"
 
     def describe(self) -> str:
-        return f"ssd={self.ssd_name} attention={self.attention_name} conv1d=reference"
+        # The default decode path is the attention backend itself: named only when it is not.
+        decode = "" if self.decode_attention is None else f" decode_attention={self.decode_attention_name}"
+        return f"ssd={self.ssd_name} attention={self.attention_name} conv1d=reference{decode}"
 
 
 # name -> loader(device) returning the callables, or raising ImportError / RuntimeError with
@@ -92,10 +99,25 @@ def _attention_flex(device: torch.device) -> dict:
     return dict(attention=attention_flex, attention_masks=flex_block_masks)
 
 
+def _decode_all_slots(device: torch.device) -> dict:
+    return dict(decode_attention=None)
+
+
+def _decode_filled_blocks(device: torch.device) -> dict:
+    if device.type == "cuda":
+        _need_triton("FlexAttention's decoding kernel")
+    from fusiontree.ops.backends.decode import decode_attention_filled_blocks
+
+    return dict(decode_attention=decode_attention_filled_blocks)
+
+
 SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _ssd_reference, "mamba_ssm": _ssd_mamba_ssm}
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
+# Not chosen by `auto` (there is no `auto` for it): `filled_blocks` stays opt-in until measured.
+DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
+    "all_slots": _decode_all_slots, "filled_blocks": _decode_filled_blocks}
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
 # On CPU only the references: FlexAttention has no CPU backward.
 AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "reference"]}
@@ -123,11 +145,16 @@ def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str,
 
 
 def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
-    """cfg: a `KernelConfig` (fields `ssd`, `attention`)."""
+    """cfg: a `KernelConfig` (fields `ssd`, `attention`, `decode_attention`)."""
     device = torch.device(device)
     ssd_name, ssd_fns = _pick("ssd", SSD_BACKENDS, cfg.ssd, device)
     attn_name, attn_fns = _pick("attention", ATTENTION_BACKENDS, cfg.attention, device)
-    return Kernels(ssd_name=ssd_name, attention_name=attn_name, **ssd_fns, **attn_fns)
+    if cfg.decode_attention == "auto":
+        raise ValueError("kernels.decode_attention has no `auto`: choose all_slots (the default) or "
+                         "filled_blocks (opt-in until measured on a GPU)")
+    decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
+    return Kernels(ssd_name=ssd_name, attention_name=attn_name, decode_attention_name=decode_name,
+                   **ssd_fns, **attn_fns, **decode_fns)
 
 
 def reference_kernels() -> Kernels:

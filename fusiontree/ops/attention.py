@@ -11,6 +11,9 @@ Memory stays O(T * (S0 + window)): queries are processed in blocks, and a block 
 only looks at the cached keys plus the new keys that can fall inside its window. That
 restriction assumes positions inside a document advance by one per token (true for
 training, prefill and decoding alike).
+
+`decode_attention_ref`: one query per row over a static-shape cache whose first `filled`
+slots may be read (the static decode step; the reference of `fusiontree.ops.backends.decode`).
 """
 
 from __future__ import annotations
@@ -96,3 +99,23 @@ def attention_naive(
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q_BTHD.dtype)
+
+
+def decode_attention_ref(
+    q_B1HD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKD: Tensor,
+    q_pos_B1: Tensor,
+    k_pos_BS: Tensor,
+    filled_1: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """One decode query per row over a static cache of S slots, of which only the first
+    `filled_1` (a [1] int64 device tensor) may be read: the contract of the decode attention
+    backends (`fusiontree.ops.backends.decode`). The query's own key is already in its slot,
+    and slots are in any order inside the filled part (a ring buffer wraps).
+    Static shapes, no host sync: the slots past `filled_1` are masked here, not skipped."""
+    slot_S = torch.arange(k_BSKD.shape[1], device=k_BSKD.device)
+    k_pos_BS = k_pos_BS.masked_fill(slot_S >= filled_1, -1)
+    return attention_ref(q_B1HD, k_BSKD, v_BSKD, q_pos_B1, k_pos_BS, window=window, scale=scale)

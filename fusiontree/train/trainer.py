@@ -272,7 +272,7 @@ class Trainer:
         trainer = {"state": state.to_dict(), "loader": self.train_loader.state_dict(), "rng": rng_state(),
                    "gate_monitor": self.monitor.state_dict()}
         meta = {"tokens_seen": self.train_loader.tokens_seen, "tokenizer": self.tokenizer.name,
-                "zero_stage": self.zero_stage, "preset": cfg.model.preset}
+                "tokenizer_sha256": self.tokenizer.sha256, "zero_stage": self.zero_stage, "preset": cfg.model.preset}
         plan = {"pruning_plan.json": self.monitor.pruning_plan_json()} \
             if self.di.is_main and any(s.updates for s in self.monitor.layers) else {}
         path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, self.plain_model_state(),

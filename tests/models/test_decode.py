@@ -169,6 +169,41 @@ def test_flex_attention_backend_decodes_like_the_reference():
             torch.testing.assert_close(static.step(nxt), logits, **TOL)
 
 
+@pytest.mark.parametrize("variant", ["parallel-channel", "transformer"])
+def test_filled_blocks_decode_attention_steps_like_the_cached_forward(variant):
+    """kernels.decode_attention=filled_blocks: the static decode step (what a CUDA graph
+    replays) attends over the filled slots only, and gives the reference model's cached
+    logits at every step: batch 2 with a left-padded row, ring buffers wrapping twice (window 16),
+    global caches allocated 200 slots past what the steps fill (empty key blocks)."""
+    from fusiontree.config import KernelConfig
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+    from fusiontree.models import HybridLanguageModel
+    from fusiontree.ops import resolve_kernels
+
+    ref = build(variant, seed=12)
+    kernels = resolve_kernels(KernelConfig(decode_attention="filled_blocks"), "cpu")
+    assert kernels.describe().endswith("decode_attention=filled_blocks")
+    model = HybridLanguageModel(ref.cfg, kernels).eval()
+    model.load_state_dict(ref.state_dict())
+    B, T, n = 2, 9, 26
+    ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :4] = 0
+    kv, ms = ref.allocate_inference_cache(B, T + n)
+    kv2, ms2 = model.allocate_inference_cache(B, T + n + 200)
+    with torch.no_grad():
+        logits = ref(**ref.prepare_inputs_for_generation(ids, kv, ms, mask)).logits[:, -1]
+        model(**model.prepare_inputs_for_generation(ids, kv2, ms2, mask))
+        static = GraphedDecoder(model, kv2, ms2, mask.sum(1), graph=False)
+        tokens = ids
+        for _ in range(n - 1):
+            nxt = logits.argmax(-1)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = ref(**ref.prepare_inputs_for_generation(tokens, kv, ms, mask)).logits[:, -1]
+            torch.testing.assert_close(static.step(nxt), logits, **TOL)
+
+
 def test_compiled_static_decode_step_matches_the_eager_one():
     """GraphedDecoder(compile=True): the blocks of `decode_step` through Inductor (here its
     CPU code generator; on CUDA the same graphs are then captured), over a ring buffer that

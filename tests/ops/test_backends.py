@@ -243,3 +243,20 @@ def test_model_builds_the_flex_masks_once_per_forward_and_matches_the_reference(
         got, want = model(ids, seq_idx=seq).logits, ref(ids, seq_idx=seq).logits
     assert calls == [{16, None}]  # one build for the three layers: the local window and global
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ decode attention selection
+
+
+def test_decode_attention_is_all_slots_unless_filled_blocks_is_named():
+    from fusiontree.ops.backends.decode import decode_attention_filled_blocks
+
+    k = resolve_kernels(KernelConfig(), "cpu")
+    assert (k.decode_attention, k.decode_attention_name) == (None, "all_slots")
+    k = resolve_kernels(KernelConfig(attention="flex", decode_attention="filled_blocks"), "cpu")
+    assert (k.decode_attention, k.decode_attention_name) == (decode_attention_filled_blocks, "filled_blocks")
+    assert k.describe() == "ssd=reference attention=flex conv1d=reference decode_attention=filled_blocks"
+    with pytest.raises(ValueError, match="has no `auto`"):
+        resolve_kernels(KernelConfig(decode_attention="auto"), "cpu")
+    with pytest.raises(ValueError, match=r"not a known backend.*'all_slots', 'filled_blocks'"):
+        resolve_kernels(KernelConfig(decode_attention="flash"), "cpu")

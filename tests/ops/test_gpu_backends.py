@@ -47,9 +47,9 @@ BF16_MODEL_TOL = (3e-2, 1e-1)
 BF16_MODEL_GRAD_TOL = (5e-2, 2e-1)
 
 
-def _kernels(ssd="reference", attention="reference"):
+def _kernels(ssd="reference", attention="reference", decode_attention="all_slots"):
     try:
-        return resolve_kernels(KernelConfig(ssd=ssd, attention=attention), DEV)
+        return resolve_kernels(KernelConfig(ssd=ssd, attention=attention, decode_attention=decode_attention), DEV)
     except RuntimeError as e:
         pytest.fail(f"this CUDA machine cannot load the backend under test ({e}); install it "
                     "(mamba-ssm for ssd=mamba_ssm, triton for attention=flex)", pytrace=False)
@@ -272,6 +272,37 @@ def test_flex_rebuilds_a_data_block_mask_when_documents_change_in_place():
           OUT_TOL)
 
 
+@pytest.mark.parametrize("window", [None, 1024])
+def test_filled_blocks_decode_attention_matches_reference(window):
+    """FlexAttention's compiled decoding kernel over the filled blocks of a bf16 cache of 4100
+    slots (global: token n in slot n; windowed: a ring of 1024 slots that has wrapped), batch 3
+    with two left-padded rows, GQA; the slots past the fill hold garbage it must not read."""
+    from fusiontree.ops.attention import decode_attention_ref
+
+    kern = _kernels(decode_attention="filled_blocks")
+    Bsz, S = 3, 4100 if window is None else window
+    g = torch.Generator().manual_seed(21)
+    for tokens in (1, 129, 2000, 4100, 5000):
+        if window is None and tokens > S:
+            continue
+        pads = torch.tensor([0, 7, 300]).clamp(max=tokens - 1)  # the query itself is a real token
+        q = torch.randn(Bsz, 1, AH, AD, generator=g)
+        k, v = (torch.randn(Bsz, S, AK, AD, generator=g) for _ in range(2))
+        n = min(tokens, S)
+        t_S = torch.arange(S)
+        if window is not None:  # the token number each ring slot holds last
+            t_S = t_S + (tokens - 1 - t_S) // S * S
+        k_pos = (t_S[None] - pads[:, None]).masked_fill(t_S[None] < pads[:, None], -1)
+        k_pos[:, n:] = 5  # past the fill: real-looking positions and large keys and values
+        k[:, n:], v[:, n:] = 50.0, 50.0
+        q_pos = (tokens - 1 - pads)[:, None]
+        args = [t.to(DEV, torch.bfloat16) for t in (q, k, v)] + [q_pos.to(DEV), k_pos.to(DEV),
+                                                                  torch.tensor([n], device=DEV)]
+        o = kern.decode_attention(*args, window=window)
+        want = decode_attention_ref(*(t.float() for t in args[:3]), *args[3:], window=window)
+        check(f"decode_{tokens}", o, want, OUT_TOL)
+
+
 # ------------------------------------------------------------------ model
 
 
@@ -283,9 +314,9 @@ def _model_cfg():
                                ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=384)
 
 
-def _models(dtype=torch.float32, seed=0, **cfg_overrides):
+def _models(dtype=torch.float32, seed=0, decode_attention="all_slots", **cfg_overrides):
     """The same weights with the GPU backends (mamba_ssm, flex) and with the references."""
-    gpu = _kernels(ssd="mamba_ssm", attention="flex")
+    gpu = _kernels(ssd="mamba_ssm", attention="flex", decode_attention=decode_attention)
     cfg = dataclasses.replace(_model_cfg(), **cfg_overrides)
     torch.manual_seed(seed)
     model = perturb_(HybridLanguageModel(cfg, gpu), seed)
@@ -375,21 +406,23 @@ def test_model_compiled_blocks_match_eager_bf16_training_step():
     _compare_bf16_training_step(model, eager, seed=7)
 
 
+@pytest.mark.parametrize("decode_attention", ["all_slots", "filled_blocks"])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled):
+def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled, decode_attention):
     """GraphedDecoder's replayed CUDA graph against the same static step run eagerly (same
     kernels: equal to round-off; compiled blocks: to the compiled-vs-eager tolerance) and
-    against the ordinary cached forward, on a left-padded batch whose ring buffers wrap twice."""
+    against the ordinary cached forward, on a left-padded batch whose ring buffers wrap twice.
+    The caches of the static steps have 600 slots more than the steps fill (empty key blocks)."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
-    model, _ = _models(dtype=dtype, seed=8)
+    model, _ = _models(dtype=dtype, seed=8, decode_attention=decode_attention)
     g = torch.Generator().manual_seed(9)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=g).to(DEV)
     mask = torch.ones_like(prompt)
     mask[0, :37] = 0
     n = 2 * model.cfg.window + 5
-    caches = [model.allocate_inference_cache(2, 300 + n) for _ in range(3)]
+    caches = [model.allocate_inference_cache(2, 300 + n + (600 if i < 2 else 0)) for i in range(3)]
     with torch.no_grad():
         for kv, ms in caches:
             first = model(**model.prepare_inputs_for_generation(prompt, kv, ms, mask)).logits[:, -1]

@@ -5,6 +5,8 @@ Legend: B batch, T time.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import Tensor
 
@@ -34,6 +36,13 @@ def compile_once(fn, **compile_kwargs):
         raise_recompile_limit()
         _compiled[key] = torch.compile(fn, **compile_kwargs)
     return _compiled[key]
+
+
+@lru_cache(maxsize=16)
+def window_tensor(window: int, device: torch.device) -> Tensor:
+    """A window as a tensor for FlexAttention's mask functions: a tensor, not a Python int, inside
+    the mask, so every window shares one compiled kernel."""
+    return torch.tensor(window, dtype=torch.int32, device=device)
 
 
 def canonical_seq_idx(seq_idx_BT: Tensor) -> Tensor:

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from fusiontree.ops.backends.common import canonical_seq_idx, compile_once
+from fusiontree.ops.backends.common import canonical_seq_idx, compile_once, window_tensor
 from fusiontree.ops.masks import effective_window, visible
 
 # Shorter training/prefill inputs take the masked SDPA path (one FlexAttention block is 128).
@@ -82,12 +82,6 @@ def _block_mask_fn(device: torch.device):
     return _on(device, create_block_mask)
 
 
-@lru_cache(maxsize=16)
-def _window_tensor(window: int, device: torch.device) -> Tensor:
-    # A tensor, not a Python int, inside the mask: every window shares one compiled kernel.
-    return torch.tensor(window, dtype=torch.int32, device=device)
-
-
 def _mask_mod(window_t: Tensor, q_seq_BT: Tensor | None, k_seq_BS: Tensor | None, k_pos_BS: Tensor | None):
     """Index-based rule (positions advance by one per token inside a document), plus the
     document and padding rules read from data when given."""
@@ -102,7 +96,7 @@ def _mask_mod(window_t: Tensor, q_seq_BT: Tensor | None, k_seq_BS: Tensor | None
 
 @lru_cache(maxsize=64)
 def _index_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
-    mask_mod = _mask_mod(_window_tensor(window, device), None, None, None)
+    mask_mod = _mask_mod(window_tensor(window, device), None, None, None)
     return _block_mask_fn(device)(mask_mod, None, None, T, T, device=device)
 
 
@@ -119,7 +113,7 @@ def _data_block_mask(T: int, window: int, q_seq_BT: Tensor | None, k_seq_BS: Ten
     # Relabelled ids: one per contiguous run, so a reused id never joins two runs.
     q_runs = None if q_seq_BT is None else canonical_seq_idx(q_seq_BT)
     k_runs = q_runs if k_seq_BS is q_seq_BT else canonical_seq_idx(k_seq_BS)
-    mask_mod = _mask_mod(_window_tensor(window, device), q_runs, k_runs, k_pos_BS)
+    mask_mod = _mask_mod(window_tensor(window, device), q_runs, k_runs, k_pos_BS)
     return _block_mask_fn(device)(mask_mod, Bsz, None, T, T, device=device)
 
 

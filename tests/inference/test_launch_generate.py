@@ -1,0 +1,158 @@
+"""launch/generate.py end to end on a checkpoint trained in the test: the tokens of
+`fusiontree.inference.generate`, streamed as they come, batches from a file, and a one-line
+error with exit status 2 for each kind of bad input."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from fusiontree.checkpoint import load_checkpoint
+from fusiontree.inference import generate
+from fusiontree.models import HybridLanguageModel
+from launch.generate import main
+from tests.inference.conftest import MAX_SEQ_LEN, make_shards
+
+
+class Recorder:
+    """A stdout that notes, for every write, how many model forwards had run by then."""
+
+    def __init__(self, forwards: list):
+        self.forwards, self.writes = forwards, []
+
+    def write(self, text: str) -> None:
+        if text:
+            self.writes.append((len(self.forwards), text))
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def text(self) -> str:
+        return "".join(t for _, t in self.writes)
+
+
+@pytest.fixture
+def counted_forwards(monkeypatch) -> list:
+    calls: list = []
+    forward = HybridLanguageModel.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(HybridLanguageModel, "forward", counting)
+    return calls
+
+
+def reference_tokens(run, sp, prompt: str, n: int, **kw) -> list[int]:
+    """What `generate` gives for this prompt alone (BOS first), cut at EOS."""
+    model = load_checkpoint(run).model
+    ids = torch.tensor([[sp.bos_id()] + sp.encode(prompt)])
+    row = generate(model, ids, n, eos_token_id=sp.eos_id(), **kw)[0, ids.shape[1]:].tolist()
+    return row[:row.index(sp.eos_id())] if sp.eos_id() in row else row
+
+
+def test_greedy_stream_is_generate_token_by_token(trained_run, sp, tmp_path, counted_forwards):
+    prompt, n = "def scan(string, idx):\n", 40
+    out = Recorder(counted_forwards)
+    assert main(["--checkpoint", str(trained_run), "--prompt", prompt, "--max-new-tokens", str(n),
+                 "--output", str(tmp_path / "out.json")], out=out) == 0
+    want = reference_tokens(trained_run, sp, prompt, n)
+    record = json.loads((tmp_path / "out.json").read_text())
+    assert record["rows"][0]["new_tokens"] == want and len(want) == n  # no EOS this early
+    assert record["tokens_per_s"] > 0 and record["new_tokens"] == n
+    assert out.text == prompt + sp.decode(want) + "\n"
+    # Streaming: the prompt before any forward, then each token's text right after the forward
+    # that produced it (prefill = forward 1) and before the next one.
+    chunks = [(c, t) for c, t in out.writes[1:-1]]
+    assert out.writes[0] == (0, prompt)
+    assert [c for c, _ in chunks] == list(range(1, n + 1))
+    assert [t for _, t in chunks] == [sp.decode([tok]) for tok in want]
+
+
+def test_prompt_file_is_one_left_padded_batch(trained_run, sp, tmp_path):
+    prompts = ["import json", "def f(x): return x", "class JSONDecoder(object):"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    out = Recorder([])
+    assert main(["--checkpoint", str(trained_run), "--prompt-file", str(path), "--max-new-tokens", "12",
+                 "--output", str(tmp_path / "out.json")], out=out) == 0
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [r["prompt"] for r in rows] == prompts
+    assert len({len(r["prompt_tokens"]) for r in rows}) == 3  # different lengths: padding was needed
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        assert r["new_tokens"] == reference_tokens(trained_run, sp, p, 12)  # each row as if alone
+        assert f"--- {i + 1} of 3 ---\n{p}{sp.decode(r['new_tokens'])}\n" in out.text
+
+
+def test_sampling_uses_the_seed_and_the_project_sampler(trained_run, sp, tmp_path):
+    args = ["--checkpoint", str(trained_run), "--prompt", "def ", "--max-new-tokens", "16", "--temperature", "0.9",
+            "--top-k", "50", "--top-p", "0.95"]
+    runs = []
+    for seed in (3, 3, 4):
+        out_json = tmp_path / f"out{len(runs)}.json"
+        assert main([*args, "--seed", str(seed), "--output", str(out_json)], out=Recorder([])) == 0
+        runs.append(json.loads(out_json.read_text())["rows"][0]["new_tokens"])
+    want = reference_tokens(trained_run, sp, "def ", 16, temperature=0.9, top_k=50, top_p=0.95,
+                            generator=torch.Generator().manual_seed(3))
+    assert runs[0] == runs[1] == want
+    assert runs[2] != runs[0]
+
+
+def damaged_copy(run, tmp_path, how: str):
+    src = sorted((run / "checkpoints").glob("step_*"))[-1]
+    dst = tmp_path / f"ckpt_{how}"
+    shutil.copytree(src, dst)
+    data = (dst / "model.pt").read_bytes()
+    if how == "truncated":  # a size meta.json does not list
+        (dst / "model.pt").write_bytes(data[: len(data) // 2])
+    else:  # same size, unreadable content
+        (dst / "model.pt").write_bytes(b"\0" * len(data))
+    return dst
+
+
+def other_tokenizer(tmp_path, vocab_size: int):
+    return make_shards(tmp_path / f"other_{vocab_size}", package="email", seed=9, vocab_size=vocab_size) / \
+        "tokenizer.model"
+
+
+@pytest.mark.parametrize("case", ["too_long", "too_long_with_new_tokens", "temperature", "top_p", "top_k",
+                                  "top_k_greedy", "max_new_tokens", "tokenizer_vocab", "tokenizer_other",
+                                  "missing", "truncated", "unreadable", "blank_line", "no_file", "cuda_graph"])
+def test_bad_input_is_one_line_and_exit_2(case, trained_run, tmp_path, capsys):
+    ck = ["--checkpoint", str(trained_run)]
+    prompt = ["--prompt", "def "]
+    long_text = "def f(x): return x\n" * 60  # far more than 256 tokens
+    path = tmp_path / "prompts.txt"
+    path.write_text("import json\n\ndef f(x):\n")
+    args, match = {
+        "too_long": ([*ck, "--prompt", long_text], "past the model's max_seq_len 256: shorten it to fewer"),
+        "too_long_with_new_tokens": ([*ck, *prompt, "--max-new-tokens", str(MAX_SEQ_LEN)],
+                                     r"pass --max-new-tokens \d+ or less"),
+        "temperature": ([*ck, *prompt, "--temperature", "-1"], "need temperature >= 0"),
+        "top_p": ([*ck, *prompt, "--temperature", "1", "--top-p", "0"], "0 < top_p <= 1"),
+        "top_k": ([*ck, *prompt, "--temperature", "1", "--top-k", "-2"], "top_k >= 0"),
+        "top_k_greedy": ([*ck, *prompt, "--top-k", "5"], "--temperature 0 is greedy decoding"),
+        "max_new_tokens": ([*ck, *prompt, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        "tokenizer_vocab": ([*ck, *prompt, "--tokenizer", str(other_tokenizer(tmp_path, 350))],
+                            "has 350 ids but the checkpoint's model has 400"),
+        "tokenizer_other": ([*ck, *prompt, "--tokenizer", str(other_tokenizer(tmp_path, 400))],
+                            "is not the one .* was trained with"),
+        "missing": (["--checkpoint", str(tmp_path / "nowhere"), *prompt], "is not a checkpoint"),
+        "truncated": (["--checkpoint", str(damaged_copy(trained_run, tmp_path, "truncated")), *prompt],
+                      "is incomplete or damaged"),
+        "unreadable": (["--checkpoint", str(damaged_copy(trained_run, tmp_path, "unreadable")), *prompt],
+                       "model.pt cannot be read"),
+        "blank_line": ([*ck, "--prompt-file", str(path)], "line 2 of .* is empty"),
+        "no_file": ([*ck, "--prompt-file", str(tmp_path / "none.txt")], "cannot read --prompt-file"),
+        "cuda_graph": ([*ck, *prompt, "--device", "cpu", "--cuda-graph"], "--cuda-graph replays decode steps on a GPU"),
+    }[case]
+    out = Recorder([])
+    assert main(args, out=out) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("generate.py: error: ") and re.search(match, err[-1]), err[-3:]
+    assert not any(line.startswith("Traceback") for line in err)
+    assert out.text == ""  # nothing half-generated on stdout
