@@ -18,6 +18,9 @@ A trainer makes these calls, in this order, on every rank:
     loss, parts = loss_fn(out.logits, input_ids, out.gates)    # a different one per data-parallel rank
     engine.backward(loss); engine.step()
 
+- Without tensor parallelism the trainer skips steps 2 and 4 and passes `mpu=None`: DeepSpeed's
+  group over all ranks is then the data-parallel group, and megatron-core is never imported
+  (the package loads its modules on first use).
 - Data: the ranks of one tensor-parallel group read the same batch; the data-parallel rank
   and size are `parallel_state.get_data_parallel_rank() / _world_size()` (or the mpu's).
   Every rank of a tensor-parallel group computes the same loss; log it from any one.
@@ -34,11 +37,22 @@ A trainer makes these calls, in this order, on every rank:
   With sampling, seed the generator identically on the ranks of a tensor-parallel group.
 """
 
-from fusiontree.parallel.mpu import DeepSpeedMPU, destroy_parallel_state, init_parallel_state
-from fusiontree.parallel.parallelize import parallelize, sequence_parallel_params
-from fusiontree.models.splits import tensor_parallel_splits
-from fusiontree.parallel.reshard import consolidate_state_dicts, consolidated_model_state, shard_state_dict
+import importlib
 
-__all__ = ["DeepSpeedMPU", "init_parallel_state", "destroy_parallel_state", "parallelize",
-           "sequence_parallel_params", "consolidate_state_dicts", "consolidated_model_state", "shard_state_dict",
-           "tensor_parallel_splits"]
+# Loaded on first use (PEP 562): importing megatron-core costs seconds of CPU per process, and a
+# run without tensor parallelism never needs it (its data-parallel groups are DeepSpeed's own).
+_HOME = {"DeepSpeedMPU": "mpu", "init_parallel_state": "mpu", "destroy_parallel_state": "mpu",
+         "parallelize": "tensor_parallel", "sequence_parallel_params": "tensor_parallel",
+         "consolidate_state_dicts": "reshard", "consolidated_model_state": "reshard", "shard_state_dict": "reshard"}
+
+__all__ = [*_HOME, "tensor_parallel_splits"]
+
+
+def __getattr__(name: str):
+    if name == "tensor_parallel_splits":
+        from fusiontree.models.splits import tensor_parallel_splits
+
+        return tensor_parallel_splits
+    if name in _HOME:
+        return getattr(importlib.import_module(f"fusiontree.parallel.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from torch import Tensor
 
 from fusiontree.models.config import ModelConfig
@@ -84,6 +83,8 @@ def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_p
         sd = local()
     if tensor_parallel == 1:
         return sd if is_main else None
+    from megatron.core import parallel_state  # tensor parallelism only: a seconds-long import
+
     if parallel_state.get_data_parallel_rank() != 0:
         return None
     group = parallel_state.get_tensor_model_parallel_group()

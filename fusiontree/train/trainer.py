@@ -34,7 +34,7 @@ from fusiontree.inference import generate
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.flops import flops_per_token as model_flops_per_token
 from fusiontree.ops import resolve_kernels
-from fusiontree.parallel import DeepSpeedMPU, consolidated_model_state, init_parallel_state, parallelize
+from fusiontree.parallel.reshard import consolidated_model_state
 from fusiontree.train.distributed import all_reduce_max, init_distributed, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
@@ -159,9 +159,17 @@ class Trainer:
     def _init_processes(self, local_rank: int | None) -> None:
         cfg = self.cfg
         self.di = init_distributed(local_rank, cfg.train.device)
-        init_parallel_state(cfg.parallel)  # megatron-core tensor- and data-parallel groups
-        self.mpu = DeepSpeedMPU()
-        self.dp_rank, self.dp_size = self.mpu.get_data_parallel_rank(), self.mpu.get_data_parallel_world_size()
+        if cfg.parallel.tensor_parallel > 1:
+            from fusiontree.parallel import DeepSpeedMPU, init_parallel_state
+
+            init_parallel_state(cfg.parallel)  # megatron-core tensor- and data-parallel groups
+            self.mpu = DeepSpeedMPU()
+            self.dp_rank, self.dp_size = self.mpu.get_data_parallel_rank(), self.mpu.get_data_parallel_world_size()
+        else:
+            # Data parallelism alone: every rank is a replica and DeepSpeed's own group over all
+            # of them is the data-parallel group; megatron-core (seconds of import) is not loaded.
+            self.mpu = None
+            self.dp_rank, self.dp_size = self.di.rank, self.di.world_size
         self.run_dir = Path(cfg.out_dir)
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         setup_logging(self.run_dir, self.di.rank)
@@ -199,6 +207,8 @@ class Trainer:
                  cfg.parallel.tensor_parallel, " (+ sequence parallel)" if cfg.parallel.sequence_parallel else "",
                  self.dp_size)
         if cfg.parallel.tensor_parallel > 1:
+            from fusiontree.parallel import parallelize
+
             model = parallelize(model, cfg.parallel)
         if cfg.train.compile:
             apply_compile(model)  # per block; compiled on the first step of each sequence length
