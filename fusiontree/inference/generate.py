@@ -15,12 +15,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fusiontree.config import check_sampling
+
 
 def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
     """Greedy when temperature == 0; otherwise temperature, then top-k, then top-p (nucleus)."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    check_sampling(temperature, top_k, top_p)
     logits = logits_BV.float()
     if temperature == 0:
         return logits.argmax(-1)
