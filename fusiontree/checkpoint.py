@@ -428,22 +428,36 @@ class CheckpointManager:
             log.warning("skipping incomplete or damaged checkpoint %s", path)
         return None
 
-    def load(self, engine, path: Path) -> tuple[dict, dict]:
-        """Collective. Loads the engine state in place; returns (this rank's trainer state, meta)."""
+    def load(self, engine, path: Path, layout: dict | None = None,
+             load_other_layout: Callable[[Path, dict], None] | None = None) -> tuple[dict, dict]:
+        """Collective. Loads the engine state in place; returns (the trainer state, meta).
+        `layout`: this run's engine layout (meta.json's "engine_layout" of its saves); a
+        checkpoint of another layout (or number of processes) is read by
+        `load_other_layout(path, its layout)`, DeepSpeed's own loader reading only its own.
+        The trainer state is this rank's, or with fewer processes saved than now, that of
+        rank `rank % saved world size` (the loader state and counters are the same on every
+        rank; the RNG states of the added ranks repeat those of the saved ones)."""
         path = Path(path)
         if not self.is_valid(path):
             raise ValueError(f"checkpoint {path} is incomplete or damaged (meta.json missing or a file "
                              "has the wrong size); pass another --resume path or --resume auto")
         meta = json.loads((path / "meta.json").read_text())
-        if meta["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint {path} was written by {meta['world_size']} processes, this run "
-                             f"has {self.world_size}; resume with the same number of processes")
-        install_safe_loader(engine)
-        load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if load_path is None:
-            raise ValueError(f"DeepSpeed could not load the engine state from {path / ENGINE_TAG}")
-        state = safe_load(path / f"trainer_rank{self.rank:05d}.pt")
+        saved_layout = meta.get("engine_layout")
+        same = meta["world_size"] == self.world_size and (layout is None or saved_layout is None or all(
+            saved_layout[k] == layout[k] for k in ("zero_stage", "data_parallel", "tensor_parallel", "bf16")))
+        if not same:
+            if saved_layout is None or load_other_layout is None:
+                raise ValueError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has "
+                                 f"{self.world_size}, and it does not record its engine layout; resume it with "
+                                 "its own number of processes and parallel settings")
+            load_other_layout(path, saved_layout)
+        else:
+            install_safe_loader(engine)
+            load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if load_path is None:
+                raise ValueError(f"DeepSpeed could not load the engine state from {path / ENGINE_TAG}")
+        state = safe_load(path / f"trainer_rank{self.rank % meta['world_size']:05d}.pt")
         return state, meta
 
 
