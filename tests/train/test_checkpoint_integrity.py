@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fusiontree.checkpoint import (ENGINE_TAG, MODEL_FILE, CheckpointManager, file_record, load_weights_file,
-                                   resolve_checkpoint)
+                                   resolve_checkpoint, safe_load)
 from tests.train.test_checkpoint_async import FakeEngine
 
 
@@ -88,3 +88,61 @@ def test_a_truncated_weights_file_is_an_error_that_names_it(tmp_path):
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match=rf"{path} cannot be read as a weights file .* truncated or damaged"):
         load_weights_file(path)
+
+
+def _save_forever(root: str, async_save: bool, started) -> None:
+    """A child process: checkpoints of steps 1, 2, 3, ... whose content is a function of the step."""
+    ckpt = CheckpointManager(root, rank=0, world_size=1, keep=2, async_save=async_save)
+    step = 0
+    started.set()
+    while True:
+        step += 1
+        w = torch.full((1 << 14,), float(step))
+        ckpt.save(FakeEngine(w), step, {"state": {"step": step}}, "model: {}\n", {"tokens_seen": step},
+                  model_state={"w": w.clone()})
+    # never returns: killed
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_sigkill_at_random_moments_of_saves_never_leaves_a_checkpoint_that_resumes_wrongly(tmp_path, async_save):
+    """20 SIGKILLs at random moments of a process that does nothing but save: afterwards, the
+    checkpoint a resume picks is intact and holds the state of its step, and every directory
+    that counts as a checkpoint passes its content check."""
+    import multiprocessing
+    import os
+    import random
+    import signal
+    import time
+
+    # Forked: the parent's imports, so that a save starts at once. The tensors stay below torch's
+    # parallel grain size: a forked child must not enter the parent's OpenMP thread pool.
+    ctx = multiprocessing.get_context("fork")
+    FakeEngine(torch.zeros(1))  # DeepSpeed's checkpoint engine imported before the forks
+    rng = random.Random(1234)
+    root = tmp_path / "checkpoints"
+    mid_save = resumed = 0
+    for kill in range(20):
+        started = ctx.Event()
+        child = ctx.Process(target=_save_forever, args=(str(root), async_save, started))
+        child.start()
+        assert started.wait(60)
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        mid_save += any(root.glob(".tmp-step_*"))  # killed while a save was being written
+        ckpt = CheckpointManager(root, rank=0, world_size=1)
+        for path in sorted(root.glob("step_*")):
+            if CheckpointManager.is_valid(path):
+                assert ckpt.verify(path) == [], (kill, path)
+        path = ckpt.resume_path("auto")
+        if path is None:
+            continue
+        step = json.loads((path / "meta.json").read_text())["step"]
+        assert path.name == f"step_{step:08d}"
+        state = safe_load(path / ENGINE_TAG / "model_states.pt")["module"]["w"]
+        assert torch.equal(state, torch.full((1 << 14,), float(step)))
+        assert torch.equal(safe_load(path / MODEL_FILE)["w"], state)
+        assert safe_load(path / "trainer_rank00000.pt")["state"]["step"] == step
+        resumed += 1
+    print(f"{mid_save} of 20 kills during a save, {resumed} resumed")
+    assert mid_save >= 10 and resumed >= 10, (mid_save, resumed)  # the kills hit saves, after earlier ones
