@@ -13,6 +13,7 @@ from tests.eval.conftest import tiny_model_config
 
 def test_measure_system_reports_speed_and_exact_cache_sizes():
     cfg = tiny_model_config()
+    torch.manual_seed(0)
     model = HybridLanguageModel(cfg).eval()
     res = measure_system(model, [32, 96], batch_size=2, decode_steps=4)
     assert [p["context"] for p in res["prefill"]] == [32, 96]
@@ -35,6 +36,7 @@ def test_measure_system_reports_speed_and_exact_cache_sizes():
 def test_measure_system_decode_modes():
     """The static decode step (what a CUDA graph replays) measured like the cached forward;
     graphs need CUDA and say so; an unknown mode is refused."""
+    torch.manual_seed(0)
     model = HybridLanguageModel(tiny_model_config()).eval()
     res = measure_system(model, [40], batch_size=2, decode_steps=4, decode_mode="static")
     d = res["decode"][0]

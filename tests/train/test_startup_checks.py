@@ -11,7 +11,7 @@ import sys
 from fusiontree.config import load_config
 from fusiontree.train.distributed import deepspeed_cpu_op_message
 from fusiontree.train.trainer import window_warning
-from tests.train.conftest import ROOT, env
+from tests.train.conftest import ROOT, env, write_config
 
 FIXED_PORT = 29500  # torch's and DeepSpeed's default MASTER_PORT
 
@@ -63,3 +63,23 @@ def test_a_window_covering_every_training_length_is_warned_about():
     assert window_warning(load_config(None, short + ["--model.window=32"])) is None
     longer = ["--data.curriculum=[{seq_len: 64, until_tokens: 100}, {seq_len: 128, until_tokens: 0}]"]
     assert window_warning(load_config(None, ["--model.preset=debug", "--model.window=64"] + longer)) is None
+
+
+def test_resuming_with_a_changed_config_lists_the_keys_in_one_line(tmp_path, train_shards):
+    """launch/train.py --resume with a config that differs from the checkpoint's: one line,
+    exit status 2, the differing keys and the flag that accepts them; before any start-up."""
+    from fusiontree.checkpoint import write_model_checkpoint
+    from fusiontree.config import dump_config, load_config
+
+    out = tmp_path / "run"
+    cfg_path = write_config(tmp_path / "c.yaml", train_shards, out)
+    write_model_checkpoint(out / "checkpoints/step_00000003", {}, dump_config(load_config(cfg_path)), {"step": 3})
+    script = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg_path), "--resume", "auto"]
+    res = subprocess.run([*script, "--train.lr_peak=0.5", "--data.micro_batch_tokens=128"], env=env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr[-3000:]
+    assert "(data.micro_batch_tokens: 256 -> 128; train.lr_peak: 0.003 -> 0.5)" in res.stderr
+    assert "--allow_config_change data.micro_batch_tokens,train.lr_peak" in res.stderr
+    res = subprocess.run([*script, "--model.d_model=32", "--allow_config_change", "model"], env=env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "the model config differs" in res.stderr and "model.d_model" in res.stderr
