@@ -445,6 +445,10 @@ class TrainLoader:
             own[L] = p
             if v is not None and L in self._specs:
                 self._virtual[L] = v
+                left = replace(self._specs[L], world_size=v["world_size"]).batches_per_rank - v["batches"]
+                log.info("train bucket %d: the rest of epoch %d is read as %d data-parallel ranks read it (%d steps); "
+                         "its last %d micro-batches per old rank, too few for a step, are skipped", L, v["epoch"],
+                         v["world_size"], left // self._virtual_accum(v), left % self._virtual_accum(v))
                 self._end_virtual_if_done(L)
         return own
 
