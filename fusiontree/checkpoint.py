@@ -595,13 +595,17 @@ def resolve_checkpoint(path: str | Path, engine_only_ok: bool = False) -> Path:
 
 def _weights_problems(ckpt: Path) -> list[str]:
     """Damage in the files evaluation reads from `ckpt` (model.pt or, without it, the engine
-    files, and config.yaml), by meta.json's sizes and hashes. A directory without meta.json
-    (weights written by hand) has nothing to check against."""
+    files, and config.yaml), by meta.json's sizes and hashes. A directory without meta.json,
+    or whose meta.json lists no files (weights put together by hand), has nothing to check
+    against."""
     if not (ckpt / META_FILE).is_file():
         return []
     try:
-        listed = _listed(json.loads((ckpt / META_FILE).read_text()))
-    except (ValueError, KeyError, AttributeError):
+        meta = json.loads((ckpt / META_FILE).read_text())
+        if "files" not in meta:
+            return []
+        listed = _listed(meta)
+    except (ValueError, AttributeError):
         return [f"{ckpt / META_FILE} is unreadable"]
     weights = [MODEL_FILE] if MODEL_FILE in listed or (ckpt / MODEL_FILE).is_file() else \
         [n for n in listed if n.startswith(ENGINE_TAG + "/")]
