@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fusiontree.cli import run_main
 from fusiontree.data.build import DEFAULT_SEQ_LENGTHS, BuildArgs, build_shards, format_summary, load_mixture, parse_source
 from fusiontree.data.corpus import cpu_count
 
@@ -94,14 +95,10 @@ def parse_args(argv: list[str] | None = None) -> BuildArgs:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = build_shards(args)
-    except ValueError as e:
-        print(f"build_shards.py: error: {e}", file=sys.stderr)
-        return 2
+    summary = build_shards(args)
     print(format_summary(summary, args.output))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

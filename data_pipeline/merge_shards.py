@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fusiontree.cli import run_main
 from fusiontree.data.merge import merge_builds
 
 
@@ -24,11 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, help="directory of the merged build (new, or a previous build)")
     ap.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: the first input's)")
     a = ap.parse_args(argv)
-    try:
-        manifest = merge_builds(a.input, a.output, a.shard_size)
-    except ValueError as e:
-        print(f"merge_shards.py: error: {e}", file=sys.stderr)
-        return 2
+    manifest = merge_builds(a.input, a.output, a.shard_size)
     print(f"merged {len(a.input)} builds into {a.output}/manifest.json")
     for split, s in manifest["splits"].items():
         print(f"{split}: {s['documents']} documents, {s['samples']} samples, {s['tokens']} tokens")
@@ -38,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -53,7 +53,7 @@ from pathlib import Path
 import yaml
 
 from fusiontree.checkpoint import CheckpointManager, checkpoint_step
-from fusiontree.config import dataclass_from_dict, merge_dicts
+from fusiontree.config import dataclass_from_dict, merge_dicts, read_yaml
 from fusiontree.eval.report import markdown_table, summary_row
 from fusiontree.eval.tasks import EvalOptions, expand_tasks
 
@@ -116,7 +116,7 @@ def load_ablation(path: str | Path) -> Ablation:
     path = _resolve(str(path))
     if not path.is_file():
         raise ValueError(f"ablation file {path} does not exist; see configs/ablations/")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path) or {}
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: an ablation file is a mapping")
     unknown = set(spec) - TOP_KEYS
@@ -130,7 +130,7 @@ def load_ablation(path: str | Path) -> Ablation:
         cfg_path = _resolve(spec["base_config"])
         if not cfg_path.is_file():
             raise ValueError(f"{path}: base_config {spec['base_config']} does not exist")
-        base = yaml.safe_load(cfg_path.read_text()) or {}
+        base = read_yaml(cfg_path) or {}
     base = merge_dicts(base, spec.get("base") or {})
     variants = []
     if not isinstance(spec["variants"], dict) or not spec["variants"]:
@@ -156,7 +156,7 @@ def load_ablation(path: str | Path) -> Ablation:
             db_path = _resolve(db)
             if not db_path.is_file():
                 raise ValueError(f"{path}: data_build file {db} does not exist")
-            db = yaml.safe_load(db_path.read_text()) or {}
+            db = read_yaml(db_path) or {}
         try:
             data_build = DataBuild(**db)
         except TypeError as e:
@@ -344,8 +344,8 @@ def train_all(ab: Ablation, base_yaml: Path, threads: int) -> dict[str, dict]:
 def _train_stats(run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [r for r in rows if "loss" in r]
-    last = steps[-10:]
-    out = {"final_train_loss": sum(r["loss"] for r in last) / max(1, len(last)),
+    last = [r["loss"] for r in steps[-10:] if r["loss"] is not None]  # null: a skipped step
+    out = {"final_train_loss": sum(last) / len(last) if last else float("nan"),
            "tokens_seen": steps[-1]["tokens_seen"] if steps else 0}
     tps = [r["tokens_per_s"] for r in steps[1:] if r.get("tokens_per_s")]
     if tps:

@@ -9,12 +9,20 @@ Layout under `<run>/checkpoints/`:
         trainer_rank00000.pt      per rank: loader state, RNG states, counters
         model.pt                  the model's weights, consolidated (for eval / generate / pruning)
         config.yaml               the resolved run config
-        meta.json                 step, tokens, world size, tokenizer, every file with its size
+        meta.json                 step, tokens, world size, tokenizer, every file with its size and sha256
 
 A save is written into `.tmp-step_XXXXXXXX/` and renamed into place only after every rank
 has written and every file is flushed to disk, so a crash during a save never damages the
 latest good checkpoint; `latest_valid()` ignores temporaries and any directory whose
 meta.json is missing or lists a file that is absent or has the wrong size.
+
+Every file's sha256 is computed while it is written (the bytes are hashed on their way to
+the file, in the writer: the background thread for asynchronous saves), so the hash costs no
+second pass over the data. A resume (`CheckpointManager.resume_path`) and evaluation
+(`resolve_checkpoint`) check the hashes of the files they read: damage that keeps a file's
+size (a flipped block on a disk or a network filesystem) is found like a missing or
+truncated file. `--resume auto` then takes the previous intact checkpoint with a warning; a
+checkpoint named explicitly is an error that names the damaged file.
 
 Asynchronous saves (`async_save=True`): the training loop waits only while every tensor of the
 state is copied to host memory (pinned and reused from one save to the next); a background
@@ -38,6 +46,7 @@ in it is used (`resolve_checkpoint`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -71,9 +80,15 @@ def _ds_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str | Path, map_location="cpu"):
+def safe_load(path: str | Path, map_location="cpu", deepspeed_classes: bool = True, mmap: bool = False):
+    """torch.load with weights_only=True. `deepspeed_classes`: allow DeepSpeed's three plain
+    classes (its engine files hold them; importing DeepSpeed is slow and logs, so a file that
+    cannot hold them, such as model.pt, is read without). `mmap`: map the file's tensors
+    instead of reading them (zip-format files only)."""
+    if not deepspeed_classes:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     with torch.serialization.safe_globals(_ds_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def install_safe_loader(engine) -> None:
@@ -108,6 +123,80 @@ def _fsync_tree(root: Path) -> None:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _all_ranks(items: list) -> list:
+    """Every rank's `items`, concatenated in rank order (collective when a process group runs)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, items)
+        return [x for part in gathered for x in part]
+    return list(items)
+
+
+# ------------------------------------------------------------------------------ file records
+
+HASH_CHUNK_BYTES = 8 << 20
+
+
+class _HashingFile:
+    """A file opened for writing that hashes every byte on its way to disk: the content hash of
+    a checkpoint file costs no second read. hashlib releases the GIL on large buffers, so a
+    background writer hashing does not hold up the training thread."""
+
+    def __init__(self, path: str | Path):
+        self.f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        n = self.f.write(data)
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> dict:
+        """Flush to disk, close; the file's record (size, sha256)."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        return {"size": self.size, "sha256": self.sha.hexdigest()}
+
+
+def save_recorded(obj, path: str | Path, **torch_save_kwargs) -> dict:
+    """torch.save `obj` to `path`, hashing it while it is written; returns its record."""
+    f = _HashingFile(path)
+    try:
+        torch.save(obj, f, **torch_save_kwargs)
+    except BaseException:
+        f.f.close()
+        raise
+    return f.close()
+
+
+def file_record(path: str | Path) -> dict:
+    """The record meta.json keeps for a file: its size and sha256 (read from disk)."""
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def _records_name(rank: int) -> str:
+    return f".records_rank{rank:05d}.json"
+
+
+def _write_records(tmp: Path, rank: int, records: dict[str, dict]) -> None:
+    """This rank's file records, for rank 0's meta.json; written whole or not at all (rank 0
+    of an asynchronous save polls for it)."""
+    part = tmp / (_records_name(rank) + ".part")
+    part.write_text(json.dumps(records))
+    os.replace(part, tmp / _records_name(rank))
 
 
 class _HostSnapshot:
@@ -154,6 +243,20 @@ class _HostSnapshot:
         self.used = []
 
 
+def _recording_engine(base_engine, tmp: Path, records: dict):
+    """A DeepSpeed checkpoint engine that writes each state dict as DeepSpeed's own does and
+    records its size and sha256 on the way."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class RecordingCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str):
+            records[str(Path(path).relative_to(tmp))] = save_recorded(
+                state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+
+    return RecordingCheckpointEngine(base_engine.config_params) if hasattr(base_engine, "config_params") \
+        else RecordingCheckpointEngine()
+
+
 def _snapshot_engine(base_engine, snapshot: _HostSnapshot, pending: list):
     """A DeepSpeed checkpoint engine that snapshots each state dict instead of writing it."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -195,10 +298,18 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         if not self.async_save:
-            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-            torch.save(trainer_state, tmp / f"trainer_rank{self.rank:05d}.pt")
+            records: dict[str, dict] = {}
+            saved_engine = engine.checkpoint_engine
+            engine.checkpoint_engine = _recording_engine(saved_engine, tmp, records)
+            try:
+                engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+            finally:
+                engine.checkpoint_engine = saved_engine
+            name = f"trainer_rank{self.rank:05d}.pt"
+            records[name] = save_recorded(trainer_state, tmp / name)
             if self.rank == 0 and model_state is not None:
-                torch.save(model_state, tmp / MODEL_FILE)
+                records[MODEL_FILE] = save_recorded(model_state, tmp / MODEL_FILE)
+            _write_records(tmp, self.rank, records)
             _barrier()
             if self.rank == 0:
                 self._finalize(tmp, final, step, {CONFIG_FILE: config_yaml, **extra_files}, meta)
@@ -223,18 +334,13 @@ class CheckpointManager:
 
     def _write(self, pending: list, tmp: Path, final: Path, step: int, texts: dict[str, str], meta: dict) -> None:
         try:
-            for state, path in pending:
-                torch.save(state, path)
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+            records = {str(Path(path).relative_to(tmp)): save_recorded(state, path) for state, path in pending}
             self._snapshot.release()
-            (tmp / f".done_rank{self.rank:05d}").touch()
+            _write_records(tmp, self.rank, records)  # also this rank's "done" marker
             if self.rank == 0:
-                markers = [tmp / f".done_rank{r:05d}" for r in range(self.world_size)]
+                markers = [tmp / _records_name(r) for r in range(self.world_size)]
                 while not all(m.exists() for m in markers):  # the other ranks' writers
                     time.sleep(0.05)
-                for m in markers:
-                    m.unlink()
                 self._finalize(tmp, final, step, texts, meta)
         except BaseException as e:  # re-raised in the training thread by wait()
             self._error = e
@@ -250,11 +356,18 @@ class CheckpointManager:
             raise RuntimeError(f"writing a checkpoint failed: {error}") from error
 
     def _finalize(self, tmp: Path, final: Path, step: int, texts: dict[str, str], meta: dict) -> None:
-        """Rank 0, once every rank's files are in `tmp`: the text files (config, pruning plan),
-        meta.json with every file's size, flush, rename into place, drop old checkpoints."""
+        """Rank 0, once every rank's files and records are in `tmp`: the text files (config,
+        pruning plan), meta.json with every file's size and sha256, flush, rename into place,
+        drop old checkpoints."""
+        recorded: dict[str, dict] = {}
+        for r in range(self.world_size):
+            marker = tmp / _records_name(r)
+            recorded.update(json.loads(marker.read_text()))
+            marker.unlink()
         for name, text in texts.items():
             (tmp / name).write_text(text)
-        meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(), "files": _files(tmp)}
+        meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(),
+                "files": file_records(tmp, recorded)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of the same step from an earlier attempt
@@ -272,12 +385,40 @@ class CheckpointManager:
 
     @staticmethod
     def is_valid(path: Path) -> bool:
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            return all((path / f).is_file() and (path / f).stat().st_size == size
-                       for f, size in meta["files"].items())
-        except (OSError, ValueError, KeyError):
-            return False
+        """Complete: meta.json lists every file, each there with its size (no hashing: cheap)."""
+        return not listed_files_problems(path)
+
+    def verify(self, path: Path) -> list[str]:
+        """Collective: what is wrong with checkpoint `path`, as every rank sees it (empty: intact).
+        Each rank checks completeness, then the content hashes of its share of the files."""
+        problems = listed_files_problems(path)
+        if not problems:
+            problems = damaged_files(path, share=(self.rank, self.world_size))
+        return sorted(set(_all_ranks(problems)))
+
+    def resume_path(self, resume: str) -> Path | None:
+        """Collective. The checkpoint to resume from: `auto` -> the latest intact one (an
+        incomplete or damaged one is skipped with a warning; None when there is none);
+        otherwise `resume` is a checkpoint directory, which must be intact."""
+        if resume == "auto":
+            if not self.root.is_dir():
+                return None
+            for path in sorted(self.root.glob("step_*"), reverse=True):
+                problems = self.verify(path)
+                if not problems:
+                    return path
+                log.warning("skipping checkpoint %s: %s%s", path, problems[0],
+                            f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            return None
+        path = Path(resume)
+        if not (path / META_FILE).is_file() and not path.is_dir():
+            raise ValueError(f"--resume {resume}: no such checkpoint directory; pass a checkpoints/step_* "
+                             "directory of a run, or --resume auto")
+        problems = self.verify(path)
+        if problems:
+            raise ValueError(f"--resume {resume}: {problems[0]}; pass another checkpoint, or --resume auto "
+                             "(the latest intact one)")
+        return path
 
     def latest_valid(self) -> Path | None:
         if not self.root.is_dir():
@@ -288,22 +429,36 @@ class CheckpointManager:
             log.warning("skipping incomplete or damaged checkpoint %s", path)
         return None
 
-    def load(self, engine, path: Path) -> tuple[dict, dict]:
-        """Collective. Loads the engine state in place; returns (this rank's trainer state, meta)."""
+    def load(self, engine, path: Path, layout: dict | None = None,
+             load_other_layout: Callable[[Path, dict], None] | None = None) -> tuple[dict, dict]:
+        """Collective. Loads the engine state in place; returns (the trainer state, meta).
+        `layout`: this run's engine layout (meta.json's "engine_layout" of its saves); a
+        checkpoint of another layout (or number of processes) is read by
+        `load_other_layout(path, its layout)`, DeepSpeed's own loader reading only its own.
+        The trainer state is this rank's, or with fewer processes saved than now, that of
+        rank `rank % saved world size` (the loader state and counters are the same on every
+        rank; the RNG states of the added ranks repeat those of the saved ones)."""
         path = Path(path)
         if not self.is_valid(path):
             raise ValueError(f"checkpoint {path} is incomplete or damaged (meta.json missing or a file "
                              "has the wrong size); pass another --resume path or --resume auto")
         meta = json.loads((path / "meta.json").read_text())
-        if meta["world_size"] != self.world_size:
-            raise ValueError(f"checkpoint {path} was written by {meta['world_size']} processes, this run "
-                             f"has {self.world_size}; resume with the same number of processes")
-        install_safe_loader(engine)
-        load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if load_path is None:
-            raise ValueError(f"DeepSpeed could not load the engine state from {path / ENGINE_TAG}")
-        state = safe_load(path / f"trainer_rank{self.rank:05d}.pt")
+        saved_layout = meta.get("engine_layout")
+        same = meta["world_size"] == self.world_size and (layout is None or saved_layout is None or all(
+            saved_layout[k] == layout[k] for k in ("zero_stage", "data_parallel", "tensor_parallel", "bf16")))
+        if not same:
+            if saved_layout is None or load_other_layout is None:
+                raise ValueError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has "
+                                 f"{self.world_size}, and it does not record its engine layout; resume it with "
+                                 "its own number of processes and parallel settings")
+            load_other_layout(path, saved_layout)
+        else:
+            install_safe_loader(engine)
+            load_path, _ = engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if load_path is None:
+                raise ValueError(f"DeepSpeed could not load the engine state from {path / ENGINE_TAG}")
+        state = safe_load(path / f"trainer_rank{self.rank % meta['world_size']:05d}.pt")
         return state, meta
 
 
@@ -312,9 +467,69 @@ def checkpoint_step(path: str | Path) -> int:
     return int(json.loads((Path(path) / META_FILE).read_text())["step"])
 
 
-def _files(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != META_FILE}
+def file_records(root: Path, recorded: dict[str, dict] | None = None) -> dict[str, dict]:
+    """meta.json's "files": every file under `root` (but meta.json) with its size and sha256.
+    `recorded`: records made while writing; the other files (small ones written by DeepSpeed
+    or as text) are hashed here."""
+    recorded = recorded or {}
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == META_FILE:
+            continue
+        name = str(p.relative_to(root))
+        rec = recorded.get(name)
+        if rec is not None and rec["size"] != p.stat().st_size:
+            raise RuntimeError(f"{p} has {p.stat().st_size} bytes, but {rec['size']} were written to it")
+        out[name] = rec if rec is not None else file_record(p)
+    return out
+
+
+def _listed(meta: dict) -> dict[str, dict]:
+    """meta["files"] as records; checkpoints written before content hashes list sizes only."""
+    return {name: rec if isinstance(rec, dict) else {"size": rec} for name, rec in meta["files"].items()}
+
+
+def listed_files_problems(path: str | Path, names: list[str] | None = None) -> list[str]:
+    """What makes checkpoint `path` incomplete: meta.json missing or unreadable, or a file it
+    lists (`names`: only these) absent or of another size. Empty when complete. No hashing."""
+    path = Path(path)
+    try:
+        files = _listed(json.loads((path / META_FILE).read_text()))
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        return [f"{path / META_FILE} is missing or unreadable ({e.__class__.__name__})"]
+    problems = []
+    for name in files if names is None else names:
+        f = path / name
+        if name not in files:
+            problems.append(f"{f} is not listed in {META_FILE}")
+        elif not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != files[name]["size"]:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {META_FILE} says {files[name]['size']} (truncated "
+                            "or damaged)")
+    return problems
+
+
+def damaged_files(path: str | Path, names: list[str] | None = None, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """The listed files of checkpoint `path` (`names`: only these) that are missing, of the
+    wrong size, or whose content no longer has the sha256 recorded when they were written.
+    `share` = (rank, world): this rank checks every world-th file only (together the ranks
+    check all of them once). Empty when every checked file is intact."""
+    problems = listed_files_problems(path, names)
+    if problems:
+        return problems
+    path = Path(path)
+    files = _listed(json.loads((path / META_FILE).read_text()))
+    rank, world = share
+    for i, name in enumerate(sorted(files if names is None else names)):
+        want = files[name].get("sha256")
+        if i % world != rank or want is None:
+            continue
+        got = file_record(path / name)["sha256"]
+        if got != want:
+            problems.append(f"{path / name} does not have the content it was saved with (sha256 {got[:12]}..., "
+                            f"{META_FILE} says {want[:12]}...; damaged after saving)")
+    return problems
 
 
 def write_model_checkpoint(out: str | Path, model_state: dict, config_yaml: str,
@@ -324,12 +539,12 @@ def write_model_checkpoint(out: str | Path, model_state: dict, config_yaml: str,
     directory that returns it (to record sizes of the files). Returns the directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model_state, out / MODEL_FILE)
+    records = {MODEL_FILE: save_recorded(model_state, out / MODEL_FILE)}
     (out / CONFIG_FILE).write_text(config_yaml)
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)
     meta = meta(out) if callable(meta) else meta
-    (out / META_FILE).write_text(json.dumps({**meta, "files": _files(out)}, indent=2))
+    (out / META_FILE).write_text(json.dumps({**meta, "files": file_records(out, records)}, indent=2))
     return out
 
 
@@ -358,15 +573,54 @@ def resolve_checkpoint(path: str | Path, engine_only_ok: bool = False) -> Path:
         return (d / MODEL_FILE).is_file() or (engine_only_ok and (d / ENGINE_TAG).is_dir())
 
     if has_weights(p) and (p / CONFIG_FILE).is_file():
+        problems = _weights_problems(p)
+        if problems:
+            raise ValueError(f"checkpoint {p}: {problems[0]}; restore the file, or pass another checkpoint (a run "
+                             "directory: its latest intact one)")
         return p
     for root in (p / "checkpoints", p):
         if root.is_dir() and any(root.glob("step_*")):
-            latest = CheckpointManager(root, 0, 1).latest_valid()
-            if latest is not None and has_weights(latest):
-                return latest
+            for cand in sorted(root.glob("step_*"), reverse=True):
+                if not CheckpointManager.is_valid(cand):
+                    continue  # incomplete: an unfinished save
+                if not has_weights(cand):
+                    break
+                problems = _weights_problems(cand)
+                if not problems:
+                    return cand
+                log.warning("skipping damaged checkpoint %s: %s", cand, problems[0])
     raise ValueError(f"{path} is not a checkpoint (no model.pt + config.yaml) and holds no valid "
                      "checkpoints/step_* directory; pass a directory written by launch/train.py or "
                      "fusiontree.eval.pruning.apply_pruning")
+
+
+def _weights_problems(ckpt: Path) -> list[str]:
+    """Damage in the files evaluation reads from `ckpt` (model.pt or, without it, the engine
+    files, and config.yaml), by meta.json's sizes and hashes. A directory without meta.json,
+    or whose meta.json lists no files (weights put together by hand), has nothing to check
+    against."""
+    if not (ckpt / META_FILE).is_file():
+        return []
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+        if "files" not in meta:
+            return []
+        listed = _listed(meta)
+    except (ValueError, AttributeError):
+        return [f"{ckpt / META_FILE} is unreadable"]
+    weights = [MODEL_FILE] if MODEL_FILE in listed or (ckpt / MODEL_FILE).is_file() else \
+        [n for n in listed if n.startswith(ENGINE_TAG + "/")]
+    return damaged_files(ckpt, weights + [CONFIG_FILE])
+
+
+def load_weights_file(path: str | Path) -> dict:
+    """A weights file (model.pt) with safe_load; an unreadable one (truncated, not a torch
+    file) is a ValueError that names it."""
+    try:
+        return safe_load(path, deepspeed_classes=False)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as a weights file ({str(e).splitlines()[0][:200]}); it is truncated "
+                         "or damaged: restore it, or use another checkpoint") from e
 
 
 def load_model_weights(model, path: str | Path) -> Path:
@@ -375,20 +629,11 @@ def load_model_weights(model, path: str | Path) -> Path:
     names the config to use."""
     ckpt = resolve_checkpoint(path)
     try:
-        model.load_state_dict(safe_load(ckpt / MODEL_FILE))
+        model.load_state_dict(load_weights_file(ckpt / MODEL_FILE))
     except RuntimeError as e:
         raise ValueError(f"the weights of {ckpt} do not fit this run's model config ({str(e)[:300]}); use the "
                          f"model section of {ckpt / CONFIG_FILE}") from e
     return ckpt
-
-
-def _check_files(ckpt: Path) -> None:
-    """A checkpoint given directly (not picked by `latest_valid`) is checked the same way: when
-    it has a meta.json, every file it lists must be there with its recorded size."""
-    if (ckpt / META_FILE).is_file() and not CheckpointManager.is_valid(ckpt):
-        raise ValueError(f"checkpoint {ckpt} is incomplete or damaged (meta.json unreadable, or a file it lists "
-                         "is missing or has another size); pass an intact checkpoint, or the run directory to "
-                         "take its latest valid one")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernels: str | None = None,
@@ -398,16 +643,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
     (`auto` resolves per device). `overrides`: dotted config overrides (e.g. --data.shards_dir=...).
     A missing, incomplete or unreadable checkpoint is a ValueError that names it."""
     ckpt = resolve_checkpoint(path)
-    _check_files(ckpt)
     cfg = load_config(ckpt / CONFIG_FILE, overrides)
     device = torch.device(device)
     kern = reference_kernels() if kernels == "reference" else resolve_kernels(cfg.kernels, device)
     model = HybridLanguageModel(cfg.model, kern)
-    try:
-        state = safe_load(ckpt / MODEL_FILE)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a truncated or overwritten file
-        raise ValueError(f"{ckpt / MODEL_FILE} cannot be read ({str(e).splitlines()[0]}); the checkpoint is "
-                         "damaged: pass another one, or the run directory to take its latest valid one") from e
+    state = load_weights_file(ckpt / MODEL_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt / MODEL_FILE} does not match its config.yaml (missing {missing[:4]}, "

@@ -19,6 +19,7 @@ loads any such tree (the evaluation options use it too).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,13 +131,40 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, where: str = "") -> None:
+    """The sampling settings `fusiontree.inference.sample_next` accepts (greedy at temperature 0)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{where}temperature={temperature} must be >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{where}top_p={top_p} must lie in (0, 1] (1: no nucleus cut)")
+    if top_k < 0:
+        raise ValueError(f"{where}top_k={top_k} must be >= 0 (0: no top-k cut)")
+
+
 @dataclass
 class GenerateConfig:
+    """The sample printed at the end of training (and saved as sample.txt)."""
     prompt: str = "def "
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0
     top_p: float = 1.0
+
+    def validate(self, max_seq_len: int) -> None:
+        """Checked with the rest of the config, so that a bad setting fails before training
+        rather than at the sample after it. The prompt's length in tokens is checked once the
+        tokenizer is loaded (`check_prompt_fits`)."""
+        check_sampling(self.temperature, self.top_k, self.top_p, "generate.")
+        # BOS, at least one prompt token, then the new tokens: all within the model's positions.
+        if not 0 <= self.max_new_tokens <= max_seq_len - 2:
+            raise ValueError(f"generate.max_new_tokens={self.max_new_tokens} must lie in [0, {max_seq_len - 2}]: "
+                             f"BOS + prompt + new tokens must fit model.max_seq_len={max_seq_len}")
+
+    def check_prompt_fits(self, prompt_tokens: int, max_seq_len: int) -> None:
+        if 1 + prompt_tokens + self.max_new_tokens > max_seq_len:
+            raise ValueError(f"generate.prompt is {prompt_tokens} tokens; with BOS and generate.max_new_tokens="
+                             f"{self.max_new_tokens} that is beyond model.max_seq_len={max_seq_len}; shorten the "
+                             f"prompt or set --generate.max_new_tokens={max(0, max_seq_len - 1 - prompt_tokens)}")
 
 
 @dataclass
@@ -256,6 +284,7 @@ class RunConfig:
         self.model.validate()
         self.train.validate()
         self.data.validate()
+        self.generate.validate(self.model.max_seq_len)
         seq_lens = [s.seq_len for s in self.data.curriculum]
         self.parallel.validate(self.model, seq_lens)
         if self.train.cuda_graphs:
@@ -274,6 +303,72 @@ class RunConfig:
         if max(seq_lens) > self.model.max_seq_len:
             raise ValueError(f"data.curriculum reaches seq_len={max(seq_lens)}, beyond model.max_seq_len="
                              f"{self.model.max_seq_len}; raise model.max_seq_len or shorten the curriculum")
+
+
+# ----------------------------------------------------------------------------------------
+# resuming under a changed config
+
+# Keys a resumed run may change freely: where and how it runs, what it logs and saves, never
+# what it computes. The layout (parallel.*, the DeepSpeed JSON) is resharded on resume.
+RESUME_FREE = ["out_dir", "kernels.*", "parallel.*", "generate.*", "train.log_every_steps",
+               "train.eval_every_steps", "train.eval_batches", "train.checkpoint_every_steps",
+               "train.keep_checkpoints", "train.save_checkpoints", "train.async_checkpoint",
+               "train.gate_stats_every_steps", "train.wandb_project", "train.profile_steps", "train.compile",
+               "train.compile_cache_dir", "train.cuda_graphs", "train.activation_checkpointing",
+               "train.checkpoint_num_layers", "train.peak_flops_per_device", "train.device", "train.max_bad_steps",
+               "train.inject_nan_steps", "data.shards_dir", "data.tokenizer", "data.num_workers",
+               "data.prefetch_factor", "data.verify_shards", "data.on_corrupt_shard", "data.resume_mismatch"]
+# Keys that can never change in a resumed run: the saved weights and optimizer state have the
+# model's shapes, and its function is what the run has been training.
+RESUME_NEVER = ["model.*"]
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _matches(key: str, patterns: typing.Iterable[str]) -> bool:
+    """`patterns`: dotted keys, globs (`train.lr_*`) or sections (`train` = every train.* key)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(key, p) or key.startswith(p.rstrip(".*") + ".") for p in patterns)
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume_config(saved: dict, cfg: RunConfig, allow: typing.Sequence[str] = (), where: str = "the checkpoint"
+                        ) -> list[str]:
+    """Compare the config a checkpoint was saved with (`saved`, its config.yaml) with the
+    config of the run resuming it. Returns the changed keys a resume accepts (RESUME_FREE, and
+    those named in `allow`), as 'key: old -> new'. Raises a ValueError that lists the others:
+    model keys (never) and everything else (unless allowed)."""
+    old, new = _flat(saved), _flat(config_to_dict(cfg))
+    for pattern in allow:
+        if not any(_matches(k, [pattern]) for k in new):
+            raise ValueError(f"--allow_config_change {pattern}: no config key matches it; name keys as "
+                             "section.key (train.steps), globs (train.lr_*) or sections (train)")
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    text = {k: f"{k}: {_show(old.get(k, '<absent>'))} -> {_show(new.get(k, '<absent>'))}" for k in changed}
+    never = [k for k in changed if _matches(k, RESUME_NEVER)]
+    if never:
+        raise ValueError(f"the model config differs from the one {where} was saved with ({'; '.join(text[k] for k in never)}); "
+                         "a resumed run keeps its model: undo the change, or start a new run from these weights "
+                         "with --init_from")
+    refused = [k for k in changed if not _matches(k, RESUME_FREE) and not _matches(k, allow)]
+    if refused:
+        raise ValueError(f"the config differs from the one {where} was saved with ({'; '.join(text[k] for k in refused)}); "
+                         f"undo the change, or resume with it on purpose: --allow_config_change {','.join(refused)}")
+    return [text[k] for k in changed]
 
 
 # ----------------------------------------------------------------------------------------
@@ -386,8 +481,32 @@ def parse_overrides(args: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"config override --{key} conflicts with an earlier override")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"config override --{key}={value}: not a YAML value ({_yaml_problem(e, lines=False)}); quote "
+                             f"strings and close brackets, e.g. --{key}='[1, 2]'") from None
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError, lines: bool = True) -> str:
+    """A YAML error's reason in one line, without the excerpt of the text PyYAML appends."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and mark is not None and lines:
+        return f"{problem} ({context} that starts at line {mark.line + 1})"
+    return f"{problem} ({context})" if context else problem
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a syntax error is a ValueError naming the file, line and column."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: YAML syntax error: {_yaml_problem(e)}; fix the file there") from None
 
 
 def merge_dicts(a: dict, b: dict) -> dict:
@@ -415,7 +534,7 @@ def load_dataclass(cls: type, path: str | Path | None = None, overrides: list[st
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config must be a mapping at the top level")
     return dataclass_from_dict(cls, merge_dicts(data, parse_overrides(overrides or [])))

@@ -17,6 +17,7 @@ import signal
 import sys
 
 from fusiontree.ablation import run_ablation
+from fusiontree.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fusiontree.checkpoint import checkpoint_tokenizer, load_checkpoint
+from fusiontree.cli import run_main
 from fusiontree.config import load_dataclass
 from fusiontree.eval.pruning import apply_pruning, load_plan, plan_with_thresholds
 from fusiontree.eval.report import write_report
@@ -102,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from fusiontree.cli import run_main
 from fusiontree.hf.export import export_hf, import_hf
 
 
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from fusiontree.cli import run_main
 from fusiontree.eval.perplexity import expand_files, heldout_files
 from fusiontree.hf.task_data import build_task_data
 
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -4,7 +4,9 @@
     torchrun --nproc_per_node 2 launch/train.py --ds_config configs/ds/zero2.json --config ...
     python launch/train.py --config ...            (one process)
 
-Options: --resume {none,auto,PATH}; any config field as a dotted override (--train.steps=100).
+Options: --resume {none,auto,PATH}; any config field as a dotted override (--train.steps=100);
+--allow_config_change KEYS for a resume under a changed config. A mistake in the command line or
+the config is one line on stderr and exit status 2 (fusiontree/cli.py).
 This file only reads the command line; the trainer is fusiontree/train/trainer.py.
 """
 
@@ -14,8 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fusiontree.config import load_config
-from fusiontree.train.trainer import run_training
+from fusiontree.cli import run_main
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parents[1] / "configs/ds/zero2.json"
 
@@ -31,15 +32,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     help="start from the weights (model.pt) of this checkpoint or run directory, with a fresh "
                          "optimizer, schedule and data order (e.g. an import of a Hugging Face export); a "
                          "--resume checkpoint, when there is one, takes precedence")
+    ap.add_argument("--allow_config_change", "--allow-config-change", dest="allow_config_change", default="",
+                    help="comma-separated config keys a resumed run may change beyond the free ones, e.g. "
+                         "train.steps,train.lr_* (globs) or train (a section); model keys never change")
     ap.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # accepted from launchers
     return ap.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fusiontree.config import load_config
+
     args, overrides = parse_args(argv)
-    cfg = load_config(args.config, overrides)  # a bad config fails before any process group starts
-    return run_training(cfg, args.ds_config, args.resume, args.local_rank, init_from=args.init_from)
+    allow = tuple(k for k in args.allow_config_change.split(",") if k)
+    cfg = load_config(args.config, overrides)
+    from fusiontree.train.preflight import preflight
+
+    # A mistake fails here, before the trainer's imports (DeepSpeed, megatron-core) start talking.
+    preflight(cfg, args.ds_config, args.resume, allow, args.init_from)
+    from fusiontree.train.trainer import run_training
+
+    return run_training(cfg, args.ds_config, args.resume, args.local_rank, init_from=args.init_from,
+                        allow_config_change=allow)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fusiontree.config import ParallelConfig, RunConfig, config_from_dict, dump_config, load_config
+from fusiontree.config import (ParallelConfig, RunConfig, check_resume_config, config_from_dict, config_to_dict,
+                               dump_config, load_config)
 from fusiontree.models.config import model_preset, preset_names
 from fusiontree.models.flops import count_params, transformer_twin_layers
 
@@ -55,6 +56,12 @@ def test_types_and_choices_are_checked():
     (["--data.curriculum=[{seq_len: 4096, until_tokens: 0}]", "--data.micro_batch_tokens=4096"],
      "data.curriculum reaches seq_len=4096, beyond model.max_seq_len=2048"),
     (["--model.preset=huge"], "unknown model preset 'huge'"),
+    # the sample after training: checked before training starts, not at the sample
+    (["--generate.top_p=0"], r"generate.top_p=0.0 must lie in \(0, 1\]"),
+    (["--generate.temperature=-0.5"], r"generate.temperature=-0.5 must be >= 0"),
+    (["--generate.top_k=-1"], r"generate.top_k=-1 must be >= 0"),
+    (["--model.max_seq_len=128", "--data.curriculum=[{seq_len: 64, until_tokens: 0}]",
+      "--generate.max_new_tokens=127"], r"generate.max_new_tokens=127 must lie in \[0, 126\]"),
 ])
 def test_validation_says_how_to_fix(override, match):
     with pytest.raises(ValueError, match=match):
@@ -84,3 +91,43 @@ def test_transformer_twin_depths_follow_the_parameter_count_rule():
         want = transformer_twin_layers(model_preset(name))
         assert model_preset(f"transformer-{name}").n_layers == want, (
             f"transformer-{name}: set its depth in fusiontree/models/config.py to {want}")
+
+
+def test_generate_accepts_its_bounds():
+    cfg = load_config(None, ["--model.max_seq_len=128", "--data.curriculum=[{seq_len: 64, until_tokens: 0}]",
+                             "--generate.max_new_tokens=126", "--generate.top_p=1", "--generate.temperature=0"])
+    assert cfg.generate.max_new_tokens == 126
+    cfg.generate.check_prompt_fits(1, 128)
+    with pytest.raises(ValueError, match="generate.prompt is 2 tokens.*--generate.max_new_tokens=125"):
+        cfg.generate.check_prompt_fits(2, 128)
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  preset: debug\ntrain:\n  steps: [1, 2\n  lr_peak: 3\n")
+    with pytest.raises(ValueError, match=rf"^{bad}:5:\d+: YAML syntax error: .*fix the file there$") as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"--train.steps=\[1: not a YAML value"):
+        load_config(None, ["--train.steps=[1"])
+
+
+def test_resume_lists_the_changed_keys_and_allows_the_named_ones():
+    saved = config_to_dict(load_config(None, []))
+    same = check_resume_config(saved, load_config(None, []))
+    assert same == []
+    # where a run logs and saves, and its layout, change freely (and are reported)
+    free = check_resume_config(saved, load_config(None, ["--train.log_every_steps=7", "--out_dir=elsewhere"]))
+    assert free == ["out_dir: 'runs/default' -> 'elsewhere'", "train.log_every_steps: 10 -> 7"]
+    changed = load_config(None, ["--train.steps=50", "--train.lr_peak=0.01", "--data.micro_batch_tokens=1024"])
+    with pytest.raises(ValueError, match=r"\(data.micro_batch_tokens: .*; train.lr_peak: .*; train.steps: .* -> 50\); "
+                                         r".*--allow_config_change data.micro_batch_tokens,train.lr_peak,train.steps$"):
+        check_resume_config(saved, changed)
+    assert len(check_resume_config(saved, changed, ["train", "data.micro_batch_tokens"])) == 3
+    with pytest.raises(ValueError, match="--allow_config_change data.micro_batch_tokens,train.lr_peak$"):
+        check_resume_config(saved, changed, ["train.steps"])
+    with pytest.raises(ValueError, match="--allow_config_change train.step: no config key matches it"):
+        check_resume_config(saved, changed, ["train.step"])
+    # the model never changes under a resume, allowed or not
+    with pytest.raises(ValueError, match=r"the model config differs .*\(model.d_model: .* -> 128\).*--init_from"):
+        check_resume_config(saved, load_config(None, ["--model.d_model=128"]), ["model"])

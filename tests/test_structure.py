@@ -22,6 +22,7 @@ LAYERS = [
     ["fusiontree.eval"],
     ["fusiontree.hf"],
     ["fusiontree.ablation"],
+    ["fusiontree.cli"],  # the command lines' error policy: imports nothing, imported by entry points only
 ]
 # The exported model's code is copied beside its config.json and loaded by transformers from there
 # (trust_remote_code), so it imports its sibling relatively; nothing else in the package does.

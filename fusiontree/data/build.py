@@ -100,15 +100,15 @@ def load_mixture(path: str | Path) -> list[Source]:
           - {name: code, inputs: [code/, extra.jsonl.zst], weight: 0.7}
           - {name: prose, inputs: web.parquet, weight: 0.3}
     """
-    import yaml
+    from fusiontree.config import read_yaml
 
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = read_yaml(path)
     except OSError as e:
         raise ValueError(f"--mixture {path}: cannot read it ({e})") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"--mixture {path} is not valid YAML: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"--mixture {e}") from None
     if not isinstance(doc, dict) or set(doc) != {"sources"} or not isinstance(doc["sources"], list):
         raise ValueError(f"--mixture {path}: expected one key, `sources`, holding a list of "
                          "{name: ..., inputs: [...], weight: ...}")

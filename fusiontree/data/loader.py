@@ -45,6 +45,17 @@ state is a few counters kept in the training process: tokens seen, and per bucke
 micro-batches consumed). Resuming recomputes the order and skips what was consumed; the
 DataLoader workers are re-dealt so the first one produces the next batch in order.
 
+Resuming under another data-parallel size (or number of workers), mid-epoch: every global
+step is global_batch_tokens / micro_batch_tokens micro-batch slots, whatever the size. The
+rest of each bucket's epoch is read as the checkpoint's ranks would have read it ("virtual"
+streams, read in the training process): new rank n's accumulation micro-batch i is slot
+j = n * accum_new + i, which the old layout gave to old rank j // accum_old as its micro-
+batch j % accum_old of the step. So every step reads the samples of the uninterrupted run,
+and each remaining sample of the epoch once. The virtual streams end with the last whole
+step of the epoch; the old ranks' last micro-batches of the epoch that do not fill a step
+(fewer than accum_old per old rank) are skipped, and the next epoch is the new layout's.
+This needs the same micro_batch_tokens (the slots must be the same micro-batches).
+
 Validation: `build_val_loaders` gives one re-iterable loader per val bucket up to the
 longest stage, in a fixed order, the same number of batches on every rank.
 """
@@ -264,6 +275,10 @@ class TrainLoader:
         self.tokens_seen = 0
         self._micro_in_step = 0
         self._pos = {L: {"epoch": 0, "batches": 0} for L in self._specs}
+        # per bucket, the epoch of another layout that is read to its end (module docstring):
+        # {"world_size", "num_workers", "epoch", "batches": consumed by each of its ranks}
+        self._virtual: dict[int, dict] = {}
+        self._virtual_readers: dict[tuple[int, int, int], tuple] = {}  # (L, rank, worker) -> (iterator, next)
         self.substituted_samples = 0
         self._it = None
         self._it_seq_len = 0
@@ -289,7 +304,8 @@ class TrainLoader:
         return self.cfg.micro_batch_tokens // self.seq_len
 
     def epoch(self, seq_len: int) -> int:
-        return self._pos[seq_len]["epoch"]
+        v = self._virtual.get(seq_len)
+        return v["epoch"] if v is not None else self._pos[seq_len]["epoch"]
 
     def dropped_per_epoch(self, seq_len: int) -> int:
         spec = self._specs[seq_len]
@@ -300,7 +316,7 @@ class TrainLoader:
                 "substituted_samples": self.substituted_samples,
                 "buckets": {L: {"samples": s.num_samples, "micro_batch_size": s.batch_size,
                                 "batches_per_epoch": s.batches_per_rank, "dropped_per_epoch": self.dropped_per_epoch(L),
-                                **self._pos[L]} for L, s in self._specs.items()}}
+                                **self._pos[L], "virtual": self._virtual.get(L)} for L, s in self._specs.items()}}
 
     # ---- iteration
     def _open(self, seq_len: int) -> None:
@@ -312,32 +328,59 @@ class TrainLoader:
             self._it = iter(ds)
         else:
             # Pinned batches let the trainer's .to(device, non_blocking=True) overlap the copy.
+            # The DataLoader draws its workers' seeds from `generator`; from torch's global
+            # generator it would take one number per opening, and a resumed run, which opens its
+            # loader at a different step than the uninterrupted run, would continue with
+            # another RNG state. The workers use no randomness: their order is the spec's.
             self._it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                                         prefetch_factor=self.cfg.prefetch_factor,
-                                                        pin_memory=torch.cuda.is_available()))
+                                                        pin_memory=torch.cuda.is_available(),
+                                                        generator=torch.Generator().manual_seed(self.seed)))
         self._it_seq_len = seq_len
 
     def close(self) -> None:
         """Stop the worker processes (prefetched batches are dropped; the state is unaffected)."""
         self._it = None  # the DataLoader iterator shuts its workers down when released
         self._it_seq_len = 0
+        self._virtual_readers = {}
+
+    def _virtual_accum(self, v: dict) -> int:
+        return self.cfg.global_batch_tokens // (self.cfg.micro_batch_tokens * v["world_size"])
+
+    def _virtual_batch(self, L: int, v: dict) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch of the step from the old layout's streams (module docstring)."""
+        accum_old = self._virtual_accum(v)
+        old_rank, i = divmod(self.rank * self.grad_accum_steps + self._micro_in_step, accum_old)
+        k = v["batches"] + i  # the old rank's micro-batch k of the epoch: logical worker k % W, its (k // W)-th
+        spec = replace(self._specs[L], rank=old_rank, world_size=v["world_size"], num_workers=v["num_workers"],
+                       epoch=v["epoch"])
+        w, q = k % spec.num_workers, k // spec.num_workers
+        it, nxt = self._virtual_readers.get((L, old_rank, w), (None, -1))
+        if nxt != q:
+            it = worker_batches(spec, w, q)
+        batch = next(it)
+        self._virtual_readers[(L, old_rank, w)] = (it, q + 1)
+        return batch
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._micro_in_step == self.grad_accum_steps:
             raise RuntimeError(f"next_batch() called for micro-batch {self._micro_in_step + 1} of a step of "
                                f"{self.grad_accum_steps}; call advance(tokens) after each optimizer step")
         L = self.seq_len
-        if self._it is None or self._it_seq_len != L:
-            self._open(L)
-        while True:
-            try:
-                batch = next(self._it)
-                break
-            except StopIteration:  # the epoch is done: the next one has a new order
-                self._pos[L] = {"epoch": self._pos[L]["epoch"] + 1, "batches": 0}
+        if L in self._virtual:
+            batch = self._virtual_batch(L, self._virtual[L])
+        else:
+            if self._it is None or self._it_seq_len != L:
                 self._open(L)
+            while True:
+                try:
+                    batch = next(self._it)
+                    break
+                except StopIteration:  # the epoch is done: the next one has a new order
+                    self._pos[L] = {"epoch": self._pos[L]["epoch"] + 1, "batches": 0}
+                    self._open(L)
+            self._pos[L]["batches"] += 1
         assert batch["input_ids"].shape == (self.micro_batch_size, L)
-        self._pos[L]["batches"] += 1
         self._micro_in_step += 1
         self.substituted_samples += int(batch["substituted"].sum())
         return batch
@@ -352,10 +395,23 @@ class TrainLoader:
         if abs(tokens - want) > 1e-6 * want:
             raise ValueError(f"advance({tokens}): a step here is {want} tokens over all {self.world_size} ranks "
                              f"(data.global_batch_tokens); pass the step's tokens summed over data-parallel ranks")
+        L = self.seq_len
+        v = self._virtual.get(L)
+        if v is not None:
+            v["batches"] += self._virtual_accum(v)
+            self._end_virtual_if_done(L)
         self.tokens_seen += want
         self._micro_in_step = 0
         if self._it is not None and self._it_seq_len != self.seq_len:
             self.close()  # new stage: its bucket opens on the next next_batch()
+
+    def _end_virtual_if_done(self, L: int) -> None:
+        """The virtual streams of bucket L end before a step they cannot fill (module docstring)."""
+        v = self._virtual[L]
+        spec = replace(self._specs[L], world_size=v["world_size"])
+        if v["batches"] + self._virtual_accum(v) > spec.batches_per_rank:
+            del self._virtual[L]
+            self._virtual_readers = {k: r for k, r in self._virtual_readers.items() if k[0] != L}
 
     # ---- resume
     def _identity(self) -> dict:
@@ -366,7 +422,35 @@ class TrainLoader:
         """Plain ints and strings, identical on every rank."""
         return {"version": STATE_VERSION, **self._identity(), "tokens_seen": self.tokens_seen,
                 "micro_in_step": self._micro_in_step, "substituted_samples": self.substituted_samples,
-                "buckets": {str(L): dict(p) for L, p in self._pos.items()}}
+                "buckets": {str(L): dict(p) for L, p in self._pos.items()},
+                "virtual": {str(L): dict(v) for L, v in self._virtual.items()}}
+
+    def _continue_layout(self, state: dict, buckets: dict[int, dict]) -> dict[int, dict]:
+        """Resuming under another data-parallel size or worker count: each bucket in mid-epoch
+        reads the rest of it as the checkpoint's ranks would (module docstring). Returns this
+        layout's own positions; sets the virtual streams."""
+        if state["micro_in_step"]:
+            raise ValueError("the loader state was saved in the middle of a step; resume it with the data-parallel "
+                             "size and data.num_workers it was saved with")
+        virtual = {int(L): dict(v) for L, v in state.get("virtual", {}).items()}
+        own = {}
+        for L, p in buckets.items():
+            v = virtual.get(L)
+            if v is not None and p["batches"]:  # cannot happen: the virtual streams end before a whole step
+                raise AssertionError(f"bucket {L}: virtual streams and {p['batches']} batches of the next epoch")
+            if v is None and p["batches"]:
+                v = {"world_size": int(state["world_size"]), "num_workers": int(state["num_workers"]),
+                     "epoch": p["epoch"], "batches": p["batches"]}
+                p = {"epoch": p["epoch"] + 1, "batches": 0}
+            own[L] = p
+            if v is not None and L in self._specs:
+                self._virtual[L] = v
+                left = replace(self._specs[L], world_size=v["world_size"]).batches_per_rank - v["batches"]
+                log.info("train bucket %d: the rest of epoch %d is read as %d data-parallel ranks read it (%d steps); "
+                         "its last %d micro-batches per old rank, too few for a step, are skipped", L, v["epoch"],
+                         v["world_size"], left // self._virtual_accum(v), left % self._virtual_accum(v))
+                self._end_virtual_if_done(L)
+        return own
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -378,6 +462,12 @@ class TrainLoader:
         self.tokens_seen = int(state["tokens_seen"])
         self._micro_in_step = int(state["micro_in_step"])
         self.substituted_samples = int(state.get("substituted_samples", 0))
+        self._virtual = {}
+        if diff and set(diff) <= {"world_size", "num_workers"}:  # another layout over the same batches
+            buckets = self._continue_layout(state, buckets)
+            diff = {}
+        elif not diff:
+            self._virtual = {int(L): dict(v) for L, v in state.get("virtual", {}).items() if int(L) in self._specs}
         if diff:
             what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             if self.cfg.resume_mismatch == "error":

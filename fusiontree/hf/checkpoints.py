@@ -119,11 +119,8 @@ def check_state_matches(state: dict[str, torch.Tensor], cfg, where: str) -> list
 
 
 def write_weights_checkpoint(out: Path, cfg: RunConfig, state: dict[str, torch.Tensor], meta: dict) -> Path:
-    """model.pt + config.yaml + meta.json (with every file's size, as a training checkpoint's):
+    """model.pt + config.yaml + meta.json (every file's size and sha256, as a training checkpoint's):
     what evaluation, generation and `launch/train.py --init_from` read. No optimizer state."""
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out / "model.pt")
-    (out / "config.yaml").write_text(dump_config(cfg))
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != "meta.json"}
-    (out / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2))
-    return out
+    from fusiontree.checkpoint import write_model_checkpoint
+
+    return write_model_checkpoint(out, state, dump_config(cfg), meta)

@@ -15,12 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """The sampling settings `sample_next` accepts (raises ValueError with the allowed ranges)."""
-    if not temperature >= 0 or not 0 < top_p <= 1 or top_k < 0:  # `not >=`: NaN fails too
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={temperature}, "
-                         f"top_p={top_p}, top_k={top_k}")
+from fusiontree.config import check_sampling
 
 
 def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -9,12 +9,15 @@ GPU runs NCCL.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("fusiontree.train")
 
 
 @dataclass
@@ -69,12 +72,41 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
             local_world = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
+        if backend == "gloo" and local == 0:
+            message = deepspeed_cpu_op_message()
+            if message:
+                log.warning(message)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world)
         _unlink_deepspeed_shm_buffer(rank)
     return DistInfo(rank, world, local, dev, backend)
+
+
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"
+
+
+def deepspeed_cpu_op_message() -> str | None:
+    """What a CPU run is about to compile, and where, when DeepSpeed's CPU communication op is
+    not built yet (DeepSpeed builds it on first use without a word, for a minute or more);
+    None when it is built (or shipped prebuilt)."""
+    import importlib.util
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        if importlib.util.find_spec(f"deepspeed.ops.comm.{DEEPSPEED_CPU_OP}_op") is not None:
+            return None  # installed prebuilt
+    except ImportError:
+        pass
+    build_dir = Path(_get_build_directory(DEEPSPEED_CPU_OP, verbose=False))
+    if any(build_dir.glob(f"{DEEPSPEED_CPU_OP}*.so")):
+        return None
+    chosen = ("TORCH_EXTENSIONS_DIR" if os.environ.get("TORCH_EXTENSIONS_DIR")
+              else "torch's default place; set TORCH_EXTENSIONS_DIR to build it elsewhere, e.g. in the venv")
+    return (f"compiling DeepSpeed's CPU communication op ({DEEPSPEED_CPU_OP}) into {build_dir} ({chosen}): once, "
+            "a minute or more; later runs reuse it")
 
 
 def deepspeed_shm_buffer(rank: int) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -35,7 +36,9 @@ def device_peak_flops(device: torch.device, configured: float = 0.0) -> tuple[fl
     # CPU: measured fp32 matmul throughput of this process's threads (no published peak).
     # The best of several timings approximates the peak; contention only makes timings slower.
     n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    # Its own generator: the global one belongs to training (a resumed run has just restored it).
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b
     best = float("inf")
     for _ in range(5):
@@ -95,7 +98,7 @@ class RankZeroMetrics(MetricsSink):
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, "time": time.time(), **metrics}
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
@@ -119,6 +122,19 @@ class RankZeroMetrics(MetricsSink):
         plot_loss_curve(self.path, self.run_dir / "loss_curve.png")
 
 
+def strict_json(obj):
+    """`obj` with every non-finite float (a skipped step's NaN loss, an infinite norm) as None:
+    metrics.jsonl is strict JSON (null), which every JSON reader accepts; NaN and Infinity
+    are not JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def _wandb_id(run_dir: Path) -> str:
     """A stable id per run directory, so a resumed run continues the same wandb run."""
     path = run_dir / "wandb_id.txt"
@@ -138,9 +154,9 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
     train, val = [], []
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
-        if "loss" in row:
-            train.append((row["step"], row["loss"]))
-        if "val_loss" in row:
+        if "loss" in row:  # null: a skipped step (a gap in the curve)
+            train.append((row["step"], float("nan") if row["loss"] is None else row["loss"]))
+        if "val_loss" in row and row["val_loss"] is not None:
             val.append((row["step"], row["val_loss"]))
     if not train:
         return

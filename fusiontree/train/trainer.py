@@ -16,7 +16,6 @@ exit cleanly, and `--resume auto` continues with the losses of an uninterrupted 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -27,13 +26,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fusiontree.checkpoint import CheckpointManager, load_model_weights
-from fusiontree.config import RunConfig, config_to_dict, dump_config
-from fusiontree.data import build_train_loader, build_val_loaders, load_tokenizer
+from fusiontree.checkpoint import CONFIG_FILE, CheckpointManager, load_model_weights
+from fusiontree.config import RunConfig, check_resume_config, config_to_dict, dump_config, read_yaml
+from fusiontree.data import build_train_loader, build_val_loaders
 from fusiontree.inference import generate
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.flops import flops_per_token as model_flops_per_token
 from fusiontree.ops import resolve_kernels
+from fusiontree.ops.masks import effective_window
+from fusiontree.parallel.engine_state import EngineLayout
 from fusiontree.parallel.reshard import consolidated_model_state
 from fusiontree.train.distributed import all_reduce_max, init_distributed, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
@@ -43,6 +44,7 @@ from fusiontree.train.mechanics import (apply_activation_checkpointing, apply_co
                                         describe_mechanics)
 from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, StepProfiler, device_peak_flops, memory_gib
 from fusiontree.train.optim import SkippableAdamW, build_optimizer, lr_at
+from fusiontree.train.preflight import check_ds_config, check_tokenizer, refuse_existing_run
 from fusiontree.train.startup import StartupClock, use_compile_cache
 from fusiontree.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from fusiontree.train.validation import validation_metrics, validation_sums
@@ -62,10 +64,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accum: int, bf16: bool) -> dict:
     """The DeepSpeed JSON with batch sizes, clipping and precision filled from the run config
     (one source of truth): a JSON that sets them differently is an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--ds_config {path} does not exist; see configs/ds/zero{{0,1,2,3}}.json")
-    ds = json.loads(p.read_text())
+    ds = check_ds_config(path)
     ours = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.train.grad_clip}
     for key, value in ours.items():
@@ -141,7 +140,7 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None,
-                 init_from: str = ""):
+                 init_from: str = "", allow_config_change: tuple[str, ...] = ()):
         self.cfg = cfg
         self.clock = StartupClock()  # from the process's start: the phases until the first step ends
         self.clock.mark("imports")
@@ -149,11 +148,14 @@ class Trainer:
             use_compile_cache(cfg.train.compile_cache_dir)  # before anything compiles
         self._init_processes(local_rank)
         self.clock.mark("distributed")
+        # The checkpoint to resume, checked (content and config) before the data and the model
+        # take their time to set up.
+        self.resume_from = self._resume_checkpoint(resume, allow_config_change)
         self._init_data()
         self.clock.mark("data")
         self._init_model(ds_config, init_from)
         self.clock.mark("model_and_engine")
-        self._init_state(resume)
+        self._init_state()
         self._init_hooks()
 
     def _init_processes(self, local_rank: int | None) -> None:
@@ -182,10 +184,7 @@ class Trainer:
         """Tokenizer, the curriculum loader of this data-parallel rank, validation loaders. The
         ranks of one tensor-parallel group read the same batches."""
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.data)
-        if self.tokenizer.vocab_size() != cfg.model.vocab_size:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size()} ids but model.vocab_size="
-                             f"{cfg.model.vocab_size}; set --model.vocab_size={self.tokenizer.vocab_size()}")
+        self.tokenizer = check_tokenizer(cfg)
         self.train_loader = build_train_loader(cfg.data, rank=self.dp_rank, world_size=self.dp_size, seed=cfg.seed)
         self.val_loaders = build_val_loaders(cfg.data, rank=self.dp_rank, world_size=self.dp_size)
 
@@ -195,6 +194,9 @@ class Trainer:
         cfg, di = self.cfg, self.di
         self.kernels = resolve_kernels(cfg.kernels, di.device)
         log.info("kernels: %s", self.kernels.describe())
+        warning = window_warning(cfg)
+        if warning:
+            log.warning(warning)
         with torch.device(di.device):  # initialised where it trains: a 7B model's fp32 init on the host takes minutes
             model = HybridLanguageModel(cfg.model, self.kernels)
         if init_from:
@@ -210,6 +212,8 @@ class Trainer:
             from fusiontree.parallel import parallelize
 
             model = parallelize(model, cfg.parallel)
+        # The plain model's names: the wrappers below rename parameters in the module.
+        names_by_id = {id(p): n for n, p in model.named_parameters()}
         if cfg.train.compile:
             apply_compile(model)  # per block; compiled on the first step of each sequence length
         if cfg.train.activation_checkpointing:
@@ -220,8 +224,12 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.train)
         loader = self.train_loader
         ds_cfg = deepspeed_config(ds_config, cfg, loader.micro_batch_size, loader.grad_accum_steps, self.bf16)
+        param_names = tuple(tuple(names_by_id[id(p)] for p in g["params"]) for g in self.optimizer.param_groups)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
         self.zero_stage = self.engine.zero_optimization_stage()
+        self.params_by_name = {names_by_id[id(p)]: p for p in self.engine.module.parameters()}
+        self.engine_layout = EngineLayout(self.zero_stage, self.dp_size, cfg.parallel.tensor_parallel, self.bf16,
+                                          param_names)
         if cfg.train.cuda_graphs:
             if self.zero_stage == 3:
                 raise ValueError("train.cuda_graphs=true needs parameters that stay in place, but ZeRO-3 gathers "
@@ -230,21 +238,29 @@ class Trainer:
         log.info("training mechanics: %s", describe_mechanics(model))
         self.loss_fn = HybridModelLoss(cfg.loss)
 
-    def _init_state(self, resume: str) -> None:
+    def _resume_checkpoint(self, resume: str, allow_config_change: tuple[str, ...]) -> Path | None:
         """`resume`: none (a directory that already holds checkpoints is refused), auto (the
-        latest valid checkpoint, if any) or a checkpoint directory."""
+        latest intact checkpoint, if any) or a checkpoint directory (must be intact). A resume
+        keeps the config it was saved with, but for the keys `check_resume_config` accepts
+        (and those named in `allow_config_change`)."""
         cfg, di = self.cfg, self.di
-        self.state = TrainState()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", di.rank, di.world_size,
                                       keep=cfg.train.keep_checkpoints, async_save=cfg.train.async_checkpoint)
-        self.monitor = GateMonitor(cfg.model.n_layers)
-        latest = self.ckpt.latest_valid()
-        if resume == "none" and latest is not None:
-            raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume auto to continue that run, "
-                             "or choose a new out_dir")
-        path = latest if resume == "auto" else (None if resume == "none" else Path(resume))
+        if resume == "none":
+            refuse_existing_run(self.run_dir)
+            return None
+        path = self.ckpt.resume_path(resume)
         if path is not None:
-            self.resume(path)
+            changes = check_resume_config(read_yaml(path / CONFIG_FILE), cfg, allow_config_change, str(path))
+            if changes:
+                log.warning("resuming %s with changed config: %s", path, "; ".join(changes))
+        return path
+
+    def _init_state(self) -> None:
+        self.state = TrainState()
+        self.monitor = GateMonitor(self.cfg.model.n_layers)
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
 
     def _init_hooks(self) -> None:
         cfg, di = self.cfg, self.di
@@ -282,7 +298,8 @@ class Trainer:
         trainer = {"state": state.to_dict(), "loader": self.train_loader.state_dict(), "rng": rng_state(),
                    "gate_monitor": self.monitor.state_dict()}
         meta = {"tokens_seen": self.train_loader.tokens_seen, "tokenizer": self.tokenizer.name,
-                "tokenizer_sha256": self.tokenizer.sha256, "zero_stage": self.zero_stage, "preset": cfg.model.preset}
+                "tokenizer_sha256": self.tokenizer.sha256, "zero_stage": self.zero_stage, "preset": cfg.model.preset,
+                "engine_layout": self.engine_layout.to_dict()}
         plan = {"pruning_plan.json": self.monitor.pruning_plan_json()} \
             if self.di.is_main and any(s.updates for s in self.monitor.layers) else {}
         path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, self.plain_model_state(),
@@ -293,13 +310,28 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         """Collective: engine, counters, loader position, gate statistics and RNGs of `path`."""
-        trainer, _ = self.ckpt.load(self.engine, path)
+        trainer, _ = self.ckpt.load(self.engine, path, self.engine_layout.to_dict(), self._load_other_layout)
         self.state = TrainState.from_dict(trainer["state"])
         self.train_loader.load_state_dict(trainer["loader"])
         self.monitor.load_state_dict(trainer["gate_monitor"])
         set_rng_state(trainer["rng"])
         log.info("resumed from %s at step %d (%d tokens seen)", path, self.state.step, self.train_loader.tokens_seen)
         self.clock.mark("resume")
+
+    def _load_other_layout(self, path: Path, saved_layout: dict) -> None:
+        """Collective: the engine state of a checkpoint written under another layout (data-
+        parallel size, tensor-parallel size, ZeRO stage), resharded parameter by parameter."""
+        from fusiontree.checkpoint import ENGINE_TAG, safe_load
+        from fusiontree.parallel.engine_state import SavedEngineState, load_engine_state
+
+        layout = EngineLayout.from_dict(saved_layout)
+        saved = SavedEngineState(path / ENGINE_TAG, layout, self.cfg.model, safe_load)
+        tp_rank = self.mpu.get_model_parallel_rank() if self.mpu is not None else 0
+        load_engine_state(self.engine, saved, self.cfg.model, self.cfg.parallel.tensor_parallel, tp_rank,
+                          self.engine_layout.param_names, self.params_by_name)
+        log.info("resharded %s: written by ZeRO-%d x data parallel %d x tensor parallel %d, now ZeRO-%d x %d x %d",
+                 path, layout.zero_stage, layout.data_parallel, layout.tensor_parallel, self.zero_stage,
+                 self.dp_size, self.cfg.parallel.tensor_parallel)
 
     # -------------------------------------------------------------------------- the loop
 
@@ -366,7 +398,7 @@ class Trainer:
             self.ctx.metrics.update(self.clock.metrics())
             log.info(self.clock.summary())
         self.ctx.stop_requested = stop
-        if state.consecutive_bad > cfg.train.max_bad_steps:
+        if state.consecutive_bad >= cfg.train.max_bad_steps:
             self.ckpt.wait()  # the last good checkpoint may still be writing
             raise SystemExit(f"stopping: {state.consecutive_bad} consecutive steps with non-finite loss or "
                              f"gradients (train.max_bad_steps={cfg.train.max_bad_steps}); the last good "
@@ -402,6 +434,18 @@ class Trainer:
             (self.run_dir / "sample.txt").write_text(sample)
 
 
+def window_warning(cfg: RunConfig) -> str | None:
+    """A warning when the local layers' window covers every training length: then they attend
+    like global layers throughout training, and what the window means is never learned."""
+    window = cfg.model.local_window
+    longest = max(s.seq_len for s in cfg.data.curriculum)
+    if window is None or effective_window(window, longest) is not None:
+        return None
+    return (f"model.window={window} covers every training length (the longest is {longest}): the local layers "
+            "attend like global ones throughout training, and generation beyond the window meets a limit the "
+            f"model never saw; train on sequences longer than {window} or lower model.window")
+
+
 @torch.no_grad()
 def generate_sample(model: HybridLanguageModel, tokenizer, cfg: RunConfig) -> str:
     model.eval()
@@ -413,11 +457,12 @@ def generate_sample(model: HybridLanguageModel, tokenizer, cfg: RunConfig) -> st
 
 
 def run_training(cfg: RunConfig, ds_config: str, resume: str = "none", local_rank: int | None = None,
-                 init_from: str = "") -> int:
+                 init_from: str = "", allow_config_change: tuple[str, ...] = ()) -> int:
     """Train `cfg` to its last step (or to a stop signal), then leave the process group.
     `init_from`: a checkpoint whose weights the run starts from (fresh optimizer and schedule);
-    a checkpoint being resumed takes precedence."""
-    trainer = Trainer(cfg, ds_config, resume, local_rank, init_from)
+    a checkpoint being resumed takes precedence. `allow_config_change`: config keys a resume
+    may change beyond the free ones (fusiontree.config.check_resume_config)."""
+    trainer = Trainer(cfg, ds_config, resume, local_rank, init_from, allow_config_change)
     trainer.fit()
     trainer.finish()
     trainer.ckpt.wait()  # an asynchronous save still writing

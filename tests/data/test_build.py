@@ -215,13 +215,13 @@ def test_command_line(corpus_dir, tmp_path):
     res = subprocess.run([sys.executable, str(script), "--input", str(corpus_dir / "doc_00*.txt"),
                           str(corpus_dir / "data.jsonl"), "--output", str(out), "--vocab-size", "400",
                           "--seq-lengths", "64,128", "--bucket-shares", "2,1", "--workers", "1",
-                          "--shard-size", "4", "--no-progress"], capture_output=True, text=True, timeout=120)
+                          "--shard-size", "4", "--no-progress"], capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr
     assert "seq     64" in res.stdout and "jsonl_bad_lines=2" in res.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["build_args"]["bucket_shares"] == [2.0, 1.0] and manifest["seq_lengths"] == [64, 128]
     res = subprocess.run([sys.executable, str(script), "--input", str(tmp_path / "nothing-here"), "--output",
-                          str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "y")], capture_output=True, text=True, timeout=1800)
     assert res.returncode == 2 and "nothing-here" in res.stderr and "no such file" in res.stderr
 
 

@@ -196,15 +196,77 @@ def test_val_loaders_are_fixed_and_split_across_ranks(built):
         assert not set(sum(ids_a, [])) & set(sum(ids_b, []))
 
 
-def test_resume_with_another_world_size(built):
+def _steps(loaders, steps: int) -> list[list[list[int]]]:
+    """Per step, the sample ids of its micro-batch slots in slot order (rank by rank, each rank's
+    accumulation micro-batches in order): what the step trains on, whatever the layout."""
+    out = []
+    for _ in range(steps):
+        out.append([loader.next_batch()["sample_id"].tolist() for loader in loaders
+                    for _ in range(loader.grad_accum_steps)])
+        for loader in loaders:
+            loader.advance(loader.cfg.global_batch_tokens)
+    return out
+
+
+def _resumed(cfg, world: int, state: dict) -> list:
+    loaders = [build_train_loader(cfg, r, world, seed=4) for r in range(world)]
+    for loader in loaders:
+        loader.load_state_dict(json.loads(json.dumps(state)))
+    return loaders
+
+
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2)])
+def test_resume_with_another_world_size_reads_the_uninterrupted_steps(built, old, new):
+    """A mid-epoch checkpoint of `old` data-parallel ranks (2 workers each) resumed on `new`
+    ranks (in-process reading): every step until the last whole step of the epoch reads the
+    uninterrupted run's samples slot for slot, so each sample of the epoch once; a resume
+    inside that stretch, and a second change of size, keep it so; then the next epoch is the
+    new layout's."""
+    cfg_old, cfg_new = data_cfg(built[0], num_workers=2), data_cfg(built[0], num_workers=0)
+    full = [build_train_loader(cfg_old, r, old, seed=4) for r in range(old)]
+    nb, accum = full[0].stats()["buckets"][64]["batches_per_epoch"], full[0].grad_accum_steps
+    whole = nb // accum  # whole steps in epoch 0 of the old layout
+    assert whole >= 6
+    want = _steps(full, whole)
+    ids = [i for step in want for slot in step for i in slot]
+    assert len(ids) == len(set(ids)) == whole * (GLOBAL // MICRO) * (MICRO // 64)
+
+    cut, cut2 = whole // 3, 2 * whole // 3
+    first = [build_train_loader(cfg_old, r, old, seed=4) for r in range(old)]
+    got = _steps(first, cut)
+    second = _resumed(cfg_new, new, first[0].state_dict())
+    got += _steps(second, 1)
+    third = _resumed(cfg_new, new, second[-1].state_dict())  # the same size again, inside the stretch
+    got += _steps(third, cut2 - cut - 1)
+    fourth = _resumed(cfg_old, old, third[0].state_dict())  # and back to the old size
+    got += _steps(fourth, whole - cut2)
+    assert got == want
+    assert all(loader.epoch(64) == 1 for loader in fourth)  # the last whole step ended the epoch
+    assert [loader.epoch(64) for loader in third] == [0] * new
+
+    # then the new layout's epoch 1 from its start
+    after = _resumed(cfg_new, new, third[0].state_dict())
+    _steps(after, whole - cut2)
+    fresh = [build_train_loader(cfg_new, r, new, seed=4) for r in range(new)]
+    for loader in fresh:
+        state = loader.state_dict()
+        state["buckets"]["64"] = {"epoch": 1, "batches": 0}
+        loader.load_state_dict(state)
+    assert _steps(after, 2) == _steps(fresh, 2)
+    assert all(loader.epoch(64) == 1 for loader in after)
+    for loader in full + first + fourth:
+        loader.close()
+
+
+def test_resume_with_another_set_up_is_refused_or_starts_the_next_epoch(built):
     cfg = data_cfg(built[0], num_workers=0)
     loader = build_train_loader(cfg, 0, 2, seed=0)
     run_steps(loader, 3)
     state = loader.state_dict()
-    other = build_train_loader(data_cfg(built[0], num_workers=0, global_batch_tokens=512), 0, 1, seed=0)
-    with pytest.raises(ValueError, match="world_size: checkpoint 2 vs now 1.*resume_mismatch=next_epoch"):
+    other = build_train_loader(data_cfg(built[0], num_workers=0), 0, 2, seed=1)
+    with pytest.raises(ValueError, match="seed: checkpoint 0 vs now 1.*resume_mismatch=next_epoch"):
         other.load_state_dict(state)
-    lenient = build_train_loader(data_cfg(built[0], num_workers=0, global_batch_tokens=512,
+    lenient = build_train_loader(data_cfg(built[0], num_workers=0, micro_batch_tokens=128,
                                           resume_mismatch="next_epoch"), 0, 1, seed=0)
     lenient.load_state_dict(state)
     assert lenient.tokens_seen == 3 * GLOBAL and lenient.epoch(64) == 1
@@ -258,3 +320,14 @@ def test_yaml_curriculum_round_trips(tmp_path):
                  "    - {seq_len: 256}\n")
     cfg = load_config(p)
     assert cfg.data.curriculum == [CurriculumStage(64, 4096), CurriculumStage(256, 0)]
+
+
+def test_reading_leaves_the_global_rng_alone(built):
+    """Opening worker processes takes no number from torch's generator: a resumed run, which
+    opens its loader at another step, keeps the uninterrupted run's RNG state."""
+    loader = build_train_loader(data_cfg(built[0], num_workers=1), 0, 2, seed=0)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    run_steps(loader, 1)
+    loader.close()
+    assert torch.equal(torch.get_rng_state(), before)

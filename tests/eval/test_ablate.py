@@ -4,6 +4,7 @@ training runs in parallel, a pruned variant that shares a run), and strict file 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,16 @@ def test_ablation_files_are_checked_strictly(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/ablations").glob("*.yaml")), ids=lambda p: p.name)
 def test_committed_ablation_files_load_and_every_variant_is_a_valid_run_config(path, tmp_path):
     spec = yaml.safe_load(path.read_text())
-    if "variants" not in spec:  # a shared piece (base run config or data spec), checked where it is used
+    if "variants" not in spec:  # a shared piece: the base run config or the data spec of other ablation files
+        rel = str(path.relative_to(ROOT))
+        users = {key: [load_ablation(f) for f in sorted(path.parent.glob("*.yaml"))
+                       if re.search(rf"^{key}: {re.escape(rel)}$", f.read_text(), re.M)]
+                 for key in ("base_config", "data_build")}
+        assert users["base_config"] or users["data_build"], f"no ablation file uses {rel}"
+        for ab in users["data_build"]:  # their shards are built from it
+            assert ab.data_build is not None and ab.data_build.output == spec["output"]
+        if users["base_config"]:  # a valid run config on its own
+            assert load_config(path).train.steps > 0
         return
     ab = load_ablation(path)
     base = tmp_path / "base.yaml"

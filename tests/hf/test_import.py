@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from fusiontree.checkpoint import file_record
 from fusiontree.config import dump_config, load_config
 from fusiontree.hf.checkpoints import read_checkpoint
 from fusiontree.hf.convert import from_hf_state_dict
@@ -70,7 +71,7 @@ def test_import_gives_back_the_checkpoint_and_training_continues_from_it(trained
     assert back.cfg.data.shards_dir == original.cfg.data.shards_dir  # the run config came along
     assert (imported / "tokenizer.model").read_bytes() == (hf_shards / "tokenizer.model").read_bytes()
     assert back.meta["kind"] == "imported" and back.meta["exported_step"] == 6
-    assert json.loads((imported / "meta.json").read_text())["files"]["model.pt"] == (imported / "model.pt").stat().st_size
+    assert json.loads((imported / "meta.json").read_text())["files"]["model.pt"] == file_record(imported / "model.pt")
 
     # Two steps from the imported weights == two steps from the original checkpoint's weights
     # (fresh optimizer both times), and they start far below the loss of a fresh model on the
@@ -79,8 +80,10 @@ def test_import_gives_back_the_checkpoint_and_training_continues_from_it(trained
     config["train"]["checkpoint_every_steps"] = 100
     runs = {"fresh": losses(trained_run)}
     for name, init in (("imported", imported), ("original", original.path)):
-        train(config, tmp_path / name, "--init_from", str(init))
-        runs[name] = losses(tmp_path / name)
+        # a run directory of its own: a run writes its config.yaml there, which would be the
+        # imported checkpoint's (its content hash then no longer matches)
+        train(config, tmp_path / f"run_{name}", "--init_from", str(init))
+        runs[name] = losses(tmp_path / f"run_{name}")
     assert runs["imported"] == runs["original"]
     assert runs["imported"][1] < runs["fresh"][1] - 0.3, runs
 

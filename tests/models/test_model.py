@@ -99,6 +99,7 @@ def test_gate_statistics_per_layer():
 
 
 def test_fp32_parameters_and_no_weight_decay_tags():
+    torch.manual_seed(0)
     model = HybridLanguageModel(model_preset("debug"))
     mixer = model.layers[0].mamba
     for p in (mixer.A_log, mixer.D, mixer.dt_bias):

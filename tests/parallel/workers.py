@@ -180,7 +180,9 @@ def compare_forward(rep: Report, out_par, loss_par, out_ref, loss_ref, rows: sli
             rep.close(f"gate[{i}]", gp, gr if gr.ndim == 1 else gr[rows])
 
 
-def train_losses(model, cfg, ctx: Ctx, rows: slice = slice(None), dp_group=None, packed=False) -> list[float]:
+def train_losses(model, cfg, ctx: Ctx, rows: slice = slice(None), dp_group=None, packed=False,
+                 grad_norms: list[float] | None = None) -> list[float]:
+    """The losses of STEPS AdamW steps; `grad_norms`: gets each step's global gradient norm."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
@@ -192,6 +194,9 @@ def train_losses(model, cfg, ctx: Ctx, rows: slice = slice(None), dp_group=None,
             loss = loss.detach().clone()
             dist.all_reduce(loss, group=dp_group)
             loss /= dist.get_world_size(dp_group)
+        if grad_norms is not None:
+            grad_norms.append(float(torch.linalg.vector_norm(
+                torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None]))))
         opt.step()
         losses.append(float(loss.detach()))
     return losses
@@ -298,7 +303,9 @@ def generation(ctx: Ctx) -> Report:
 
 def deepspeed_equality(ctx: Ctx, tp: int, sp: bool, zero_stage: int) -> Report:
     """deepspeed.initialize(mpu=DeepSpeedMPU()) with ZeRO over the data-parallel group only:
-    the same losses as a single-device torch AdamW run on the global batch."""
+    the same losses, global gradient norms (which a uniform gradient-scale error, a sum for a
+    mean over ranks, changes while AdamW's update hides it) and trained weights as a single-
+    device torch AdamW run on the global batch."""
     import deepspeed
 
     rep = Report(ctx)
@@ -308,7 +315,8 @@ def deepspeed_equality(ctx: Ctx, tp: int, sp: bool, zero_stage: int) -> Report:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     rows = slice(dp_rank * (B // dp), (dp_rank + 1) * (B // dp))
     ref = build_plain(cfg, ctx)
-    ref_losses = train_losses(ref, cfg, ctx)
+    ref_norms: list[float] = []
+    ref_losses = train_losses(ref, cfg, ctx, grad_norms=ref_norms)
     model = parallelize(build_plain(cfg, ctx), pcfg)
     ds_config = {"train_micro_batch_size_per_gpu": B // dp, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": 1 << 20},
@@ -322,6 +330,7 @@ def deepspeed_equality(ctx: Ctx, tp: int, sp: bool, zero_stage: int) -> Report:
         _, loss = forward_loss(engine, batch(cfg, ctx, 100 + step), rows)
         engine.backward(loss)
         engine.step()
+        rep.close(f"grad-norm[{step}]", torch.tensor(float(engine.get_global_grad_norm())), torch.tensor(ref_norms[step]))
         mean = loss.detach().clone()
         dist.all_reduce(mean, group=ps.get_data_parallel_group())
         losses.append(float(mean / dp))

@@ -27,6 +27,9 @@ from tests.slurm.conftest import Cluster, free_port
 from tests.train.conftest import ROOT, env as train_env, losses, metrics, write_config
 
 STEPS = 12
+# How long a job may take before the test calls it hung: a guard, not a time budget (a two-core
+# machine shared with other test runs took longer than 240 s for the training job).
+HANG_TIMEOUT_S = 1800
 CPU_OVERRIDES = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--mem=0",
                  "--time=30"]  # minutes: beyond the script's 900 s signal lead
 
@@ -79,7 +82,7 @@ def build_shards_on_cluster(cluster: Cluster, tmp: Path) -> Path:
                 REPO=str(ROOT), PYTHON=str(Path(train_env()["PATH"].split(":")[0]) / "python"))
     res = cluster.run("bash", str(ROOT / "slurm/build_shards.sh"), env=e)
     merge_job = int(re.search(r"merge job: (\d+)", res.stdout).group(1))
-    info = wait_for(cluster, merge_job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 120)
+    info = wait_for(cluster, merge_job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, HANG_TIMEOUT_S)
     logs = "\n".join(p.read_text() for p in sorted((tmp / "shards.parts/logs").glob("*")))
     assert info["JobState"] == "COMPLETED", f"{info}\n{logs}"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -146,7 +149,7 @@ def test_build_shards_then_train_then_requeue_on_time_limit_signal(slurm_cluster
     # --- 2. a job that runs to the end
     config = run_config(tmp_path, shards, "full", checkpoint_every_steps=STEPS)
     job1, out1 = submit_training(cluster, tmp_path, config, "ft-full")
-    info = wait_for(cluster, job1, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240)
+    info = wait_for(cluster, job1, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, HANG_TIMEOUT_S)
     run1 = tmp_path / "runs" / f"ft-full-{job1}"
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{read(out1)[-4000:]}"
     assert info["Requeue"] == "1" and info["NumTasks"] == "2"
@@ -161,7 +164,7 @@ def test_build_shards_then_train_then_requeue_on_time_limit_signal(slurm_cluster
     # --- 3. the same run, stopped by the time-limit signal, requeued, resumed
     job2, out2 = submit_training(cluster, tmp_path, config, "ft-requeue")
     run2 = tmp_path / "runs" / f"ft-requeue-{job2}"
-    deadline = time.time() + 180
+    deadline = time.time() + HANG_TIMEOUT_S
     while not (run2 / "metrics.jsonl").exists() or max(losses(run2) or [0]) < 2:  # the trainer is in its loop
         info = cluster.job(job2)
         assert info.get("JobState") in ("PENDING", "RUNNING"), f"{info}\n{read(out2)[-4000:]}"
@@ -169,14 +172,14 @@ def test_build_shards_then_train_then_requeue_on_time_limit_signal(slurm_cluster
         time.sleep(0.1)
     cluster.run("scancel", "--signal=USR1", "--batch", str(job2))  # what --signal=B:USR1@T sends at T
     m = None
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_TIMEOUT_S
     while m is None:
         m = re.search(r"stop requested by signal: checkpoint saved at step (\d+), exiting", read(out2))
         assert time.time() < deadline, f"no stop after the signal: {read(out2)[-4000:]}"
         time.sleep(0.2)
     stop_step = int(m.group(1))
     assert stop_step < STEPS, "the job ended before the signal reached it"
-    info = wait_for(cluster, job2, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240, release=True)
+    info = wait_for(cluster, job2, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, HANG_TIMEOUT_S, release=True)
     log2 = read(out2)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", \
         f"{info}\n{log2[-6000:]}\n{cluster.daemon_logs()}"

@@ -70,14 +70,24 @@ def shm_leftovers(cmd: list[str]) -> list[Path]:
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
-def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+# A guard against a hung run, not a time budget: on two cores shared with other test runs, a
+# run takes many times what it takes on idle cores.
+HANG_TIMEOUT_S = 1800
+
+
+def run(cmd: list[str], timeout: int = HANG_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+def _not_json(constant: str):
+    raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON (null is)")
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """metrics.jsonl's rows, read as strict JSON (NaN and Infinity are errors)."""
+    return [json.loads(line, parse_constant=_not_json)
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
