@@ -21,6 +21,10 @@ Steps (`data_pipeline/build_shards.py` is the command line for this):
    tokens follow its weight (below), and the sources are interleaved in proportion.
 5. Documents are packed per split in chunks of about `chunk_tokens` tokens
    (fusiontree/data/packing.py) and written as shards per bucket (fusiontree/data/shards.py).
+   A chunk's documents wait on disk (the staging directory's `.spill/`) until it is full, and
+   shards are written sample by sample, so the builder's memory is bounded by `chunk_tokens`,
+   `workers` and the buckets, not by the input (a mixture also keeps 16 bytes per document
+   until it is sampled).
 6. manifest.json is written last, into a staging directory beside `output`; only a complete
    build replaces `output` (two renames). A failed build, whatever the cause, leaves the
    previous build in `output` as it was, and removes its staging directory (a killed build
@@ -253,10 +257,10 @@ def _map_large_blocks() -> None:
     """Serve every allocation of 128 KiB or more from a mapping of its own, unmapped when it
     is freed, in this process and the workers it forks. By default glibc raises that
     threshold to the largest block freed so far (up to 32 MiB), after which the builder's
-    blocks of text, pickled results and shard data (megabytes each, of varied sizes) come
-    from the heap, fragment it, and the peak grew with the input: 274 -> 219 MiB over the
-    build's processes on 120 MB of input. Process-wide and never undone; it changes where
-    memory comes from, not what any code computes."""
+    blocks of text and pickled results (megabytes each, of varied sizes) come from the
+    heap and fragment it: the builder's resident memory then crept up with the input while
+    the bytes it held stayed flat. Process-wide and never undone; it changes where memory
+    comes from, not what any code computes."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
