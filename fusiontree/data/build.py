@@ -23,8 +23,9 @@ Steps (`data_pipeline/build_shards.py` is the command line for this):
    (fusiontree/data/packing.py) and written as shards per bucket (fusiontree/data/shards.py).
    A chunk's documents wait on disk (the staging directory's `.spill/`) until it is full, and
    shards are written sample by sample, so the builder's memory is bounded by `chunk_tokens`,
-   `workers` and the buckets, not by the input (a mixture also keeps 16 bytes per document
-   until it is sampled).
+   `workers` and the buckets, not by the input. The exception is a mixture's sampling, after
+   tokenizing: it reads back each document's length and rank (16 bytes) for one split at a
+   time and sorts them, under 100 bytes a document while that split is sampled.
 6. manifest.json is written last, into a staging directory beside `output`; only a complete
    build replaces `output` (two renames). A failed build, whatever the cause, leaves the
    previous build in `output` as it was, and removes its staging directory (a killed build
@@ -49,6 +50,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -480,28 +482,40 @@ class _Packer:
 
 
 class _Spill:
-    """A mixture source's tokenized documents of one split, on disk until they are sampled."""
+    """A mixture source's tokenized documents of one split, on disk until they are sampled:
+    their tokens, and each one's length and rank, read back only when the split is sampled
+    (held while tokenizing, they would grow with the input, 16 bytes a document)."""
+
+    _META = np.dtype([("length", "<i8"), ("rank", "<u8")])
+    _ITER_DOCS = 1 << 16  # documents whose lengths and copies are turned into Python ints at a time
 
     def __init__(self, path: Path, dtype: np.dtype):
-        self.path, self.dtype = path, dtype
+        self.path, self.meta_path, self.dtype = path, path.with_suffix(".meta"), dtype
         self.f = open(path, "wb")
-        self.lengths = array("q")
-        self.ranks = array("Q")
+        self.meta = open(self.meta_path, "wb")
+        self.lengths = self.ranks = None  # int64, uint64 per document, after close()
 
     def add(self, toks: np.ndarray, rank: int) -> None:
         self.f.write(toks.tobytes())
-        self.lengths.append(len(toks))
-        self.ranks.append(rank)
+        self.meta.write(struct.pack("<qQ", len(toks), rank))
+
+    def close(self) -> None:
+        self.f.close()
+        self.meta.close()
+        meta = np.fromfile(self.meta_path, dtype=self._META)
+        self.lengths, self.ranks = meta["length"].astype(np.int64), meta["rank"].astype(np.uint64)
 
     def docs(self, copies: np.ndarray, copy: int) -> Iterator[np.ndarray]:
         """The documents that have more than `copy` copies, in input order."""
         itemsize = self.dtype.itemsize
         with open(self.path, "rb") as f:
-            for n, c in zip(self.lengths, copies.tolist()):
-                if c > copy:
-                    yield np.frombuffer(f.read(n * itemsize), dtype=self.dtype)
-                else:
-                    f.seek(n * itemsize, os.SEEK_CUR)
+            for a in range(0, len(self.lengths), self._ITER_DOCS):
+                b = a + self._ITER_DOCS
+                for n, c in zip(self.lengths[a:b].tolist(), copies[a:b].tolist()):
+                    if c > copy:
+                        yield np.frombuffer(f.read(n * itemsize), dtype=self.dtype)
+                    else:
+                        f.seek(n * itemsize, os.SEEK_CUR)
 
 
 def mixture_copies(lengths: np.ndarray, ranks: np.ndarray, target: float) -> np.ndarray:
@@ -702,13 +716,13 @@ def _sample_mixture(sources: list[Source], spills: dict, packer: _Packer, read: 
                   "warnings": [], "splits": {}}
     for split in SPLITS:
         for i in range(len(sources)):
-            spills[i, split].f.close()
-        lengths = [np.frombuffer(spills[i, split].lengths, dtype=np.int64) for i in range(len(sources))]
+            spills[i, split].close()
+        lengths = [spills[i, split].lengths for i in range(len(sources))]
         input_tokens = [int(x.sum()) for x in lengths]
         targets, warning = _mixture_targets(split, input_tokens, weights, names)
         if warning:
             info["warnings"].append(warning)
-        copies = [mixture_copies(lengths[i], np.frombuffer(spills[i, split].ranks, dtype=np.uint64), targets[i])
+        copies = [mixture_copies(lengths[i], spills[i, split].ranks, targets[i])
                   if targets[i] > 0 else np.zeros(len(lengths[i]), dtype=np.int64) for i in range(len(sources))]
         streams = [_source_streams(spills[i, split], copies[i]) for i in range(len(sources))]
         for i, toks in _interleave(streams, targets):
