@@ -8,6 +8,7 @@ that a small input already behaves like a large one: many tasks, packing chunks 
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import tracemalloc
@@ -31,8 +32,9 @@ def peak_bytes(built, tmp_path: Path, copies: int) -> tuple[int, dict]:
     src = tmp_path / f"in{copies}.jsonl.gz"
     write_copies(src, copies)
     args = BuildArgs(inputs=[str(src)], output=str(tmp_path / f"out{copies}"), tokenizer=str(built[0] / "tokenizer.model"),
-                     seq_lengths=[64, 128, 256], val_fraction=0.2, workers=1, chunk_tokens=4096, shard_size=256,
+                     seq_lengths=[64, 128, 256], val_fraction=0.2, workers=1, chunk_tokens=4096, shard_size=1024,
                      progress=False)
+    gc.collect()  # garbage of earlier tests is not this build's
     tracemalloc.start()
     try:
         summary = build_shards(args)
@@ -46,11 +48,12 @@ def test_peak_memory_of_a_build_does_not_grow_with_the_input(built, tmp_path, mo
     monkeypatch.setattr(corpus, "STREAM_BLOCK_BYTES", 16 << 10)
     peak_bytes(built, tmp_path, 1)  # first use imports modules and fills caches
     small, s = peak_bytes(built, tmp_path, 2)
-    large, s4 = peak_bytes(built, tmp_path, 8)
-    added = s4["input"]["text_bytes"] - s["input"]["text_bytes"]
-    assert s4["splits"]["train"]["samples"] > 3.5 * s["splits"]["train"]["samples"]  # it did build 4x as much
-    # The manifest's shard list is the one record that grows (about 0.5 KB per shard, 1% of
-    # the added text here). Holding the documents, the samples or a Python int per document
-    # of the added input costs more than 2% of its text.
+    large, s6 = peak_bytes(built, tmp_path, 12)
+    added = s6["input"]["text_bytes"] - s["input"]["text_bytes"]
+    assert s6["splits"]["train"]["samples"] > 5 * s["splits"]["train"]["samples"]  # it did build 6x as much
+    # The manifest's shard list is the one record that grows (about 0.5 KB per shard, a few
+    # KB here); the peak also varies by about 12 KB from run to run. Holding the documents,
+    # the samples or a Python int per document of the added input costs more than 2% of its
+    # text (40 KB).
     assert large - small < 0.02 * added, (f"peak traced memory {small} B -> {large} B for {added} more bytes of "
                                           "text: something the build keeps grows with its input")
