@@ -25,6 +25,10 @@ Needs no network: every input is made from this machine's Python standard librar
    SentencePiece's). Then a mixture of three sources of unequal size (weights 0.5 / 0.3 /
    0.2) at the first size: the largest gap between a source's token share and its weight.
    Also each tokenizer's batch encoder alone (MB per CPU second, one thread, 5 MB).
+5. Memory (`--memory-mb`, e.g. 10,40,120): SentencePiece builds of the same kind of corpus at
+   each size with packing chunks of `--chunk-tokens`, nothing else: the peak PSS of the
+   build's process tree, of the builder alone and the largest RSS of one process, and the
+   ratio of the largest to the smallest peak (flat in the input size: close to 1).
 Prints tables, writes JSON.
 """
 
@@ -34,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -137,7 +142,8 @@ def write_scaled_corpus(path: Path, mb: float) -> dict:
     return {"path": str(path), "text_mb": size / 1e6, "documents": n, "file_mb": path.stat().st_size / 1e6}
 
 
-def train_tokenizers(corpus: Path, out: Path) -> dict[str, Path]:
+def train_tokenizers(corpus: Path, out: Path, kinds: tuple[str, ...] = ("sentencepiece", "huggingface")
+                     ) -> dict[str, Path]:
     """SentencePiece .model and byte-level BPE tokenizer.json, 8192 pieces each, trained on
     the first 8 MB of the corpus."""
     import zstandard
@@ -161,8 +167,9 @@ def train_tokenizers(corpus: Path, out: Path) -> dict[str, Path]:
     paths = {"sentencepiece": out / "tokenizer.model", "huggingface": out / "tokenizer.json"}
     lines = [x for t in texts for x in t.split("\n") if x.strip()]
     paths["sentencepiece"].write_bytes(train_tokenizer(lines, 8192, cpu_count(), 1234))
-    paths["huggingface"].write_bytes(train_bytelevel_bpe(texts, 8192))
-    return paths
+    if "huggingface" in kinds:
+        paths["huggingface"].write_bytes(train_bytelevel_bpe(texts, 8192))
+    return {k: paths[k] for k in kinds}
 
 
 def time_encoders(corpus: Path, tokenizers: dict[str, Path], mb: float = 5.0) -> dict:
@@ -327,6 +334,27 @@ def bench_scale(tmp: Path, sizes_mb: list[float], workers: int) -> dict:
     return {"corpora": list(corpora.values()), "encoders_mb_per_cpu_s": encoders, "builds": rows, "mixture": mix}
 
 
+def bench_memory(tmp: Path, sizes_mb: list[float], workers: int, chunk_tokens: int) -> dict:
+    """Peak memory of SentencePiece builds of each size (the scale section's corpus)."""
+    corpora = {}
+    for mb in sizes_mb:
+        corpora[mb] = write_scaled_corpus(tmp / f"memory_{mb:g}mb.jsonl.zst", mb)
+    toks = train_tokenizers(Path(corpora[sizes_mb[0]]["path"]), tmp / "memory_tokenizer", ("sentencepiece",))
+    rows = []
+    for mb in sizes_mb:
+        r = measured_build(dict(inputs=[corpora[mb]["path"]], output=str(tmp / "memory_out"),
+                                tokenizer=str(toks["sentencepiece"]), seq_lengths=[512, 1024, 2048, 4096],
+                                val_fraction=0.01, workers=workers, seed=1234, chunk_tokens=chunk_tokens))
+        r.pop("summary")
+        r.update(input_mb=mb, chunk_tokens=chunk_tokens)
+        rows.append(r)
+        print(f"memory build {mb:g} MB: peak PSS {r['peak_pss_mb']:.0f} MiB (tree), {r['builder_peak_pss_mb']:.0f} MiB "
+              f"(builder), largest process RSS {r['peak_process_rss_mb']:.0f} MiB, {r['seconds']:.1f} s", flush=True)
+        shutil.rmtree(tmp / "memory_out")
+    tree = [r["peak_pss_mb"] for r in rows]
+    return {"corpora": list(corpora.values()), "builds": rows, "tree_peak_max_over_min": max(tree) / min(tree)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", default=[], help="build input (default: the default corpus)")
@@ -339,13 +367,18 @@ def main() -> None:
     ap.add_argument("--scale-mb", default="100,1000",
                     help="input sizes (MB of text) for the memory / tokenizer.json / mixture builds; 0 skips them")
     ap.add_argument("--skip-default", action="store_true", help="skip sections 1-3 (default corpus, loader, tiny model)")
+    ap.add_argument("--memory-mb", default="0",
+                    help="input sizes (MB of text) of the memory section's builds, e.g. 10,40,120; 0 skips it")
+    ap.add_argument("--chunk-tokens", type=int, default=BuildArgs.chunk_tokens,
+                    help="packing chunk of the memory section's builds (tokens)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/data_pipeline.json"))
     args = ap.parse_args()
     scale_mb = [float(x) for x in args.scale_mb.split(",") if float(x) > 0]
+    memory_mb = [float(x) for x in args.memory_mb.split(",") if float(x) > 0]
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
     worker_counts = [int(x) for x in args.loader_workers.split(",")]
 
-    builds, loads, model, scale = [], [], None, None
+    builds, loads, model, scale, memory = [], [], None, None, None
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         if not args.skip_default:
@@ -368,6 +401,8 @@ def main() -> None:
                 if args.model_steps else None
         if scale_mb:
             scale = bench_scale(Path(tmp), scale_mb, args.workers)
+        if memory_mb:
+            memory = bench_memory(Path(tmp), memory_mb, args.workers, args.chunk_tokens)
     if model:
         print(f"tiny preset training on this CPU: {model['tokens_per_s']:.0f} tokens/s at seq {model['seq_len']}")
 
@@ -416,10 +451,20 @@ def main() -> None:
             for name, v in srcs.items():
                 print(f"| {split} | {name} | {v['weight_share']:.2%} | {v['share']:.4%} | {v['max_copies']} |")
         print(f"largest gap: {scale['mixture']['max_share_gap_points']:.4f} percentage points")
+    if memory:
+        print(f"\nmemory builds: {args.workers} build processes, buckets 512-4096, chunks of {args.chunk_tokens} "
+              "tokens, inputs .jsonl.zst, SentencePiece")
+        print("| input MB | text MB | seconds | MB/s | peak PSS MiB (tree) | peak PSS MiB (builder) "
+              "| peak RSS MiB (one process) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in memory["builds"]:
+            print(f"| {r['input_mb']:g} | {r['text_mb']:.1f} | {r['seconds']:.1f} | {r['mb_per_s']:.2f} | "
+                  f"{r['peak_pss_mb']:.0f} | {r['builder_peak_pss_mb']:.0f} | {r['peak_process_rss_mb']:.0f} |")
+        print(f"largest / smallest tree peak: {memory['tree_peak_max_over_min']:.3f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "build": builds, "loader": loads, "tiny_training": model,
-                               "scale": scale}, indent=2))
+                               "scale": scale, "memory": memory}, indent=2))
     print(f"wrote {out}")
 
 

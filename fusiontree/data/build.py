@@ -21,6 +21,11 @@ Steps (`data_pipeline/build_shards.py` is the command line for this):
    tokens follow its weight (below), and the sources are interleaved in proportion.
 5. Documents are packed per split in chunks of about `chunk_tokens` tokens
    (fusiontree/data/packing.py) and written as shards per bucket (fusiontree/data/shards.py).
+   A chunk's documents wait on disk (the staging directory's `.spill/`) until it is full, and
+   shards are written sample by sample, so the builder's memory is bounded by `chunk_tokens`,
+   `workers` and the buckets, not by the input. The exception is a mixture's sampling, after
+   tokenizing: it reads back each document's length and rank (16 bytes) for one split at a
+   time and sorts them, under 100 bytes a document while that split is sampled.
 6. manifest.json is written last, into a staging directory beside `output`; only a complete
    build replaces `output` (two renames). A failed build, whatever the cause, leaves the
    previous build in `output` as it was, and removes its staging directory (a killed build
@@ -45,6 +50,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -69,6 +75,7 @@ TOKENIZER_FILE = KINDS["sentencepiece"]  # the file of a tokenizer trained here
 # What a previous build leaves in its output directory (and a rebuild may replace).
 _BUILD_ENTRIES = {"train", "val", MANIFEST, *KINDS.values()}
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_SPILL = ".spill"  # the staging directory's scratch files (removed before the build is complete)
 
 
 @dataclass
@@ -244,6 +251,22 @@ def _release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_MMAP_THRESHOLD_BYTES = 128 << 10
+
+
+def _map_large_blocks() -> None:
+    """Serve every allocation of 128 KiB or more from a mapping of its own, unmapped when it
+    is freed, in this process and the workers it forks. By default glibc raises that
+    threshold to the largest block freed so far (up to 32 MiB), after which the builder's
+    blocks of text and pickled results (megabytes each, of varied sizes) come from the
+    heap and fragment it: the builder's resident memory then crept up with the input while
+    the bytes it held stayed flat. Process-wide and never undone; it changes where memory
+    comes from, not what any code computes."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
@@ -252,7 +275,7 @@ def _libc():
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # musl has none
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # musl has none
     except OSError:
         return None
 
@@ -285,6 +308,12 @@ def _doc_rank(seed: int, key: str) -> int:
     return int.from_bytes(h, "little")
 
 
+# Characters encoded per tokenizer call: its output is a Python int per token (about 36
+# bytes each, 15-20x the text), so a task's block is encoded a slice at a time and each
+# slice becomes arrays at once.
+_ENCODE_BATCH_CHARS = 1 << 18
+
+
 def _encode_task(task) -> tuple[list[tuple[str, np.ndarray, int]], ReadResult, int]:
     """Read and tokenize a task: [(split, tokens ending with eos, rank)], read counts, its size."""
     res = corpus.read_task(task, _WORKER["text_field"])
@@ -292,18 +321,24 @@ def _encode_task(task) -> tuple[list[tuple[str, np.ndarray, int]], ReadResult, i
     if not res.docs:
         return [], res, size
     tok: Tokenizer = _WORKER["tok"]
-    ids = tok.encode_batch([d.text for d in res.docs])
     eos, unk, seed = tok.eos_id(), tok.special_ids["unk"], _WORKER["seed"]
     out = []
-    for doc, toks in zip(res.docs, ids):
-        arr = np.empty(len(toks) + 1, dtype=_WORKER["dtype"])
-        arr[:-1] = toks
-        arr[-1] = eos
-        if unk is not None:
-            res.stats.unk_tokens += int(np.count_nonzero(arr[:-1] == unk))
-        out.append((corpus.split_of(doc.group, seed, _WORKER["val_fraction"]), arr, _doc_rank(seed, doc.key)))
+    start = 0
+    while start < len(res.docs):
+        stop, chars = start, 0
+        while stop < len(res.docs) and (stop == start or chars < _ENCODE_BATCH_CHARS):
+            chars += len(res.docs[stop].text)
+            stop += 1
+        batch = res.docs[start:stop]
+        for doc, toks in zip(batch, tok.encode_batch([d.text for d in batch])):
+            arr = np.empty(len(toks) + 1, dtype=_WORKER["dtype"])
+            arr[:-1] = toks
+            arr[-1] = eos
+            if unk is not None:
+                res.stats.unk_tokens += int(np.count_nonzero(arr[:-1] == unk))
+            out.append((corpus.split_of(doc.group, seed, _WORKER["val_fraction"]), arr, _doc_rank(seed, doc.key)))
+        start = stop
     res.docs = []
-    del ids
     _release_free_memory()
     return out, res, size
 
@@ -368,6 +403,39 @@ def _tokenizer_sample(units: list[Unit], args: BuildArgs, tqdm) -> tuple[list[st
     return lines, size, seen
 
 
+class _Chunk:
+    """The documents of a split waiting for the next packing chunk, on disk: a split that
+    fills its chunk slowly (val, a few percent of the input) would otherwise hold more
+    documents the larger the input, and long-lived small arrays among the builder's
+    transient megabyte blocks fragment its heap."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.dtype = dtype
+        self.f = open(path, "w+b")
+        self.lengths = array("q")
+        self.sources = array("q")
+        self.tokens = 0
+
+    def add(self, toks: np.ndarray, src: int) -> None:
+        self.f.write(toks.tobytes())
+        self.lengths.append(len(toks))
+        self.sources.append(src)
+        self.tokens += len(toks)
+
+    def take(self) -> tuple[list[np.ndarray], list[int]]:
+        """The documents (views of one array) and their sources, in the order added; empties the chunk."""
+        self.f.flush()
+        self.f.seek(0)
+        tokens = np.fromfile(self.f, dtype=self.dtype, count=self.tokens)
+        ends = np.cumsum(self.lengths).tolist()
+        docs = [tokens[end - n:end] for end, n in zip(ends, self.lengths)]
+        sources = self.sources.tolist()
+        self.f.seek(0)
+        self.f.truncate()
+        self.lengths, self.sources, self.tokens = array("q"), array("q"), 0
+        return docs, sources
+
+
 class _Packer:
     """Collects tokenized documents per split and packs them, a chunk at a time, into the
     bucket writers; counts documents and tokens (per source for mixtures)."""
@@ -377,64 +445,77 @@ class _Packer:
         self.args, self.seq_lengths, self.shares = args, seq_lengths, shares
         self.writers = {(s, L): ShardWriter(root, s, L, args.shard_size, dtype) for s in SPLITS for L in seq_lengths}
         self.pack_stats = {s: PackStats() for s in SPLITS}
-        self.pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        self.pending_src: dict[str, list[int]] = {s: [] for s in SPLITS}
-        self.pending_tokens = {s: 0 for s in SPLITS}
+        (root / _SPILL).mkdir(exist_ok=True)
+        self.pending = {s: _Chunk(root / _SPILL / f"chunk-{s}.tokens", np.dtype(dtype)) for s in SPLITS}
         self.docs = {s: [0] * n_sources for s in SPLITS}
         self.tokens = {s: [0] * n_sources for s in SPLITS}  # document tokens (eos included) before packing
         self.bucket_source_tokens = {(s, L): [0] * n_sources for s in SPLITS for L in seq_lengths}
         self.chunks = {s: 0 for s in SPLITS}
 
     def add(self, split: str, toks: np.ndarray, src: int) -> None:
-        self.pending[split].append(toks)
-        self.pending_src[split].append(src)
-        self.pending_tokens[split] += len(toks)
+        self.pending[split].add(toks, src)
         self.docs[split][src] += 1
         self.tokens[split][src] += len(toks)
-        if self.pending_tokens[split] >= self.args.chunk_tokens:
+        if self.pending[split].tokens >= self.args.chunk_tokens:
             self.flush(split)
 
     def flush(self, split: str) -> None:
-        if not self.pending[split]:
+        if not self.pending[split].lengths:
             return
+        docs, sources = self.pending[split].take()
         rng = np.random.default_rng([self.args.seed, SPLITS.index(split), self.chunks[split]])
-        packed, stats = pack_documents(self.pending[split], self.seq_lengths, rng, self.shares,
-                                       self.pending_src[split])
+        packed, stats = pack_documents(docs, self.seq_lengths, rng, self.shares, sources)
+        del docs
         self.pack_stats[split].add(stats)
         for L, bucket in packed.items():
             for tokens_T, starts_D in zip(bucket.tokens, bucket.doc_starts):
                 self.writers[split, L].write(tokens_T, starts_D)
             for src, n in bucket.source_tokens.items():
                 self.bucket_source_tokens[split, L][src] += n
-        self.pending[split], self.pending_src[split], self.pending_tokens[split] = [], [], 0
         self.chunks[split] += 1
         del packed
         _release_free_memory()
 
+    def close(self) -> None:
+        for chunk in self.pending.values():
+            chunk.f.close()
+
 
 class _Spill:
-    """A mixture source's tokenized documents of one split, on disk until they are sampled."""
+    """A mixture source's tokenized documents of one split, on disk until they are sampled:
+    their tokens, and each one's length and rank, read back only when the split is sampled
+    (held while tokenizing, they would grow with the input, 16 bytes a document)."""
+
+    _META = np.dtype([("length", "<i8"), ("rank", "<u8")])
+    _ITER_DOCS = 1 << 16  # documents whose lengths and copies are turned into Python ints at a time
 
     def __init__(self, path: Path, dtype: np.dtype):
-        self.path, self.dtype = path, dtype
+        self.path, self.meta_path, self.dtype = path, path.with_suffix(".meta"), dtype
         self.f = open(path, "wb")
-        self.lengths = array("q")
-        self.ranks = array("Q")
+        self.meta = open(self.meta_path, "wb")
+        self.lengths = self.ranks = None  # int64, uint64 per document, after close()
 
     def add(self, toks: np.ndarray, rank: int) -> None:
         self.f.write(toks.tobytes())
-        self.lengths.append(len(toks))
-        self.ranks.append(rank)
+        self.meta.write(struct.pack("<qQ", len(toks), rank))
+
+    def close(self) -> None:
+        self.f.close()
+        self.meta.close()
+        meta = np.fromfile(self.meta_path, dtype=self._META)
+        self.lengths, self.ranks = meta["length"].astype(np.int64), meta["rank"].astype(np.uint64)
 
     def docs(self, copies: np.ndarray, copy: int) -> Iterator[np.ndarray]:
         """The documents that have more than `copy` copies, in input order."""
         itemsize = self.dtype.itemsize
         with open(self.path, "rb") as f:
-            for n, c in zip(self.lengths, copies.tolist()):
-                if c > copy:
-                    yield np.frombuffer(f.read(n * itemsize), dtype=self.dtype)
-                else:
-                    f.seek(n * itemsize, os.SEEK_CUR)
+            for a in range(0, len(self.lengths), self._ITER_DOCS):
+                b = a + self._ITER_DOCS
+                for n, c in zip(self.lengths[a:b].tolist(), copies[a:b].tolist()):
+                    if c > copy:
+                        yield np.frombuffer(f.read(n * itemsize), dtype=self.dtype)
+                    else:
+                        f.seek(n * itemsize, os.SEEK_CUR)
 
 
 def mixture_copies(lengths: np.ndarray, ranks: np.ndarray, target: float) -> np.ndarray:
@@ -502,6 +583,7 @@ def build_shards(args: BuildArgs) -> dict:
     from tqdm import tqdm
 
     args.validate()
+    _map_large_blocks()
     shares = args.bucket_shares or [1.0] * len(args.seq_lengths)
     seq_lengths = sorted(args.seq_lengths)
     shares = [shares[args.seq_lengths.index(L)] for L in seq_lengths]
@@ -547,8 +629,7 @@ def build_shards(args: BuildArgs) -> dict:
         read = [ReadResult() for _ in sources]
         spills = {}
         if mixture:
-            (stage / ".spill").mkdir()
-            spills = {(i, s): _Spill(stage / ".spill" / f"{i}-{s}.tokens", np.dtype(dtype))
+            spills = {(i, s): _Spill(stage / _SPILL / f"{i}-{s}.tokens", np.dtype(dtype))
                       for i in range(len(sources)) for s in SPLITS}
         pool = _pool(args.workers, (tok.spec(), args.seed, args.val_fraction, args.text_field, dtype))
         try:
@@ -582,8 +663,8 @@ def build_shards(args: BuildArgs) -> dict:
             mixture_info = _sample_mixture(sources, spills, packer, read, args)
         for split in SPLITS:
             packer.flush(split)
-        if mixture:
-            shutil.rmtree(stage / ".spill")
+        packer.close()
+        shutil.rmtree(stage / _SPILL)
         t_pack = time.perf_counter() - t0
 
         names = [s.name for s in sources]
@@ -635,13 +716,13 @@ def _sample_mixture(sources: list[Source], spills: dict, packer: _Packer, read: 
                   "warnings": [], "splits": {}}
     for split in SPLITS:
         for i in range(len(sources)):
-            spills[i, split].f.close()
-        lengths = [np.frombuffer(spills[i, split].lengths, dtype=np.int64) for i in range(len(sources))]
+            spills[i, split].close()
+        lengths = [spills[i, split].lengths for i in range(len(sources))]
         input_tokens = [int(x.sum()) for x in lengths]
         targets, warning = _mixture_targets(split, input_tokens, weights, names)
         if warning:
             info["warnings"].append(warning)
-        copies = [mixture_copies(lengths[i], np.frombuffer(spills[i, split].ranks, dtype=np.uint64), targets[i])
+        copies = [mixture_copies(lengths[i], spills[i, split].ranks, targets[i])
                   if targets[i] > 0 else np.zeros(len(lengths[i]), dtype=np.int64) for i in range(len(sources))]
         streams = [_source_streams(spills[i, split], copies[i]) for i in range(len(sources))]
         for i, toks in _interleave(streams, targets):

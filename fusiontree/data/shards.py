@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,24 +79,30 @@ def _ustar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+def _tar_member(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """A member's header, data and the zero padding that ends it on a block boundary."""
+    return _ustar_header(name, len(data)), data, b"\0" * (-len(data) % _BLOCK)
+
+
+def _tar_end(size: int) -> bytes:
+    """What ends an archive of `size` bytes of members: two zero blocks, then zeros to a
+    whole record."""
+    return b"\0" * (2 * _BLOCK + (-(size + 2 * _BLOCK) % _RECORD))
+
+
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     """A deterministic tar archive of (name, data) members, in the given order."""
-    parts = []
-    for name, data in members:
-        parts.append(_ustar_header(name, len(data)))
-        parts.append(data)
-        if len(data) % _BLOCK:
-            parts.append(b"\0" * (_BLOCK - len(data) % _BLOCK))
-    body = b"".join(parts) + b"\0" * (2 * _BLOCK)  # two zero blocks end the archive
-    return body + b"\0" * (-len(body) % _RECORD)
+    body = b"".join(part for name, data in members for part in _tar_member(name, data))
+    return body + _tar_end(len(body))
 
 
 class ShardWriter:
     """Writes the samples of one split and bucket into shards of `shard_size` samples.
 
-    Sample keys count up from 0 across the bucket's shards. Each shard is assembled in
-    memory, hashed and written once, so a crashed build leaves no half-written shard that
-    a manifest lists.
+    Sample keys count up from 0 across the bucket's shards. A shard is written sample by
+    sample into `<name>.partial` and hashed on the way, then renamed to its name when it
+    is complete, so memory does not grow with the shard size and a crashed build leaves
+    no half-written shard under a name a manifest lists.
     """
 
     def __init__(self, root: Path, split: str, seq_len: int, shard_size: int, token_dtype: str):
@@ -104,32 +111,49 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.samples = 0
         self.documents = 0
-        self._members: list[tuple[str, bytes]] = []
+        self._file = None  # the open shard, its hash, bytes and samples so far
+        self._hash = None
+        self._bytes = 0
+        self._in_shard = 0
+
+    def _rel(self) -> str:
+        return f"{bucket_dir(self.split, self.seq_len)}/shard-{len(self.shards):06d}.tar"
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self._bytes += len(data)
 
     def write(self, tokens_T: np.ndarray, doc_starts_D: np.ndarray) -> None:
         assert len(tokens_T) == self.seq_len and doc_starts_D[0] == 0
+        if self._file is None:
+            path = self.root / (self._rel() + ".partial")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file, self._hash, self._bytes, self._in_shard = open(path, "wb"), hashlib.sha256(), 0, 0
         key = sample_key(self.samples)
-        self._members.append((key + ".doc_starts", np.asarray(doc_starts_D, dtype="<i4").tobytes()))
-        self._members.append((key + ".tokens", tokens_T.astype(self.dtype, copy=False).tobytes()))
+        for name, data in ((key + ".doc_starts", np.asarray(doc_starts_D, dtype="<i4").tobytes()),
+                           (key + ".tokens", tokens_T.astype(self.dtype, copy=False).tobytes())):
+            for part in _tar_member(name, data):
+                self._put(part)
         self.samples += 1
+        self._in_shard += 1
         self.documents += len(doc_starts_D)
-        if len(self._members) == 2 * self.shard_size:
-            self._flush()
+        if self._in_shard == self.shard_size:
+            self._finish_shard()
 
-    def _flush(self) -> None:
-        if not self._members:
+    def _finish_shard(self) -> None:
+        if self._file is None:
             return
-        data = tar_bytes(self._members)
-        rel = f"{bucket_dir(self.split, self.seq_len)}/shard-{len(self.shards):06d}.tar"
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        self.shards.append({"path": rel, "samples": len(self._members) // 2, "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
-        self._members = []
+        self._put(_tar_end(self._bytes))
+        self._file.close()
+        rel = self._rel()
+        os.replace(self.root / (rel + ".partial"), self.root / rel)
+        self.shards.append({"path": rel, "samples": self._in_shard, "bytes": self._bytes,
+                            "sha256": self._hash.hexdigest()})
+        self._file = self._hash = None
 
     def close(self) -> dict:
-        self._flush()
+        self._finish_shard()
         return {"seq_len": self.seq_len, "samples": self.samples, "tokens": self.samples * self.seq_len,
                 "documents": self.documents, "shards": self.shards}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -15,7 +16,7 @@ import pytest
 
 from fusiontree.data.build import build_shards, format_summary
 from fusiontree.data.corpus import split_of
-from fusiontree.data.shards import bucket_shards, read_shard_range, tar_bytes
+from fusiontree.data.shards import ShardWriter, bucket_shards, read_shard_range, tar_bytes
 from fusiontree.data.tokenizer import load_sentencepiece, load_tokenizer_file
 
 from .conftest import EXPECTED_INPUT, N_DOCS, SEQ_LENGTHS, VOCAB, build_args
@@ -187,6 +188,28 @@ def test_tar_writer_matches_python_tarfile_and_webdataset_reads_it():
 
     got = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(ours))]
     assert got == members
+
+
+def test_shard_writer_streams_the_archive_tar_bytes_makes(tmp_path):
+    """Shards written sample by sample hold exactly the archive of their members; the manifest
+    entry gives its size and hash, and no .partial file is left."""
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(tmp_path, "train", 300, 2, "uint16")  # 300 tokens: members that end mid-block
+    samples = [(rng.integers(0, 1000, 300).astype(np.uint16), np.array([0, 7, 150][:1 + i % 3], dtype=np.int32))
+               for i in range(5)]
+    for tokens_T, starts_D in samples:
+        writer.write(tokens_T, starts_D)
+    entry = writer.close()
+    assert [s["samples"] for s in entry["shards"]] == [2, 2, 1] and entry["samples"] == 5
+    for k, shard in enumerate(entry["shards"]):
+        members = []
+        for i in range(2 * k, min(2 * k + 2, 5)):
+            members += [(f"{i:010d}.doc_starts", samples[i][1].astype("<i4").tobytes()),
+                        (f"{i:010d}.tokens", samples[i][0].astype("<u2").tobytes())]
+        data = (tmp_path / shard["path"]).read_bytes()
+        assert data == tar_bytes(members)
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_output_with_foreign_files_is_refused(corpus_dir, tmp_path):
