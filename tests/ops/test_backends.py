@@ -3,7 +3,6 @@ FlexAttention has no CPU backward), the SDPA paths, seq_idx relabelling, the com
 The GPU kernels themselves are tested in test_gpu_backends.py."""
 
 import logging
-import warnings
 
 import pytest
 import torch
@@ -19,13 +18,6 @@ from fusiontree.ops.ssd import ssd_chunked_ref
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-
-@pytest.fixture(autouse=True)
-def _quiet_uncompiled_flex():
-    # FlexAttention warns that it runs unfused without torch.compile, which is the point here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        yield
 
 
 # ------------------------------------------------------------------ selection

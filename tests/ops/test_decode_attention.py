@@ -8,7 +8,6 @@ padding slots. Slots past the filled part hold garbage with real-looking positio
 contract says they are never read."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -18,13 +17,6 @@ from fusiontree.ops.backends.decode import KV_BLOCK, decode_attention_filled_blo
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-
-@pytest.fixture(autouse=True)
-def _quiet_uncompiled_flex():
-    # FlexAttention warns that it runs unfused without torch.compile, which is the CPU path here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        yield
 
 
 def decode_case(tokens: int, slots: int, ring: bool, pads: list[int], H: int = 4, K: int = 2, D: int = 16,
