@@ -72,10 +72,8 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
             local_world = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():
-        if backend == "gloo" and local == 0:
-            message = deepspeed_cpu_op_message()
-            if message:
-                log.warning(message)
+        if backend == "gloo":
+            build_deepspeed_cpu_op(announce=local == 0)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
@@ -107,6 +105,39 @@ def deepspeed_cpu_op_message() -> str | None:
               else "torch's default place; set TORCH_EXTENSIONS_DIR to build it elsewhere, e.g. in the venv")
     return (f"compiling DeepSpeed's CPU communication op ({DEEPSPEED_CPU_OP}) into {build_dir} ({chosen}): once, "
             "a minute or more; later runs reuse it")
+
+
+def build_deepspeed_cpu_op(announce: bool = True) -> None:
+    """Build DeepSpeed's CPU communication op before DeepSpeed would, under an OS file lock.
+
+    torch's extension builder guards a build with a plain `lock` file in the build directory; a
+    build that is killed leaves it behind, and every later run then waits for it forever. Every
+    build here runs under `fcntl.flock` on a file beside that directory, which the OS releases
+    however the holder ends, so a `lock` file found while holding it was left by a killed build:
+    it is removed (with a warning) and the op built. The other processes of the node wait on the
+    flock and find the op built."""
+    import fcntl
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    message = deepspeed_cpu_op_message()
+    if message is None:
+        return
+    build_dir = Path(_get_build_directory(DEEPSPEED_CPU_OP, verbose=False))
+    with open(build_dir.parent / f"{DEEPSPEED_CPU_OP}.build-lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if deepspeed_cpu_op_message() is None:
+            return  # another process built it while this one waited
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning(f"removing {stale}, left by a build of {DEEPSPEED_CPU_OP} that was killed (runs would wait "
+                        "for it forever); building again")
+            stale.unlink()
+        if announce:
+            log.warning(message)
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
 
 
 def deepspeed_shm_buffer(rank: int) -> Path:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from fusiontree.config import load_config
-from fusiontree.train.distributed import deepspeed_cpu_op_message
+from fusiontree.train.distributed import build_deepspeed_cpu_op, deepspeed_cpu_op_message
 from fusiontree.train.trainer import window_warning
 from tests.train.conftest import ROOT, env, write_config
 
@@ -54,6 +54,50 @@ def test_a_first_cpu_run_says_what_it_compiles_and_where(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     message = deepspeed_cpu_op_message()
     assert str(tmp_path / "cache") in message and "set TORCH_EXTENSIONS_DIR" in message
+
+
+def test_a_lock_left_by_a_killed_build_of_the_cpu_op_is_removed(tmp_path, monkeypatch, caplog):
+    """torch's extension builder waits forever on a `lock` file that a killed build left; the
+    build under the project's flock removes it and builds once, and a process that waited on the
+    flock while another built does not build again."""
+    import fcntl
+    import importlib
+    import threading
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` the attribute is torch
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    op_dir = tmp_path / "ext" / "deepspeed_shm_comm"
+    op_dir.mkdir(parents=True)
+    (op_dir / "lock").touch()  # what a SIGKILLed build leaves
+    builds = []
+
+    def fake_build():  # torch's builder would wait for `lock` to go; here it must be gone already
+        assert not (op_dir / "lock").exists()
+        builds.append(1)
+        (op_dir / "deepspeed_shm_comm.so").touch()
+
+    monkeypatch.setattr(ds_torch, "build_shm_op", fake_build)
+    with caplog.at_level("WARNING", logger="fusiontree.train"):
+        build_deepspeed_cpu_op()
+    assert builds == [1]
+    assert any("left by a build of deepspeed_shm_comm that was killed" in r.message for r in caplog.records)
+    assert any("compiling DeepSpeed's CPU communication op" in r.message for r in caplog.records)
+    build_deepspeed_cpu_op()  # built: nothing to do
+    assert builds == [1]
+
+    (op_dir / "deepspeed_shm_comm.so").unlink()
+    (op_dir / "lock").touch()  # this time a live build holds the flock and finishes meanwhile
+    with open(tmp_path / "ext" / "deepspeed_shm_comm.build-lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=build_deepspeed_cpu_op)
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive()  # waits on the flock
+        (op_dir / "deepspeed_shm_comm.so").touch()
+        (op_dir / "lock").unlink()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and builds == [1]
 
 
 def test_a_window_covering_every_training_length_is_warned_about():
