@@ -45,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -84,6 +85,18 @@ def parse_case(case: str) -> dict:
                 zero=num("z", 1), accum=num("acc", 4), save="save" in flags or "asave" in flags,
                 async_save="asave" in flags, fused="fused" in flags,
                 profile="profile" in flags)
+
+
+DRY_SEQ = 256
+
+
+def dry_run_case(c: dict) -> dict:
+    """The case on the CPU: the debug preset (a twin stays a twin, a peer a peer), sequences of
+    at most DRY_SEQ tokens, every flag as given; the case keeps its name."""
+    kind = next((p for p in ("mamba-ref-", "transformer-") if c["preset"].startswith(p)), "")
+    seq = min(c["seq_len"], DRY_SEQ)
+    ckpt = c["checkpoint_layers"]
+    return {**c, "preset": kind + "debug", "seq_len": seq, "checkpoint_layers": None if ckpt is None else min(ckpt, 1)}
 
 
 def layout(c: dict) -> str:
@@ -140,6 +153,8 @@ def trainer_command(c: dict, args, run_dir: Path, cache: Path) -> list[str]:
         over.update({"train.device": "cuda", "train.precision": "bf16"})
     else:
         over.update({"model.max_seq_len": max(c["seq_len"], 256), "data.num_workers": 0})
+        if c["tp"] > 1:  # the debug preset has one SSM group; tensor parallelism splits whole groups
+            over["model.ssm_groups"] = c["tp"]
     if c["profile"]:
         over["train.profile_steps"] = f"[{args.steps - 1}]"
     script = [str(ROOT / "launch/train.py"), "--ds_config", str(ROOT / f"configs/ds/zero{c['zero']}.json"),
@@ -160,6 +175,23 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def run_group(cmd: list[str], env: dict, timeout: float, stdout) -> tuple[int, bool]:
+    """Run `cmd` in a process group of its own; at `timeout` kill the whole group (a launcher's
+    training processes too, which would otherwise keep their GPU memory and spoil the next
+    case). Returns (exit code, whether it was cut)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout), False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(), True
+    finally:
+        try:  # whatever the group left behind (a rank that outlived its launcher)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_trainer_case(c: dict, args, work: Path, env: dict) -> dict:
     name = _safe(c["case"])
     run_dir = work / "runs" / name
@@ -169,17 +201,19 @@ def run_trainer_case(c: dict, args, work: Path, env: dict) -> dict:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     log_path = work / "logs" / f"{name}.log"
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=args.case_timeout)
+        returncode, timed_out = run_group(cmd, env, args.case_timeout, stdout=log)
     wall = time.time() - t0
     rows = [r for r in read_metrics(run_dir) if "tokens_per_s" in r]
     base = {k: c[k] for k in ("case", "preset", "seq_len", "gpus")}
     base.update(micro_batch_tokens=c["seq_len"] * c["micro_batch"], layout=layout(c), compile=c["compile"],
                 cuda_graphs=c["graphs"], async_checkpoint=c["async_save"], checkpoint_layers=c["checkpoint_layers"], grad_accum=c["accum"],
                 cache=c.get("cache", "shared"), wall_s=wall, log=str(log_path), source="launch/train.py")
-    if proc.returncode != 0 or len(rows) <= args.warmup:
+    if timed_out:
+        base["cut"] = f"killed at --case-timeout {args.case_timeout} s after {len(rows)} steps"
+    if (returncode != 0 and not timed_out) or len(rows) <= args.warmup:
         tail = log_path.read_text()[-3000:]
-        return {**base, "error": f"exit {proc.returncode}, {len(rows)} steps logged", "log_tail": tail}
+        why = base.get("cut") or f"exit {returncode}, {len(rows)} steps logged"
+        return {**base, "error": why, "log_tail": tail}
     timed = rows[args.warmup:]
     first = next(r for r in rows if r["step"] == 1)
     row = {**base,
@@ -212,12 +246,16 @@ def run_peer_case(c: dict, args, work: Path, env: dict) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks/train_gpu.py"), "--cases", spec, "--warmup", "3",
            "--steps", "5", "--out", str(out)]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.case_timeout)
+    log_path = work / "logs" / f"peer_{_safe(spec)}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        returncode, timed_out = run_group(cmd, env, args.case_timeout, stdout=log)
     base = dict(case=c["case"], preset=c["preset"], seq_len=c["seq_len"], gpus=1,
                 micro_batch_tokens=c["seq_len"] * c["micro_batch"], layout="1 GPU (its own step)",
                 source="benchmarks/train_gpu.py", wall_s=time.time() - t0)
-    if proc.returncode != 0 or not out.exists():
-        return {**base, "error": f"exit {proc.returncode}", "log_tail": (proc.stdout + proc.stderr)[-3000:]}
+    if returncode != 0 or not out.exists():
+        why = f"no result within --case-timeout {args.case_timeout} s" if timed_out else f"exit {returncode}"
+        return {**base, "error": why, "log_tail": log_path.read_text()[-3000:]}
     r = json.loads(out.read_text())["rows"][0]
     if "error" in r:
         return {**base, "error": r["error"]}
@@ -235,9 +273,6 @@ def run_case(c: dict, args, work: Path, gpus: list[int] | None) -> dict:
     run = run_peer_case if c["preset"].startswith("mamba-ref-") else run_trainer_case
     try:
         r = run(c, args, work, env)
-    except subprocess.TimeoutExpired:
-        r = {"case": c["case"], "preset": c["preset"], "seq_len": c["seq_len"], "gpus": c["gpus"],
-             "error": f"no result within --case-timeout {args.case_timeout} s"}
     except Exception as e:  # one broken case must not end the others
         r = {"case": c["case"], "preset": c["preset"], "seq_len": c["seq_len"], "gpus": c["gpus"],
              "error": f"{type(e).__name__}: {e}"}
@@ -283,8 +318,8 @@ def run_side_by_side(cases: list[dict], args, work: Path, n_gpus: int) -> list[d
     return results
 
 
-def twin_of(case: str, preset: str) -> str:
-    return case.replace(preset, "transformer-" + preset, 1)
+def twin_of(case: str) -> str:
+    return "transformer-" + case
 
 
 def print_table(rows: list[dict]) -> None:
@@ -295,7 +330,7 @@ def print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"| {r['case']} | {r.get('layout', '')} | {r['error']} | | | | | | | |")
             continue
-        twin = by_case.get(twin_of(r["case"], r["preset"]))
+        twin = by_case.get(twin_of(r["case"]))
         peers = sorted((p for p in rows if p["preset"] == "mamba-ref-" + r["preset"] and p["seq_len"] == r["seq_len"]
                         and "error" not in p), key=lambda p: -p["tokens_per_s_per_gpu"])  # the peer at its best
         vs_twin = f"{r['tokens_per_s_per_gpu'] / twin['tokens_per_s_per_gpu']:.2f}x" if twin and "error" not in twin else ""
@@ -327,6 +362,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cases = [parse_case(c) for c in args.cases.split(",")]
+    if args.dry_run:
+        cases = [dry_run_case(c) for c in cases]
     if args.fresh_cache:
         shutil.rmtree(work / "cache", ignore_errors=True)
         seen = set()

@@ -42,6 +42,8 @@ def test_types_and_choices_are_checked():
         load_config(None, ["--model.d_model=big"])
     with pytest.raises(ValueError, match=r"model.gate='layer' is not one of \['channel', 'token'\]"):
         load_config(None, ["--model.gate=layer"])
+    with pytest.raises(ValueError, match=r"train.compile_backend='tvm' is not one of \['inductor', 'aot_eager'\]"):
+        load_config(None, ["--train.compile_backend=tvm"])
     with pytest.raises(ValueError, match="must look like --section.key=value"):
         load_config(None, ["model.d_model=3"])
     assert load_config(None, ["--train.lr_peak=1"]).train.lr_peak == 1.0  # int accepted for float

@@ -257,7 +257,7 @@ _MMAP_THRESHOLD_BYTES = 128 << 10
 
 def _map_large_blocks() -> None:
     """Serve every allocation of 128 KiB or more from a mapping of its own, unmapped when it
-    is freed, in this process and the workers it forks. By default glibc raises that
+    is freed, in this process (the parent and each worker call it). By default glibc raises that
     threshold to the largest block freed so far (up to 32 MiB), after which the builder's
     blocks of text and pickled results (megabytes each, of varied sizes) come from the
     heap and fragment it: the builder's resident memory then crept up with the input while
@@ -283,10 +283,15 @@ def _libc():
 _LIBC = _libc()
 
 
+# One thread per worker process: the pool is the parallelism (tokenizers and numpy's BLAS would
+# start a thread per core in every process). Set in the environment the workers start with.
+_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+
+
 def _init_worker(tok_spec: tuple | None, seed: int, val_fraction: float, text_field: str, dtype: str) -> None:
-    # One thread per worker process: the pool is the parallelism (tokenizers would start a
-    # thread per core in every process).
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.update(_WORKER_ENV)
+    _map_large_blocks()
     _WORKER.update(tok=tokenizer_from_spec(tok_spec) if tok_spec is not None else None, seed=seed,
                    val_fraction=val_fraction, text_field=text_field, dtype=np.dtype(dtype))
 
@@ -348,8 +353,19 @@ def _pool(workers: int, initargs: tuple):
     if workers == 1:
         _init_worker(*initargs)
         return None
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    return ctx.Pool(workers, initializer=_init_worker, initargs=initargs)
+    # Spawned, not forked: the parent has threads by now (numpy's BLAS pool, the tokenizer
+    # trainer's), and a child forked from a threaded process can inherit a lock held by one of
+    # them and wait on it forever (seen as a build that never ended on a 32-core machine).
+    saved = {k: os.environ.get(k) for k in _WORKER_ENV}
+    os.environ.update(_WORKER_ENV)
+    try:
+        return mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _ordered(pool, fn, tasks, window: int):

@@ -86,7 +86,7 @@ def apply_compile(model: nn.Module, **compile_kwargs) -> nn.Module:
         if m.graphs is not None:
             raise ValueError("apply_compile after apply_cuda_graphs: the graphs capture the blocks as they "
                              "were; apply the graphs last")
-        m.forward, m.compiled = compile_once(type(block).forward, **compile_kwargs), True
+        m.forward, m.compiled = compile_once(type(block).forward, **{"dynamic": False, **compile_kwargs}), True
     return model
 
 

@@ -215,7 +215,7 @@ class Trainer:
         # The plain model's names: the wrappers below rename parameters in the module.
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         if cfg.train.compile:
-            apply_compile(model)  # per block; compiled on the first step of each sequence length
+            apply_compile(model, backend=cfg.train.compile_backend)  # per block, at each new length
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model, cfg.train.checkpoint_num_layers)
 
@@ -404,7 +404,9 @@ class Trainer:
                              f"gradients (train.max_bad_steps={cfg.train.max_bad_steps}); the last good "
                              f"checkpoint is {state.last_checkpoint or 'none (no checkpoint saved yet)'}")
         self.hooks.on_step_end(self.ctx)
-        return now
+        # Evaluation and checkpoints (the hooks) are not the next step's time: their cost is
+        # logged on its own (checkpoint_stall_s), and tokens_per_s stays the training speed.
+        return time.perf_counter()
 
     # -------------------------------------------------------------------------- the end
 

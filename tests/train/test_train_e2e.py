@@ -20,12 +20,20 @@ def _ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+# The trainer-level compile tests trace with the aot_eager backend: the same Dynamo capture,
+# recompilation and AOT-autograd graphs as Inductor, without its C++ code generation, which
+# costs minutes per graph on a cold 2-core CPU. Inductor's kernels are tested against eager at
+# the model level (tests/models/test_compile.py) and, on a GPU, through the trainer
+# (tests/train/test_train_gpu.py).
+COMPILE = {"compile": True, "compile_backend": "aot_eager"}
+
+
 def test_compiled_blocks_train_like_eager(tmp_path, train_shards):
     """train.compile=true (each block through torch.compile): the losses of the eager run to
     fp32 round-off, across a curriculum change of sequence length (a recompilation)."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     _ok(run(train_cmd(write_config(tmp_path / "e.yaml", train_shards, eager, steps=6), launcher="python")))
-    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, compiled, steps=6, compile=True,
+    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, compiled, steps=6, **COMPILE,
                                      eval_every_steps=100), launcher="python"))
     _ok(res)
     n_graphs = int(res.stderr.split("train.compile: ")[1].split(" graphs")[0])
@@ -176,7 +184,8 @@ def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, tra
     one, tp = tmp_path / "one", tmp_path / "tp"
     _ok(run(train_cmd(write_config(tmp_path / "one.yaml", train_shards, one, steps=4), launcher="python",
                       zero=0, extra=extra)))
-    res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4, compile=compile), zero=zero,
+    res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4, **(COMPILE if compile else {})),
+                        zero=zero,
                         extra=extra + ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"]))
     _ok(res)
     if compile:

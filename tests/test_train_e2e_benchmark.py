@@ -1,0 +1,63 @@
+"""benchmarks/train_e2e_gpu.py's own mechanics that a GPU call depends on: a case cut at its
+time limit takes its launcher's training processes with it (they would keep their GPU memory
+and fail the next case), and a dry run maps every case onto the debug preset (a 7b case run
+as given would exhaust a CPU machine's memory)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+
+from tests.train.conftest import ROOT
+
+
+def _bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("train_e2e_gpu", ROOT / "benchmarks/train_e2e_gpu.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = open(f"/proc/{pid}/status").read() if os.path.exists(f"/proc/{pid}/status") else ""
+    return "State:\tZ" not in status  # a zombie is dead, waiting for its parent to be reaped
+
+
+def test_a_cut_case_takes_its_whole_process_group_with_it(tmp_path):
+    bench = _bench()
+    child_pid = tmp_path / "child.pid"
+    # a launcher that starts a worker and waits for it, as the deepspeed runner does
+    launcher = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+                f"time.sleep(600)']); open({str(child_pid)!r}, 'w').write(str(p.pid)); p.wait()")
+    with open(tmp_path / "log", "w") as log:
+        t0 = time.time()
+        code, cut = bench.run_group([sys.executable, "-c", launcher], dict(os.environ), 5, stdout=log)
+    assert cut and code != 0 and time.time() - t0 < 60
+    pid = int(child_pid.read_text())
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the launcher's worker outlived the cut"
+    with open(tmp_path / "log2", "w") as log:
+        assert bench.run_group([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), 60, stdout=log) == (3, False)
+
+
+def test_a_dry_run_case_is_the_debug_preset_with_the_same_flags():
+    bench = _bench()
+    for case, preset in [("7b@32768x1+ckpt+tp2+acc1", "debug"), ("transformer-1b@4096x4+compile+ckpt10", "transformer-debug"),
+                         ("mamba-ref-1b@32768x1+ckpt10", "mamba-ref-debug")]:
+        c = bench.parse_case(case)
+        d = bench.dry_run_case(c)
+        assert d["preset"] == preset and d["seq_len"] == bench.DRY_SEQ and d["case"] == case
+        assert {k: d[k] for k in ("tp", "gpus", "compile", "accum")} == {k: c[k] for k in ("tp", "gpus", "compile", "accum")}
+        assert (d["checkpoint_layers"] is None) == (c["checkpoint_layers"] is None)
