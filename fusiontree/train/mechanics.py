@@ -77,7 +77,10 @@ def apply_compile(model: nn.Module, **compile_kwargs) -> nn.Module:
     The SSD and attention backends are opaque to the compiler (each is a kernel of its own,
     see `fusiontree.ops`): a block compiles into the graphs around them. Blocks of one
     structure (local, global, pruned) share one compiled graph; compilation happens on first
-    use of each input shape, dtype and grad mode."""
+    use of each input shape, dtype and grad mode. Shapes are static (`dynamic=False`): with
+    torch's default, the first change of length recompiled the block with symbolic shapes,
+    three times the cost of a static graph on the CPU, and kernels not specialised to any one
+    length."""
     for block in model.layers:
         m = block_mechanics(block)
         if m.recompute:
