@@ -68,11 +68,21 @@ def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_p
     """The plain (single-device) state dict of a training model, on the main rank only (None
     elsewhere). Collective: ZeRO-3 shards the weights over the data-parallel ranks (gathered
     for the copy), tensor parallelism splits them over its group (gathered to the group's first
-    rank and consolidated; only the first data-parallel replica sends)."""
+    rank and consolidated; only the first data-parallel replica sends). Only the ranks whose
+    copy is used make one."""
+    if tensor_parallel == 1:
+        sends = is_main
+    else:
+        from megatron.core import parallel_state  # tensor parallelism only: a seconds-long import
 
-    def local() -> dict[str, Tensor]:
-        sd = module.state_dict()
-        return {k: v.detach().cpu().clone() for k, v in sd.items() if isinstance(v, Tensor)}
+        sends = parallel_state.get_data_parallel_rank() == 0
+
+    def local() -> dict[str, Tensor] | None:
+        if not sends:
+            return None
+        # A host copy that training cannot change: .cpu() of a device tensor is one already.
+        return {k: v.detach().clone() if v.device.type == "cpu" else v.detach().cpu()
+                for k, v in module.state_dict().items() if isinstance(v, Tensor)}
 
     if zero_stage == 3:
         import deepspeed
@@ -81,12 +91,8 @@ def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_p
             sd = local()
     else:
         sd = local()
-    if tensor_parallel == 1:
-        return sd if is_main else None
-    from megatron.core import parallel_state  # tensor parallelism only: a seconds-long import
-
-    if parallel_state.get_data_parallel_rank() != 0:
-        return None
+    if tensor_parallel == 1 or not sends:
+        return sd
     group = parallel_state.get_tensor_model_parallel_group()
     shards = [None] * tensor_parallel if is_main else None
     dist.gather_object(sd, shards, dst=dist.get_process_group_ranks(group)[0], group=group)
