@@ -19,8 +19,10 @@ A case is PRESET@SEQxMB with optional +flags; MB is the micro-batch in sequences
   +gpusN       N processes (GPUs); +tpN tensor parallel N with sequence parallelism (the rest is
                data parallel); +zN ZeRO stage N (default 1)
   +accN        N micro-batches of gradient accumulation per optimizer step (default 4)
-  +save        save a checkpoint every 5 steps (the stall is reported); otherwise no checkpoints;
-  +asave       the same with train.async_checkpoint (written in the background)
+  +save[N]     save a checkpoint every N steps (default 5; the stall is reported); otherwise none
+  +asave[N]    the same with train.async_checkpoint (written in the background; the first save
+               also allocates the pinned buffers that later ones reuse, so space them for the
+               steady state: a save waits for the previous one's write)
   +profile     torch.profiler on the second-to-last step; its table goes next to the JSON
 PRESET `mamba-ref-NAME` is mamba-ssm's own MambaLMHeadModel sized like NAME, measured by
 benchmarks/train_gpu.py (a training step outside the trainer: that package has no trainer of
@@ -58,7 +60,7 @@ from _results import git_commit, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FLAG = re.compile(r"^(compile|graphs|ckpt\d*|gpus\d+|tp\d+|z[0-3]|acc\d+|save|asave|profile|fused)$")
+FLAG = re.compile(r"^(compile|graphs|ckpt\d*|gpus\d+|tp\d+|z[0-3]|acc\d+|a?save\d*|profile|fused)$")
 CASE = re.compile(r"^([\w.-]+)@(\d+)x(\d+)$")
 
 
@@ -68,13 +70,14 @@ def parse_case(case: str) -> dict:
     bad = [f for f in flags if not FLAG.match(f)]
     if not m or bad:
         raise SystemExit(f"case {case!r}: expected PRESET@SEQxMB[+flag...] with flags compile, graphs, ckpt[N], "
-                         f"gpusN, tpN, zN, accN, save, asave, profile, fused (bad: {bad or head})")
+                         f"gpusN, tpN, zN, accN, save[N], asave[N], profile, fused (bad: {bad or head})")
 
     def num(prefix: str, default: int) -> int:
         got = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
         return got[0] if got else default
 
     ckpt = [f for f in flags if f.startswith("ckpt")]
+    saves = [f for f in flags if re.match(r"^a?save\d*$", f)]
     tp = num("tp", 1)
     gpus = max(num("gpus", 1), tp)
     if gpus % tp:
@@ -82,8 +85,8 @@ def parse_case(case: str) -> dict:
     return dict(case=case, preset=m.group(1), seq_len=int(m.group(2)), micro_batch=int(m.group(3)),
                 compile="compile" in flags, graphs="graphs" in flags,
                 checkpoint_layers=None if not ckpt else int(ckpt[0][4:] or 0), gpus=gpus, tp=tp,
-                zero=num("z", 1), accum=num("acc", 4), save="save" in flags or "asave" in flags,
-                async_save="asave" in flags, fused="fused" in flags,
+                zero=num("z", 1), accum=num("acc", 4), save=bool(saves), save_every=int(re.sub(r"^a?save", "", saves[0]) or 5) if saves else 0,
+                async_save=any(f.startswith("asave") for f in saves), fused="fused" in flags,
                 profile="profile" in flags)
 
 
@@ -143,7 +146,7 @@ def trainer_command(c: dict, args, run_dir: Path, cache: Path) -> list[str]:
         "train.steps": args.steps, "train.lr_warmup_steps": 1, "train.log_every_steps": 1,
         "train.eval_every_steps": 10**6, "train.compile": c["compile"], "train.cuda_graphs": c["graphs"],
         "train.activation_checkpointing": ckpt is not None, "train.checkpoint_num_layers": ckpt or 0,
-        "train.save_checkpoints": c["save"], "train.checkpoint_every_steps": 5 if c["save"] else 10**6,
+        "train.save_checkpoints": c["save"], "train.checkpoint_every_steps": c["save_every"] or 10**6,
         "train.async_checkpoint": c["async_save"],
         "train.compile_cache_dir": str(cache), "generate.max_new_tokens": 8,
         "parallel.tensor_parallel": c["tp"], "parallel.sequence_parallel": c["tp"] > 1,

@@ -61,3 +61,12 @@ def test_a_dry_run_case_is_the_debug_preset_with_the_same_flags():
         assert d["preset"] == preset and d["seq_len"] == bench.DRY_SEQ and d["case"] == case
         assert {k: d[k] for k in ("tp", "gpus", "compile", "accum")} == {k: c[k] for k in ("tp", "gpus", "compile", "accum")}
         assert (d["checkpoint_layers"] is None) == (c["checkpoint_layers"] is None)
+
+
+def test_save_flags_take_an_interval():
+    bench = _bench()
+    got = {case: (c["save"], c["save_every"], c["async_save"])
+           for case in ("1b@32768x1+asave", "1b@32768x1+asave12", "1b@32768x1+save3", "1b@32768x1")
+           for c in [bench.parse_case(case)]}
+    assert got == {"1b@32768x1+asave": (True, 5, True), "1b@32768x1+asave12": (True, 12, True),
+                   "1b@32768x1+save3": (True, 3, False), "1b@32768x1": (False, 0, False)}
