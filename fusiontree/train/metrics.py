@@ -174,12 +174,16 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
 
 
 class StepProfiler:
-    """torch.profiler around chosen optimizer steps; each writes its top operators (by GPU
-    time on CUDA, CPU time otherwise) to `<out_dir>/step_<N>.txt`."""
+    """torch.profiler around chosen optimizer steps; each writes `<out_dir>/step_<N>.txt`: the
+    step's wall time against the time the GPU was busy (the union of its kernels' intervals;
+    the difference is time the device waited for the host), the trainer's phases (forward,
+    loss, backward, engine step) by host time, and the top operators by GPU time on CUDA (CPU
+    time otherwise) and by host time."""
 
     def __init__(self, out_dir: Path, steps: list[int], device: torch.device):
         self.out_dir, self.steps, self.device = out_dir, set(steps), device
         self.prof = None
+        self.t0 = 0.0
 
     def start(self, step: int) -> None:
         if step not in self.steps:
@@ -187,19 +191,53 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # deliberate sync: the profiled step starts alone
         self.prof = profile(activities=activities)
         self.prof.__enter__()
+        self.t0 = time.perf_counter()
 
     def stop(self, step: int) -> None:
         if self.prof is None:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # deliberate sync: the profiled step's kernels end here
+        wall_ms = (time.perf_counter() - self.t0) * 1e3
         self.prof.__exit__(None, None, None)
+        events = self.prof.events()
+        lines = [f"optimizer step {step}", f"wall {wall_ms:.1f} ms"]
+        if self.device.type == "cuda":
+            busy_ms, kernels = gpu_busy_ms(events)
+            lines.append(f"GPU busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.1%} of the wall time), {kernels} kernels")
+        phases: dict[str, list[float]] = {}
+        for e in events:
+            if e.name.startswith("fusiontree."):
+                phases.setdefault(e.name, []).append(e.cpu_time_total / 1e3)
+        for name, times in sorted(phases.items()):
+            lines.append(f"{name}: {len(times)} x, host {sum(times):.1f} ms")
+        avg = self.prof.key_averages()
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = self.prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+        lines.append(avg.table(sort_by=key, row_limit=60, max_name_column_width=90))
+        lines.append("by host time, including children:")
+        lines.append(avg.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=90))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{step}.txt"
-        path.write_text(f"optimizer step {step}\n{table}\n")
-        log.info("profile of step %d: %s", step, path)
+        path.write_text("\n".join(lines) + "\n")
+        log.info("profile of step %d: %s (%s)", step, path, "; ".join(lines[1:3]))
         self.prof = None
+
+
+def gpu_busy_ms(events) -> tuple[float, int]:
+    """The time at least one kernel (or copy) ran on the device, and how many ran: the union of
+    the device events' intervals."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, -math.inf
+    for a, b in spans:
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy / 1e3, len(spans)

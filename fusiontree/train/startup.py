@@ -65,3 +65,13 @@ class StartupClock:
 
     def metrics(self) -> dict[str, float]:
         return {"startup_s": self.total(), **{f"startup/{k}_s": v for k, v in self.phases.items()}}
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds torch.compile spent so far in this process: tracing and compiling forward graphs
+    (Inductor's code generation and autotuning included), and compiling backward graphs, which
+    happens lazily at a graph's first backward."""
+    from torch._dynamo.utils import compilation_time_metrics as times
+
+    return {"startup/compile_forward_s": sum(times.get("_compile.compile_inner", [])),
+            "startup/compile_backward_s": sum(times.get("backward._backward_impl", []))}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from fusiontree.checkpoint import CONFIG_FILE, CheckpointManager, load_model_weights
 from fusiontree.config import RunConfig, check_resume_config, config_to_dict, dump_config, read_yaml
@@ -45,7 +46,7 @@ from fusiontree.train.mechanics import (apply_activation_checkpointing, apply_co
 from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, StepProfiler, device_peak_flops, memory_gib
 from fusiontree.train.optim import SkippableAdamW, build_optimizer, lr_at
 from fusiontree.train.preflight import check_ds_config, check_tokenizer, refuse_existing_run
-from fusiontree.train.startup import StartupClock, use_compile_cache
+from fusiontree.train.startup import StartupClock, compile_seconds, use_compile_cache
 from fusiontree.train.state import TrainState, rng_state, seed_everything, set_rng_state
 from fusiontree.train.validation import validation_metrics, validation_sums
 
@@ -112,18 +113,22 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
         pos = batch["position_ids"].to(device, non_blocking=True)
         seq = batch["seq_idx"].to(device, non_blocking=True)
         want_stats = i == 0 and gate_hook.wants_stats(ctx.state.step + 1)
-        out = engine(ids, position_ids=pos, seq_idx=seq, collect_gate_stats=want_stats)
+        with record_function("fusiontree.forward"):
+            out = engine(ids, position_ids=pos, seq_idx=seq, collect_gate_stats=want_stats)
         if want_stats:
             gate_hook.pending = out.gate_stats
-        loss, parts = loss_fn(out.logits, ids, out.gates, seq_idx_BT=seq)
+        with record_function("fusiontree.loss"):
+            loss, parts = loss_fn(out.logits, ids, out.gates, seq_idx_BT=seq)
         if ctx.state.step + 1 in cfg.train.inject_nan_steps:
             loss = loss * float("nan")
-        engine.backward(loss)
+        with record_function("fusiontree.backward"):
+            engine.backward(loss)
         if i == len(batches) - 1 and zero_stage == 0:
             # ZeRO-0 reports no norm of its own; gradients are reduced after the last backward.
             grad_norm = torch.linalg.vector_norm(torch.stack(
                 [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]))
-        engine.step()
+        with record_function("fusiontree.engine_step"):
+            engine.step()
         loss_sum += loss.detach().float()
         ce_sum += parts["ce"].float()
         tokens += ids.numel()
@@ -397,6 +402,11 @@ class Trainer:
             self.clock.mark("first_step")
             self.ctx.metrics.update(self.clock.metrics())
             log.info(self.clock.summary())
+            if cfg.train.compile:
+                compiled = compile_seconds()
+                self.ctx.metrics.update(compiled)
+                log.info("of which torch.compile: forward graphs %.1f s, backward graphs %.1f s",
+                         compiled["startup/compile_forward_s"], compiled["startup/compile_backward_s"])
         self.ctx.stop_requested = stop
         if state.consecutive_bad >= cfg.train.max_bad_steps:
             self.ckpt.wait()  # the last good checkpoint may still be writing

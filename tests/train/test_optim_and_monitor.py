@@ -90,3 +90,19 @@ def test_gate_monitor_reads_the_models_statistics():
         mon.update(i, s, step=1)
     plan = mon.pruning_plan()
     assert [(p["layer"], p["branch"]) for p in plan["prune"]] == [(1, "mamba")]
+
+
+def test_gpu_busy_time_is_the_union_of_device_intervals():
+    from types import SimpleNamespace as NS
+
+    from fusiontree.train.metrics import gpu_busy_ms
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(a, b, dev=cuda):
+        return NS(device_type=dev, time_range=NS(start=a, end=b))
+
+    # overlapping kernels (two streams) count once, nested ones not at all, host events never
+    events = [ev(0, 1000), ev(500, 1500), ev(600, 700), ev(3000, 3500), ev(0, 10_000, cpu), ev(4000, 4000)]
+    assert gpu_busy_ms(events) == (2.0, 4)
+    assert gpu_busy_ms([]) == (0.0, 0)

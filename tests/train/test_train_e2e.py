@@ -95,8 +95,14 @@ def _same(a, b) -> bool:
 
 def test_run_artifacts_and_checkpoint_contents(tmp_path, train_shards):
     out = tmp_path / "run"
-    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=6), launcher="python"))
+    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=6, profile_steps=[4]),
+                        launcher="python"))
     _ok(res)
+    # the profiled step: its wall time and the trainer's phases, one of each per micro-batch
+    prof = (out / "profile" / "step_4.txt").read_text()
+    assert prof.startswith("optimizer step 4\nwall ")
+    for phase in ("forward", "loss", "backward", "engine_step"):  # 1024 tokens in micro-batches of 256
+        assert f"fusiontree.{phase}: 4 x, host " in prof, (phase, prof[:600])
     for name in ("metrics.jsonl", "loss_curve.png", "config.yaml", "pruning_plan.json", "sample.txt", "logs/rank000.log"):
         assert (out / name).is_file(), name
     rows = metrics(out)
