@@ -211,7 +211,7 @@ class StepProfiler:
             lines.append(f"GPU busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.1%} of the wall time), {kernels} kernels")
         phases: dict[str, list[float]] = {}
         for e in events:
-            if e.name.startswith("fusiontree."):
+            if e.name.startswith("fusiontree.") and e.device_type == torch.autograd.DeviceType.CPU:
                 phases.setdefault(e.name, []).append(e.cpu_time_total / 1e3)
         for name, times in sorted(phases.items()):
             lines.append(f"{name}: {len(times)} x, host {sum(times):.1f} ms")

@@ -224,3 +224,32 @@ def test_compiled_static_decode_step_matches_the_eager_one():
             torch.testing.assert_close(a, b, **TOL)
             nxt = b.argmax(-1)
     assert model._compiled_decode is not None
+
+
+def test_compiled_decode_steps_of_models_with_different_decode_paths_in_one_process():
+    """Compiled decode code is shared by every model of a process (one code cache per block
+    function): a model with the other decode attention path must not reuse a step compiled for
+    the first (filled_blocks, then all_slots, then filled_blocks again), and each compiled step
+    equals that model's eager static step."""
+    from fusiontree.config import KernelConfig
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+    from fusiontree.models import HybridLanguageModel
+    from fusiontree.ops import resolve_kernels
+
+    ref = build("parallel-channel", seed=14)
+    B, T, n = 2, 9, 4
+    ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(15))
+    for path in ("filled_blocks", "all_slots", "filled_blocks"):
+        model = HybridLanguageModel(ref.cfg, resolve_kernels(KernelConfig(decode_attention=path), "cpu")).eval()
+        model.load_state_dict(ref.state_dict())
+        model.compile_decode(backend="aot_eager", dynamic=False)
+        caches = [model.allocate_inference_cache(B, T + n) for _ in range(2)]
+        with torch.no_grad():
+            first = [model(ids, past_key_values=kv, past_mamba_states=ms).logits[:, -1] for kv, ms in caches]
+            eager = GraphedDecoder(model, *caches[0], torch.full((B,), T), graph=False)
+            compiled = GraphedDecoder(model, *caches[1], torch.full((B,), T), graph=False, compile=True)
+            nxt = first[0].argmax(-1)
+            for _ in range(n - 1):
+                a, b = compiled.step(nxt).clone(), eager.step(nxt)
+                torch.testing.assert_close(a, b, **TOL)
+                nxt = b.argmax(-1)
