@@ -228,10 +228,13 @@ def run_trainer_case(c: dict, args, work: Path, env: dict) -> dict:
            "startup": {k: v for k, v in first.items() if k.startswith("startup")},
            "timed_steps": len(timed), "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
            "step_s": [round(r["tokens"] / r["tokens_per_s"], 4) for r in rows]}
-    stalls = [r["checkpoint_stall_s"] for r in read_metrics(run_dir) if "checkpoint_stall_s" in r]
-    if stalls:
-        row["checkpoint_stall_s"] = statistics.median(stalls)
-        row["checkpoint_stalls_s"] = stalls
+    saves = [r for r in read_metrics(run_dir) if "checkpoint_stall_s" in r]
+    if saves:
+        row["checkpoint_stall_s"] = statistics.median(r["checkpoint_stall_s"] for r in saves)
+        row["checkpoint_stalls_s"] = [r["checkpoint_stall_s"] for r in saves]
+        # each save's wait by part (model state, the previous save, engine state, ...)
+        row["checkpoint_stall_parts_s"] = [{k.split("/", 1)[1]: round(v, 3) for k, v in r.items()
+                                            if k.startswith("checkpoint_stall/")} for r in saves]
     prof = run_dir / "profile" / f"step_{args.steps - 1}.txt"
     if prof.exists():
         dest = Path(args.out).with_name(f"profile_e2e_{name}.txt")

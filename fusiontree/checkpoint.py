@@ -278,6 +278,9 @@ class CheckpointManager:
         self._snapshot = _HostSnapshot()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # Where the calling thread's time went in the last save (seconds by part): what a
+        # background save leaves of the training loop's wait, and what a synchronous one writes.
+        self.last_save_parts: dict[str, float] = {}
 
     def _final(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -288,7 +291,17 @@ class CheckpointManager:
         to model.pt, the portable file that evaluation, generation and pruning read;
         `extra_files` (rank 0: name -> text) go into the checkpoint beside it.
         Returns the checkpoint directory (there once `wait()` returns, for an asynchronous save)."""
+        parts = self.last_save_parts = {}
+        t = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            parts[name] = now - t
+            t = now
+
         self.wait()
+        lap("previous_save")
         extra_files = extra_files or {}
         final = self._final(step)
         tmp = self.root / f".tmp-{final.name}"
@@ -305,15 +318,18 @@ class CheckpointManager:
                 engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
             finally:
                 engine.checkpoint_engine = saved_engine
+            lap("engine_state")
             name = f"trainer_rank{self.rank:05d}.pt"
             records[name] = save_recorded(trainer_state, tmp / name)
             if self.rank == 0 and model_state is not None:
                 records[MODEL_FILE] = save_recorded(model_state, tmp / MODEL_FILE)
+            lap("trainer_and_model_files")
             _write_records(tmp, self.rank, records)
             _barrier()
             if self.rank == 0:
                 self._finalize(tmp, final, step, {CONFIG_FILE: config_yaml, **extra_files}, meta)
             _barrier()
+            lap("finalize")
             return final
         pending: list = []
         saved_engine = engine.checkpoint_engine
@@ -322,10 +338,12 @@ class CheckpointManager:
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
         finally:
             engine.checkpoint_engine = saved_engine
+        lap("engine_state")  # into pinned host buffers (the first save allocates them)
         pending.append((self._snapshot.copy(trainer_state), str(tmp / f"trainer_rank{self.rank:05d}.pt")))
         if self.rank == 0 and model_state is not None:
             pending.append((model_state, str(tmp / MODEL_FILE)))  # already a host copy
         self._snapshot.synchronize()
+        lap("trainer_state_and_copies")
         texts = {CONFIG_FILE: config_yaml, **extra_files}
         self._thread = threading.Thread(target=self._write, args=(pending, tmp, final, step, texts, meta),
                                         name=f"checkpoint-{step}", daemon=True)

@@ -307,10 +307,17 @@ class Trainer:
                 "engine_layout": self.engine_layout.to_dict()}
         plan = {"pruning_plan.json": self.monitor.pruning_plan_json()} \
             if self.di.is_main and any(s.updates for s in self.monitor.layers) else {}
-        path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, self.plain_model_state(),
+        t0 = time.perf_counter()
+        model_state = self.plain_model_state()
+        parts = {"model_state": time.perf_counter() - t0}
+        path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, model_state,
                               extra_files=plan)
+        parts.update(self.ckpt.last_save_parts)
+        self.ctx.metrics.update({f"checkpoint_stall/{k}_s": v for k, v in parts.items()})
         if self.di.is_main:
-            log.info("checkpoint %s%s", path, " (writing in the background)" if self.ckpt.async_save else "")
+            log.info("checkpoint %s%s; the loop waited %s", path,
+                     " (writing in the background)" if self.ckpt.async_save else "",
+                     ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         return str(path)
 
     def resume(self, path: Path) -> None:

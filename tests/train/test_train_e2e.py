@@ -41,6 +41,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shard
                       zero=zero)))
     want = losses(full_dir)
     assert sorted(want) == list(range(1, 11))
+    _check_stall_parts(full_dir, async_save)
 
     cfg = write_config(tmp_path / "cut.yaml", train_shards, cut_dir, async_checkpoint=async_save)
     proc = subprocess.Popen(train_cmd(cfg, zero=zero), env=env(), cwd=ROOT, start_new_session=True,
@@ -80,6 +81,19 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shard
             assert any(layer["updates"] for layer in t_full["gate_monitor"]["layers"])
     # the curriculum moved to seq_len 128 after 5120 tokens, in both runs
     assert [m["seq_len"] for m in metrics(cut_dir) if "seq_len" in m] == [64] * 5 + [128] * 5
+
+
+def _check_stall_parts(run_dir, async_save: bool) -> None:
+    """Each saving step's row has the training loop's wait for the save and its parts, which
+    add up to no more than the whole."""
+    parts = {"model_state", "previous_save", "engine_state"} | (
+        {"trainer_state_and_copies"} if async_save else {"trainer_and_model_files", "finalize"})
+    saved = [r for r in metrics(run_dir) if "checkpoint_stall_s" in r]
+    assert [r["step"] for r in saved] == [3, 6, 9]
+    for r in saved:
+        got = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("checkpoint_stall/")}
+        assert {k[:-2] for k in got} == parts, got
+        assert all(v >= 0 for v in got.values()) and sum(got.values()) <= r["checkpoint_stall_s"] + 1e-6, r
 
 
 def _same(a, b) -> bool:
