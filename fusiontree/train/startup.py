@@ -44,12 +44,15 @@ def process_start_time() -> float:
 
 
 class StartupClock:
-    """Seconds spent in each start-up phase, from process start to the end of the first step."""
+    """Seconds spent in each start-up phase, from process start to the end of the first step.
+    The first step's phases are named `first_*` (its first micro-batch's forward, loss, backward
+    and engine step, then `first_step_rest`); `first_step_s` in the metrics is their sum."""
 
     def __init__(self):
         self.t0 = process_start_time()
         self.last = self.t0
         self.phases: dict[str, float] = {}
+        self.done = False  # the first step has ended
 
     def mark(self, phase: str) -> None:
         now = time.time()
@@ -63,8 +66,15 @@ class StartupClock:
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
         return f"start-up {self.total():.1f} s to the end of the first step ({parts})"
 
+    def finish(self) -> None:
+        """The first step has ended."""
+        self.mark("first_step_rest")
+        self.done = True
+
     def metrics(self) -> dict[str, float]:
-        return {"startup_s": self.total(), **{f"startup/{k}_s": v for k, v in self.phases.items()}}
+        first = [v for k, v in self.phases.items() if k.startswith("first_")]
+        return {"startup_s": self.total(), **{f"startup/{k}_s": v for k, v in self.phases.items()},
+                **({"startup/first_step_s": sum(first)} if first else {})}
 
 
 def compile_seconds() -> dict[str, float]:

@@ -99,8 +99,11 @@ class StopSignal:
 # ------------------------------------------------------------------------------ the step
 
 def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelLoss, ctx: TrainContext,
-               gate_hook: GateMonitorHook, zero_stage: int) -> dict:
-    """One optimizer step over `len(batches)` micro-batches. Returns this rank's metrics."""
+               gate_hook: GateMonitorHook, zero_stage: int, mark=None) -> dict:
+    """One optimizer step over `len(batches)` micro-batches. Returns this rank's metrics.
+    `mark(phase)`, if given, is called after the first micro-batch's forward, loss, backward
+    and engine step (the start-up clock of a process's first step)."""
+    mark = mark or (lambda phase: None)
     cfg, device = ctx.cfg, ctx.device
     loss_sum = torch.zeros((), device=device)
     ce_sum = torch.zeros((), device=device)
@@ -113,22 +116,31 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
         pos = batch["position_ids"].to(device, non_blocking=True)
         seq = batch["seq_idx"].to(device, non_blocking=True)
         want_stats = i == 0 and gate_hook.wants_stats(ctx.state.step + 1)
+        first = i == 0
         with record_function("fusiontree.forward"):
             out = engine(ids, position_ids=pos, seq_idx=seq, collect_gate_stats=want_stats)
+        if first:
+            mark("first_forward")
         if want_stats:
             gate_hook.pending = out.gate_stats
         with record_function("fusiontree.loss"):
             loss, parts = loss_fn(out.logits, ids, out.gates, seq_idx_BT=seq)
+        if first:
+            mark("first_loss")
         if ctx.state.step + 1 in cfg.train.inject_nan_steps:
             loss = loss * float("nan")
         with record_function("fusiontree.backward"):
             engine.backward(loss)
+        if first:
+            mark("first_backward")
         if i == len(batches) - 1 and zero_stage == 0:
             # ZeRO-0 reports no norm of its own; gradients are reduced after the last backward.
             grad_norm = torch.linalg.vector_norm(torch.stack(
                 [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]))
         with record_function("fusiontree.engine_step"):
             engine.step()
+        if i == 0:
+            mark("first_engine_step")
         loss_sum += loss.detach().float()
         ce_sum += parts["ce"].float()
         tokens += ids.numel()
@@ -365,8 +377,11 @@ class Trainer:
                                 cfg.train.lr_decay_fraction)
             seq_len = loader.seq_len
             batches = [loader.next_batch() for _ in range(loader.grad_accum_steps)]
+            # A process's first step: where its time goes, on the start-up clock (host time: the
+            # compiles, autotuning and captures of the first micro-batch run synchronously).
+            mark = None if self.clock.done else self.clock.mark
             m = train_step(self.engine, self.optimizer, batches, self.loss_fn, self.ctx, self.gate_hook,
-                           self.zero_stage)
+                           self.zero_stage, mark)
             t_last = self._end_step(m, seq_len, t_last)
             if self.ctx.stop_requested:
                 log.warning("stop requested by signal: %s at step %d, exiting",
@@ -405,8 +420,8 @@ class Trainer:
             "seq_len": seq_len, "skipped_steps": state.skipped_steps,
             "mfu": (tps / di.world_size) * self.flops_per_token(seq_len) / self.peak_flops if self.peak_flops else None,
             "mem_gib": memory_gib(di.device)}
-        if "first_step" not in self.clock.phases:  # the first step of this process
-            self.clock.mark("first_step")
+        if not self.clock.done:  # the first step of this process
+            self.clock.finish()
             self.ctx.metrics.update(self.clock.metrics())
             log.info(self.clock.summary())
             if cfg.train.compile:

@@ -117,6 +117,12 @@ def test_run_artifacts_and_checkpoint_contents(tmp_path, train_shards):
     assert prof.startswith("optimizer step 4\nwall ")
     for phase in ("forward", "loss", "backward", "engine_step"):  # 1024 tokens in micro-batches of 256
         assert f"fusiontree.{phase}: 4 x, host " in prof, (phase, prof[:600])
+    # the start-up clock: the first step's parts add up to it, and the phases to the whole
+    first = metrics(out)[0]
+    parts = [first[f"startup/first_{p}_s"] for p in ("forward", "loss", "backward", "engine_step", "step_rest")]
+    assert abs(sum(parts) - first["startup/first_step_s"]) < 1e-6 and min(parts) >= 0
+    phases = ("imports", "distributed", "data", "model_and_engine", "first_step")
+    assert abs(sum(first[f"startup/{p}_s"] for p in phases) - first["startup_s"]) < 1e-3, first
     for name in ("metrics.jsonl", "loss_curve.png", "config.yaml", "pruning_plan.json", "sample.txt", "logs/rank000.log"):
         assert (out / name).is_file(), name
     rows = metrics(out)
