@@ -24,6 +24,8 @@ A case is PRESET@SEQxMB with optional +flags; MB is the micro-batch in sequences
                also allocates the pinned buffers that later ones reuse, so space them for the
                steady state: a save waits for the previous one's write)
   +profile     torch.profiler on the second-to-last step; its table goes next to the JSON
+  ~KEY=VALUE   any trainer setting for this case (after the flags, repeatable), e.g.
+               small@4096x4+compile+graphs~train.compile_loss=true~model.chunk_size=128
 PRESET `mamba-ref-NAME` is mamba-ssm's own MambaLMHeadModel sized like NAME, measured by
 benchmarks/train_gpu.py (a training step outside the trainer: that package has no trainer of
 ours); it takes +ckpt/+ckptN, and +fused for its fused path (needs causal-conv1d).
@@ -64,8 +66,17 @@ FLAG = re.compile(r"^(compile|graphs|ckpt\d*|gpus\d+|tp\d+|z[0-3]|acc\d+|a?save\
 CASE = re.compile(r"^([\w.-]+)@(\d+)x(\d+)$")
 
 
+SETTING = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)+=[^~]+$")
+
+
 def parse_case(case: str) -> dict:
-    head, *flags = case.split("+")
+    spec, *settings = case.split("~")
+    bad = [x for x in settings if not SETTING.match(x)]
+    if bad:
+        raise SystemExit(f"case {case!r}: a ~setting is ~SECTION.KEY=VALUE, e.g. ~train.compile_loss=true (bad: {bad})")
+    if settings and spec.startswith("mamba-ref-"):
+        raise SystemExit(f"case {case!r}: ~settings go to launch/train.py; the mamba-ssm peer does not run through it")
+    head, *flags = spec.split("+")
     m = CASE.match(head)
     bad = [f for f in flags if not FLAG.match(f)]
     if not m or bad:
@@ -87,7 +98,7 @@ def parse_case(case: str) -> dict:
                 checkpoint_layers=None if not ckpt else int(ckpt[0][4:] or 0), gpus=gpus, tp=tp,
                 zero=num("z", 1), accum=num("acc", 4), save=bool(saves), save_every=int(re.sub(r"^a?save", "", saves[0]) or 5) if saves else 0,
                 async_save=any(f.startswith("asave") for f in saves), fused="fused" in flags,
-                profile="profile" in flags)
+                profile="profile" in flags, settings=dict(x.split("=", 1) for x in settings))
 
 
 DRY_SEQ = 256
@@ -160,6 +171,7 @@ def trainer_command(c: dict, args, run_dir: Path, cache: Path) -> list[str]:
             over["model.ssm_groups"] = c["tp"]
     if c["profile"]:
         over["train.profile_steps"] = f"[{args.steps - 1}]"
+    over.update(c["settings"])
     script = [str(ROOT / "launch/train.py"), "--ds_config", str(ROOT / f"configs/ds/zero{c['zero']}.json"),
               *(f"--{k}={v}" for k, v in over.items())]
     if c["gpus"] == 1:

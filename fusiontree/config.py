@@ -82,11 +82,14 @@ class TrainConfig:
     # Compile each block with torch.compile (fusiontree.train.mechanics.apply_compile): fuses the
     # elementwise work around the matmuls and kernels. Costs compile time at each new length.
     compile: bool = False
-    # torch.compile's backend for `compile`: "inductor" generates fused kernels (the point of
-    # compiling); "aot_eager" traces the same graphs, forward and backward, and runs them with
+    # torch.compile's backend for `compile` and `compile_loss`: "inductor" generates fused
+    # kernels (the point of compiling); "aot_eager" traces the same graphs, forward and backward, and runs them with
     # the eager kernels: a check of graph capture without code generation, minutes faster to
     # compile on a CPU.
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    # Compile the loss's cross entropy too (one fused reduction over the bf16 logits instead of
+    # an fp32 copy, a log-softmax and their gradients in memory). Independent of train.compile.
+    compile_loss: bool = False
     # Capture each block's training forward and backward as CUDA graphs and replay them
     # (fusiontree/train/cuda_graphs.py): the host launches two graphs per block instead of
     # hundreds of kernels. CUDA only, one tensor-parallel rank per model, ZeRO 0-2; blocks that
@@ -319,7 +322,7 @@ RESUME_FREE = ["out_dir", "kernels.*", "parallel.*", "generate.*", "train.log_ev
                "train.eval_every_steps", "train.eval_batches", "train.checkpoint_every_steps",
                "train.keep_checkpoints", "train.save_checkpoints", "train.async_checkpoint",
                "train.gate_stats_every_steps", "train.wandb_project", "train.profile_steps", "train.compile",
-               "train.compile_backend", "train.compile_cache_dir", "train.cuda_graphs", "train.activation_checkpointing",
+               "train.compile_backend", "train.compile_loss", "train.compile_cache_dir", "train.cuda_graphs", "train.activation_checkpointing",
                "train.checkpoint_num_layers", "train.peak_flops_per_device", "train.device", "train.max_bad_steps",
                "train.inject_nan_steps", "data.shards_dir", "data.tokenizer", "data.num_workers",
                "data.prefetch_factor", "data.verify_shards", "data.on_corrupt_shard", "data.resume_mismatch"]

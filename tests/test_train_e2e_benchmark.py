@@ -70,3 +70,21 @@ def test_save_flags_take_an_interval():
            for c in [bench.parse_case(case)]}
     assert got == {"1b@32768x1+asave": (True, 5, True), "1b@32768x1+asave12": (True, 12, True),
                    "1b@32768x1+save3": (True, 3, False), "1b@32768x1": (False, 0, False)}
+
+
+def test_case_settings_reach_the_trainer_command(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    bench = _bench()
+    c = bench.parse_case("small@4096x4+compile+graphs~train.compile_loss=true~model.chunk_size=128")
+    assert c["preset"] == "small" and c["graphs"] and c["settings"] == {"train.compile_loss": "true",
+                                                                         "model.chunk_size": "128"}
+    args = SimpleNamespace(vocab=32000, shards=tmp_path, steps=10, dry_run=False)
+    cmd = bench.trainer_command(c, args, tmp_path / "run", tmp_path / "cache")
+    assert "--train.compile_loss=true" in cmd and "--model.chunk_size=128" in cmd and "--train.compile=True" in cmd
+    assert bench.parse_case("small@4096x4")["settings"] == {}
+    for bad in ("small@4096x4~compile_loss", "small@4096x4~train.x", "mamba-ref-1b@4096x1~train.compile=true"):
+        with pytest.raises(SystemExit):
+            bench.parse_case(bad)

@@ -49,19 +49,34 @@ def gate_regularizer(gates: list[Tensor | None], kind: str) -> Tensor | None:
     return torch.stack(terms).mean()
 
 
+def token_cross_entropy(logits_NV: Tensor, tgt_N: Tensor, ignore_index: int) -> Tensor:
+    """Mean cross entropy (fp32) over the targets that are not `ignore_index`."""
+    return F.cross_entropy(logits_NV.float(), tgt_N, ignore_index=ignore_index)
+
+
 class HybridModelLoss(nn.Module):
-    def __init__(self, cfg: LossConfig):
+    """compile_backend: run the cross entropy through torch.compile with that backend (one
+    static graph per shape): the fp32 cast, log-softmax and gradient fuse into reductions over
+    the logits as they are. None: eager."""
+
+    def __init__(self, cfg: LossConfig, compile_backend: str | None = None):
         super().__init__()
         self.cfg = cfg
+        self.cross_entropy = token_cross_entropy
+        if compile_backend is not None:
+            from fusiontree.ops import compile_once
+
+            self.cross_entropy = compile_once(token_cross_entropy, backend=compile_backend, dynamic=False)
 
     def forward(self, logits_BTV: Tensor, input_ids_BT: Tensor, gates: list[Tensor | None],
                 seq_idx_BT: Tensor | None = None, labels_BT: Tensor | None = None) -> tuple[Tensor, dict]:
         """Returns (loss, parts) with parts = {ce, gate_reg, tokens} as detached tensors."""
         cfg = self.cfg
         tgt = shifted_targets(input_ids_BT, cfg.ignore_index, seq_idx_BT, labels_BT, cfg.mask_cross_document)
-        logits = logits_BTV[:, :-1].float()
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                             ignore_index=cfg.ignore_index)
+        # Every position's logits with its target (the last position has none): no slice of the
+        # logits to copy in the forward and to scatter back in the backward.
+        tgt = F.pad(tgt, (0, 1), value=cfg.ignore_index)
+        ce = self.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]), tgt.reshape(-1), cfg.ignore_index)
         reg = gate_regularizer(gates, cfg.gate_reg)
         loss = ce if reg is None or cfg.gate_reg_weight == 0 else ce + cfg.gate_reg_weight * reg
         parts = {"ce": ce.detach(), "gate_reg": (reg if reg is not None else torch.zeros(())).detach(),

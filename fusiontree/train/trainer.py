@@ -253,7 +253,7 @@ class Trainer:
                                  "them anew every forward; use ZeRO 0-2 (configs/ds/zero{0,1,2}.json)")
             apply_cuda_graphs(model)  # after DeepSpeed has given the parameters their storage
         log.info("training mechanics: %s", describe_mechanics(model))
-        self.loss_fn = HybridModelLoss(cfg.loss)
+        self.loss_fn = HybridModelLoss(cfg.loss, cfg.train.compile_backend if cfg.train.compile_loss else None)
 
     def _resume_checkpoint(self, resume: str, allow_config_change: tuple[str, ...]) -> Path | None:
         """`resume`: none (a directory that already holds checkpoints is refused), auto (the
