@@ -204,15 +204,12 @@ def test_filled_blocks_decode_attention_steps_like_the_cached_forward(variant):
             torch.testing.assert_close(static.step(nxt), logits, **TOL)
 
 
-def test_compiled_static_decode_step_matches_the_eager_one():
-    """GraphedDecoder(compile=True): the blocks of `decode_step` through Inductor (here its
-    CPU code generator; on CUDA the same graphs are then captured), over a ring buffer that
-    wraps, against the eager static step on a copy of the same caches."""
+def _compiled_steps_match_eager(model, ids, n: int) -> None:
+    """n - 1 greedy steps of GraphedDecoder(compile=True) against the eager static step, each on
+    its own copy of the caches after the same prefill of `ids`."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
-    model = build("parallel-channel", seed=6)
-    B, T, n = 2, 9, 24
-    ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(7))
+    B, T = ids.shape
     caches = [model.allocate_inference_cache(B, T + n) for _ in range(2)]
     with torch.no_grad():
         first = [model(ids, past_key_values=kv, past_mamba_states=ms).logits[:, -1] for kv, ms in caches]
@@ -223,6 +220,15 @@ def test_compiled_static_decode_step_matches_the_eager_one():
             a, b = compiled.step(nxt).clone(), eager.step(nxt)
             torch.testing.assert_close(a, b, **TOL)
             nxt = b.argmax(-1)
+
+
+def test_compiled_static_decode_step_matches_the_eager_one():
+    """GraphedDecoder(compile=True): the blocks of `decode_step` through Inductor (here its
+    CPU code generator; on CUDA the same graphs are then captured), over a ring buffer that
+    wraps, against the eager static step on a copy of the same caches."""
+    model = build("parallel-channel", seed=6)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(7))
+    _compiled_steps_match_eager(model, ids, 24)
     assert model._compiled_decode is not None
 
 
@@ -232,24 +238,13 @@ def test_compiled_decode_steps_of_models_with_different_decode_paths_in_one_proc
     the first (filled_blocks, then all_slots, then filled_blocks again), and each compiled step
     equals that model's eager static step."""
     from fusiontree.config import KernelConfig
-    from fusiontree.inference.cuda_graph import GraphedDecoder
     from fusiontree.models import HybridLanguageModel
     from fusiontree.ops import resolve_kernels
 
     ref = build("parallel-channel", seed=14)
-    B, T, n = 2, 9, 4
-    ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(15))
+    ids = torch.randint(0, ref.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(15))
     for path in ("filled_blocks", "all_slots", "filled_blocks"):
         model = HybridLanguageModel(ref.cfg, resolve_kernels(KernelConfig(decode_attention=path), "cpu")).eval()
         model.load_state_dict(ref.state_dict())
         model.compile_decode(backend="aot_eager", dynamic=False)
-        caches = [model.allocate_inference_cache(B, T + n) for _ in range(2)]
-        with torch.no_grad():
-            first = [model(ids, past_key_values=kv, past_mamba_states=ms).logits[:, -1] for kv, ms in caches]
-            eager = GraphedDecoder(model, *caches[0], torch.full((B,), T), graph=False)
-            compiled = GraphedDecoder(model, *caches[1], torch.full((B,), T), graph=False, compile=True)
-            nxt = first[0].argmax(-1)
-            for _ in range(n - 1):
-                a, b = compiled.step(nxt).clone(), eager.step(nxt)
-                torch.testing.assert_close(a, b, **TOL)
-                nxt = b.argmax(-1)
+        _compiled_steps_match_eager(model, ids, 4)
