@@ -276,8 +276,39 @@ def run_key(base_yaml: Path, overrides: dict) -> str:
     return hashlib.sha256((dump_config(cfg) + data).encode()).hexdigest()[:10]
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them ([] without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    named = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return named[:n] if named else [str(i) for i in range(n)]
+
+
+class GpuSlots:
+    """One GPU per run when runs train at once on a machine with GPUs: `take()` gives a free
+    device's name (None when runs need no GPU of their own: one job, or no GPU), `give(dev)`
+    returns it."""
+
+    def __init__(self, jobs: int, gpus: list[str]):
+        if jobs > 1 and gpus and jobs > len(gpus):
+            raise ValueError(f"jobs={jobs} runs at once, but {len(gpus)} GPU(s) are visible: each run takes a "
+                             f"GPU of its own; set jobs to at most {len(gpus)}")
+        self.free = list(gpus) if jobs > 1 else []
+
+    def take(self) -> str | None:
+        return self.free.pop(0) if self.free else None
+
+    def give(self, dev: str | None) -> None:
+        if dev is not None:
+            self.free.append(dev)
+
+
 def train_all(ab: Ablation, base_yaml: Path, threads: int) -> dict[str, dict]:
-    """Train every distinct run, `ab.jobs` at a time. Returns {run_key: info}."""
+    """Train every distinct run, `ab.jobs` at a time (each on a GPU of its own when there are
+    GPUs). Returns {run_key: info}."""
     from fusiontree.config import load_config
 
     runs: dict[str, dict] = {}
@@ -295,7 +326,8 @@ def train_all(ab: Ablation, base_yaml: Path, threads: int) -> dict[str, dict]:
     started = set(pending)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env.setdefault("WANDB_MODE", "disabled")
-    active: list[tuple[str, subprocess.Popen, float, object]] = []
+    slots = GpuSlots(ab.jobs, visible_gpus())
+    active: list[tuple[str, subprocess.Popen, float, object, str | None]] = []
     try:
         while pending or active:
             while pending and len(active) < ab.jobs:
@@ -305,17 +337,20 @@ def train_all(ab: Ablation, base_yaml: Path, threads: int) -> dict[str, dict]:
                 resume = (r["run_dir"] / "checkpoints").is_dir()
                 cmd = train_command(base_yaml, r["run_dir"], r["overrides"], resume)
                 logf = open(r["run_dir"] / "train_stdout.log", "a")
-                log.info("training %s: %s", r["run_dir"].name, " ".join(cmd[1:]))
+                dev = slots.take()
+                log.info("training %s%s: %s", r["run_dir"].name, "" if dev is None else f" on GPU {dev}",
+                         " ".join(cmd[1:]))
                 # a fresh port per run: runs in parallel must not share a rendezvous port
-                proc = subprocess.Popen(cmd, env=dict(env, MASTER_PORT=str(_free_port())), stdout=logf,
-                                        stderr=subprocess.STDOUT, cwd=ROOT)
-                active.append((key, proc, time.perf_counter(), logf))
+                run_env = dict(env, MASTER_PORT=str(_free_port()), **({} if dev is None else {"CUDA_VISIBLE_DEVICES": dev}))
+                proc = subprocess.Popen(cmd, env=run_env, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+                active.append((key, proc, time.perf_counter(), logf, dev))
             time.sleep(0.5)
             for item in list(active):
-                key, proc, t0, logf = item
+                key, proc, t0, logf, dev = item
                 if proc.poll() is None:
                     continue
                 active.remove(item)
+                slots.give(dev)
                 logf.close()
                 runs[key]["train_s"] = time.perf_counter() - t0
                 if proc.returncode != 0:
@@ -327,7 +362,7 @@ def train_all(ab: Ablation, base_yaml: Path, threads: int) -> dict[str, dict]:
                 (runs[key]["run_dir"] / "train_time.json").write_text(json.dumps(
                     {"train_s": runs[key]["train_s"], "jobs": ab.jobs, "threads": threads}))
     finally:
-        for _, proc, _, logf in active:  # a failure or an interrupt must not leave runs behind
+        for _, proc, _, logf, _ in active:  # a failure or an interrupt must not leave runs behind
             proc.kill()
             proc.wait()
             logf.close()

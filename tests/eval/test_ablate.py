@@ -131,3 +131,42 @@ def test_data_is_rebuilt_when_the_passkey_template_changes(tmp_path, monkeypatch
     assert manifest.stat().st_mtime_ns != first
     docs = (tmp_path / "shards.work" / "passkey.jsonl").read_text()
     assert "Remember it" not in docs
+
+
+def test_runs_trained_at_once_take_a_gpu_each(tmp_path, monkeypatch):
+    """jobs > 1 on a machine with GPUs: each concurrent run sees one GPU of its own
+    (CUDA_VISIBLE_DEVICES), a finished run's GPU goes to the next; more jobs than GPUs is an
+    error before anything starts."""
+    import fusiontree.ablation as abl
+
+    with pytest.raises(ValueError, match="set jobs to at most 2"):
+        abl.GpuSlots(3, ["0", "1"])
+    assert abl.GpuSlots(1, ["0", "1"]).take() is None and abl.GpuSlots(2, []).take() is None
+    spec = {k: v for k, v in SMOKE.items() if k != "data_build"}
+    spec["variants"] = {"a": {"model.gate": "channel"}, "b": {"model.gate": "token"}, "c": {"model.window": 8}}
+    ab = load_ablation(_write(tmp_path, spec))
+    base_yaml = tmp_path / "base.yaml"
+    base_yaml.write_text(yaml.safe_dump(ab.base))
+    started = []
+
+    class FakeRun:  # run i ends at its (i % 2 + 1)-th poll: a first, then c takes a's GPU
+        def __init__(self, cmd, env, **kwargs):
+            self.i, self.polls, self.returncode = len(started), 0, 0
+            started.append(env.get("CUDA_VISIBLE_DEVICES"))
+
+        def poll(self):
+            self.polls += 1
+            return 0 if self.polls > self.i % 2 else None
+
+        def kill(self):
+            pass
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(abl, "visible_gpus", lambda: ["7", "9"])
+    monkeypatch.setattr(abl.subprocess, "Popen", FakeRun)
+    monkeypatch.setattr(abl.time, "sleep", lambda s: None)
+    with pytest.raises(RuntimeError, match="without a checkpoint"):  # the fake runs write none
+        abl.train_all(ab, base_yaml, threads=1)
+    assert started == ["7", "9", "7"]
