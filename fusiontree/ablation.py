@@ -69,7 +69,8 @@ PASSKEY_KEYS = {"docs", "digits", "min_filler", "max_filler", "seed"}
 @dataclass
 class DataBuild:
     """Shards built before training (skipped when `output` already holds a build of the same
-    spec). `inputs`: files/dirs/globs, `stdlib:REL` for a part of the standard library.
+    spec). `inputs`: files/dirs/globs, `stdlib:REL` for a part of the standard library,
+    `site:REL` for installed packages' sources (site-packages).
     `passkey`: synthetic passkey documents mixed in (fusiontree/eval/passkey.py), each padded
     to fill one sample of the largest bucket on its own; the tokenizer is trained on the
     inputs plus unpadded passkey documents first, so the padding can be counted in tokens."""
@@ -199,7 +200,7 @@ def build_data(spec: DataBuild) -> Path:
         log.info("shards %s already built for this spec", out)
         return out
     if not spec.inputs and not spec.passkey:
-        raise ValueError("data_build needs inputs (files, dirs, stdlib:REL) or passkey documents")
+        raise ValueError("data_build needs inputs (files, dirs, stdlib:REL, site:REL) or passkey documents")
     inputs = [str(_input_path(s)) for s in spec.inputs]
     workers = min(2, os.cpu_count() or 1)
     work = out.parent / f"{out.name}.work"
@@ -230,9 +231,9 @@ def build_data(spec: DataBuild) -> Path:
 
 
 def _input_path(spec: str) -> Path:
-    from fusiontree.data.corpus import stdlib_dir
+    from fusiontree.data.corpus import interpreter_path
 
-    p = stdlib_dir() / spec[len("stdlib:"):] if spec.startswith("stdlib:") else _resolve(spec)
+    p = interpreter_path(spec) if spec.startswith(("stdlib:", "site:")) else _resolve(spec)
     if not p.exists():
         raise ValueError(f"data_build input {spec!r} does not exist ({p})")
     return p

@@ -522,6 +522,16 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def interpreter_path(spec: str) -> Path:
+    """`stdlib:REL` (REL under this interpreter's standard library) or `site:REL` (under its
+    site-packages: installed packages' sources), so that configs name the same kind of files on
+    every machine; any other spec is a path as given."""
+    for prefix, root in (("stdlib:", "stdlib"), ("site:", "purelib")):
+        if spec.startswith(prefix):
+            return Path(sysconfig.get_paths()[root]) / spec[len(prefix):]
+    return Path(spec)
+
+
 def default_units() -> list[Unit]:
     """The standard library's .py files (with their module docstrings) and pydoc's topics."""
     root = stdlib_dir()

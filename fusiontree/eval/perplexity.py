@@ -95,13 +95,14 @@ def heldout_files(shards_dir: str, suffix: str = ".py") -> list[Path]:
 
 
 def expand_files(specs: list[str]) -> list[Path]:
-    """Files, directories (their .py files) or globs; `stdlib:REL` is REL under this
-    interpreter's standard library (so configs name the same files on every machine)."""
-    from fusiontree.data.corpus import stdlib_dir
+    """Files, directories (their .py files) or globs; `stdlib:REL` / `site:REL` are REL under
+    this interpreter's standard library / site-packages (so configs name the same files on
+    every machine)."""
+    from fusiontree.data.corpus import interpreter_path
 
     out: list[Path] = []
     for spec in specs:
-        p = stdlib_dir() / spec[len("stdlib:"):] if spec.startswith("stdlib:") else Path(spec)
+        p = interpreter_path(spec)
         if p.is_dir():
             out.extend(sorted(q for q in p.rglob("*.py") if "__pycache__" not in q.parts))
         elif p.is_file():
@@ -109,7 +110,7 @@ def expand_files(specs: list[str]) -> list[Path]:
         else:
             found = sorted(Path().glob(spec)) if not p.is_absolute() else []
             if not found:
-                raise ValueError(f"held-out file {spec!r} does not exist (files, directories, globs, or stdlib:REL)")
+                raise ValueError(f"held-out file {spec!r} does not exist (files, directories, globs, stdlib:REL or site:REL)")
             out.extend(found)
     return out
 

@@ -170,3 +170,17 @@ def test_runs_trained_at_once_take_a_gpu_each(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="without a checkpoint"):  # the fake runs write none
         abl.train_all(ab, base_yaml, threads=1)
     assert started == ["7", "9", "7"]
+
+
+def test_inputs_name_the_interpreters_own_sources():
+    """`stdlib:REL` and `site:REL` (installed packages) resolve on any machine; a missing one is
+    an error naming it."""
+    from fusiontree.ablation import _input_path
+    from fusiontree.eval.perplexity import expand_files
+
+    assert (_input_path("site:yaml") / "__init__.py").is_file()  # PyYAML, a dependency of the project
+    assert (_input_path("stdlib:json") / "decoder.py").is_file()
+    assert [p.name for p in expand_files(["site:yaml/__init__.py", "stdlib:json/decoder.py"])] == ["__init__.py",
+                                                                                                   "decoder.py"]
+    with pytest.raises(ValueError, match="site:no_such_package"):
+        _input_path("site:no_such_package")
