@@ -83,9 +83,9 @@ class TrainConfig:
     # elementwise work around the matmuls and kernels. Costs compile time at each new length.
     compile: bool = False
     # torch.compile's backend for `compile` and `compile_loss`: "inductor" generates fused
-    # kernels (the point of compiling); "aot_eager" traces the same graphs, forward and backward, and runs them with
-    # the eager kernels: a check of graph capture without code generation, minutes faster to
-    # compile on a CPU.
+    # kernels (the point of compiling); "aot_eager" traces the same graphs, forward and
+    # backward, and runs them with the eager kernels: a check of graph capture without code
+    # generation, minutes faster to compile on a CPU.
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     # Compile the loss's cross entropy too (one fused reduction over the bf16 logits instead of
     # an fp32 copy, a log-softmax and their gradients in memory). Independent of train.compile.
