@@ -19,15 +19,33 @@ from tests.hf.conftest import ROOT, train_env
 TASKS = ("fusiontree_nextline", "fusiontree_code_choice", "fusiontree_heldout_text")
 
 
-def lm_eval(args: list[str], out: Path, data: Path, tmp_path: Path) -> dict:
-    env = dict(train_env(), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
-    common = ["--tasks", "fusiontree_local", "--include_path", str(ROOT / "configs/lm_eval"), "--device", "cpu",
-              "--batch_size", "3", "--metadata", json.dumps({"data_dir": str(data)}), "--output_path", str(out),
-              "--log_samples"]
-    res = subprocess.run([*args, *common], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                         stdin=subprocess.DEVNULL)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+def lm_eval(runs: dict[str, list[str]], data: Path, tmp_path: Path) -> dict[str, dict]:
+    """Runs of lm-eval (name -> command), side by side: each spends most of its time starting up
+    on one core. Each writes under tmp_path / name; returns name -> its results and samples."""
+    procs = {}
+    try:
+        for name, args in runs.items():
+            env = dict(train_env(), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                       HF_HOME=str(tmp_path / f"hf_home_{name}"), TOKENIZERS_PARALLELISM="false")
+            common = ["--tasks", "fusiontree_local", "--include_path", str(ROOT / "configs/lm_eval"),
+                      "--device", "cpu", "--batch_size", "3", "--metadata", json.dumps({"data_dir": str(data)}),
+                      "--output_path", str(tmp_path / name), "--log_samples"]
+            with open(tmp_path / f"{name}.log", "w") as log:
+                procs[name] = subprocess.Popen([*args, *common], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               cwd=tmp_path, stdin=subprocess.DEVNULL)
+        for p in procs.values():
+            p.wait(timeout=600)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name}: " + (tmp_path / f"{name}.log").read_text()[-6000:]
+    return {name: _read_results(tmp_path / name) for name in runs}
+
+
+def _read_results(out: Path) -> dict:
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     samples = {}
     for task in TASKS:
@@ -48,10 +66,11 @@ def task_data(hf_shards, tmp_path_factory) -> Path:
 
 def test_native_backend_and_export_score_the_same(layout_exports, task_data, tmp_path):
     ckpt, hf = layout_exports["parallel-token"]
-    native = lm_eval([sys.executable, str(ROOT / "launch/lm_harness.py"), "--model", "fusiontree",
-                      "--model_args", f"checkpoint={ckpt}"], tmp_path / "native", task_data, tmp_path)
-    export = lm_eval([sys.executable, "-m", "lm_eval", "--model", "hf",
-                      "--model_args", f"pretrained={hf},trust_remote_code=True"], tmp_path / "hf", task_data, tmp_path)
+    runs = lm_eval({"native": [sys.executable, str(ROOT / "launch/lm_harness.py"), "--model", "fusiontree",
+                               "--model_args", f"checkpoint={ckpt}"],
+                    "hf": [sys.executable, "-m", "lm_eval", "--model", "hf",
+                           "--model_args", f"pretrained={hf},trust_remote_code=True"]}, task_data, tmp_path)
+    native, export = runs["native"], runs["hf"]
 
     # the generations: the same text for every question, and not trivially empty
     gen_native, gen_hf = native["samples"]["fusiontree_nextline"], export["samples"]["fusiontree_nextline"]

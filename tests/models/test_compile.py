@@ -22,7 +22,11 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_compiled_blocks_match_eager_forward_and_gradients_on_packed_rows():
+def test_compiled_blocks_match_eager_forward_and_gradients_on_packed_rows_and_decode_through_the_eager_cache():
+    """The compiled model against the eager one on packed rows (logits, gates, every gradient);
+    then the compiled model's cached calls (prefill and decode steps, which run the blocks'
+    eager forward) on one packed document alone give the compiled packed forward's logits for
+    that document."""
     eager = build("parallel-token", n_layers=3, attn_pattern="LLG").train()
     compiled = copy.deepcopy(eager)
     apply_compile(compiled)
@@ -48,16 +52,14 @@ def test_compiled_blocks_match_eager_forward_and_gradients_on_packed_rows():
     # Three blocks of two structures (local, global), compiled here: at least two graphs.
     assert _unique_graphs() - graphs_before >= 2
 
-
-def test_compiled_model_decodes_with_the_eager_cache_path_and_matches_its_full_forward():
-    model = build("parallel-channel")
-    apply_compile(model)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    # Row 1's last document (positions 45-76, longer than the window of 16) on its own, through
+    # the caches: a prefill of 25 tokens, then one token at a time.
+    doc = ids[1:2, 45:]
+    graphs_before = _unique_graphs()
     with torch.no_grad():
-        full = model(ids).logits  # cache-free: the compiled blocks
-        kv, ms = model.allocate_inference_cache(2, 40)
-        pre = model(ids[:, :33], past_key_values=kv, past_mamba_states=ms)  # with caches: eager blocks
-        steps = [pre.logits]
-        for t in range(33, 40):
-            steps.append(model(ids[:, t:t + 1], past_key_values=kv, past_mamba_states=ms).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+        kv, ms = compiled.allocate_inference_cache(1, doc.shape[1])
+        steps = [compiled(doc[:, :25], past_key_values=kv, past_mamba_states=ms).logits]
+        for t in range(25, doc.shape[1]):
+            steps.append(compiled(doc[:, t:t + 1], past_key_values=kv, past_mamba_states=ms).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), oc.logits[1:2, 45:].detach(), rtol=1e-4, atol=1e-5)
+    assert _unique_graphs() == graphs_before  # the cached calls compiled nothing

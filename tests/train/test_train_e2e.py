@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,17 +186,30 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tm
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
+# TP=2 needs Mamba groups that split; a curriculum change of length after step 2.
+TP_EXTRA = ["--model.ssm_groups=2", "--data.global_batch_tokens=512",
+            "--data.curriculum=[{seq_len: 64, until_tokens: 1024}, {seq_len: 128, until_tokens: 0}]"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, train_shards) -> Path:
+    """The reference of the tensor-parallel runs: 4 eager steps in one process (ZeRO-0)."""
+    root = tmp_path_factory.mktemp("one_process")
+    one = root / "one"
+    _ok(run(train_cmd(write_config(root / "one.yaml", train_shards, one, steps=4), launcher="python",
+                      zero=0, extra=TP_EXTRA)))
+    return one
+
+
 @pytest.mark.parametrize("zero,compile", [(1, True), (3, False)])
-def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, train_shards, zero, compile):
+def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, train_shards, one_process_run, zero,
+                                                                   compile):
     """launch/train.py with TP=2 + sequence parallelism (ZeRO-1 with compiled blocks, or ZeRO-3,
     over a data-parallel size of 1) gives the single-process eager run's losses to fp32
     round-off, across a curriculum change of length after step 2 (compiled: a second graph),
     and its model.pt is the plain model."""
-    extra = ["--model.ssm_groups=2", "--data.global_batch_tokens=512",
-             "--data.curriculum=[{seq_len: 64, until_tokens: 1024}, {seq_len: 128, until_tokens: 0}]"]
-    one, tp = tmp_path / "one", tmp_path / "tp"
-    _ok(run(train_cmd(write_config(tmp_path / "one.yaml", train_shards, one, steps=4), launcher="python",
-                      zero=0, extra=extra)))
+    extra = TP_EXTRA
+    one, tp = one_process_run, tmp_path / "tp"
     res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4, **(COMPILE if compile else {})),
                         zero=zero,
                         extra=extra + ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"]))
