@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,17 @@ def deepspeed_cpu_op_message() -> str | None:
             "a minute or more; later runs reuse it")
 
 
+def interpreter_tools_first() -> None:
+    """Put this interpreter's bin directory (a venv's) first on PATH when it holds ninja. torch
+    builds extensions with whichever ninja PATH finds, and ninja versions record a build's
+    commands differently (1.11 and 1.13 do): with the system's ninja in one process and the
+    venv's in another, each finds the other's build of the op changed and builds it again."""
+    tools = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(tools) / "ninja").exists() and path.split(os.pathsep)[0] != tools:
+        os.environ["PATH"] = os.pathsep.join([tools, path]) if path else tools
+
+
 def build_deepspeed_cpu_op(announce: bool = True) -> None:
     """Build DeepSpeed's CPU communication op before DeepSpeed would, under an OS file lock.
 
@@ -120,6 +132,7 @@ def build_deepspeed_cpu_op(announce: bool = True) -> None:
 
     from torch.utils.cpp_extension import _get_build_directory
 
+    interpreter_tools_first()
     message = deepspeed_cpu_op_message()
     if message is None:
         return

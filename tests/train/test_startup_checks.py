@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from fusiontree.config import load_config
 from fusiontree.train.distributed import build_deepspeed_cpu_op, deepspeed_cpu_op_message
 from fusiontree.train.trainer import window_warning
@@ -127,3 +129,20 @@ def test_resuming_with_a_changed_config_lists_the_keys_in_one_line(tmp_path, tra
     res = subprocess.run([*script, "--model.d_model=32", "--allow_config_change", "model"], env=env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "the model config differs" in res.stderr and "model.d_model" in res.stderr
+
+
+def test_the_interpreters_ninja_builds_the_op(monkeypatch):
+    """One ninja for every process: the venv's, first on PATH before a build (two ninja
+    versions rebuild each other's builds)."""
+    from pathlib import Path
+
+    from fusiontree.train.distributed import interpreter_tools_first
+
+    tools = str(Path(sys.executable).parent)
+    if not (Path(tools) / "ninja").exists():
+        pytest.skip("this interpreter's bin directory has no ninja (the project's venv installs one)")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    interpreter_tools_first()
+    assert os.environ["PATH"] == f"{tools}:/usr/bin:/bin"
+    interpreter_tools_first()  # already first: unchanged
+    assert os.environ["PATH"] == f"{tools}:/usr/bin:/bin"
