@@ -139,7 +139,7 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
                 [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]))
         with record_function("fusiontree.engine_step"):
             engine.step()
-        if i == 0:
+        if first:
             mark("first_engine_step")
         loss_sum += loss.detach().float()
         ce_sum += parts["ce"].float()
