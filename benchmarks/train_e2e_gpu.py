@@ -18,6 +18,8 @@ A case is PRESET@SEQxMB with optional +flags; MB is the micro-batch in sequences
   +ckpt/+ckptN activation checkpointing of every block / of the first N blocks
   +gpusN       N processes (GPUs); +tpN tensor parallel N with sequence parallelism (the rest is
                data parallel); +zN ZeRO stage N (default 1)
+  +overlap     configs/ds/zeroN.json with zero_optimization.overlap_comm (gradient reduction
+               overlapped with the backward) and contiguous_gradients turned on
   +accN        N micro-batches of gradient accumulation per optimizer step (default 4)
   +save[N]     save a checkpoint every N steps (default 5; the stall is reported); otherwise none
   +asave[N]    the same with train.async_checkpoint (written in the background; the first save
@@ -62,7 +64,7 @@ from _results import git_commit, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FLAG = re.compile(r"^(compile|graphs|ckpt\d*|gpus\d+|tp\d+|z[0-3]|acc\d+|a?save\d*|profile|fused)$")
+FLAG = re.compile(r"^(compile|graphs|ckpt\d*|gpus\d+|tp\d+|z[0-3]|overlap|acc\d+|a?save\d*|profile|fused)$")
 CASE = re.compile(r"^([\w.-]+)@(\d+)x(\d+)$")
 
 
@@ -81,7 +83,7 @@ def parse_case(case: str) -> dict:
     bad = [f for f in flags if not FLAG.match(f)]
     if not m or bad:
         raise SystemExit(f"case {case!r}: expected PRESET@SEQxMB[+flag...] with flags compile, graphs, ckpt[N], "
-                         f"gpusN, tpN, zN, accN, save[N], asave[N], profile, fused (bad: {bad or head})")
+                         f"gpusN, tpN, zN, overlap, accN, save[N], asave[N], profile, fused (bad: {bad or head})")
 
     def num(prefix: str, default: int) -> int:
         got = [int(f[len(prefix):]) for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
@@ -96,7 +98,7 @@ def parse_case(case: str) -> dict:
     return dict(case=case, preset=m.group(1), seq_len=int(m.group(2)), micro_batch=int(m.group(3)),
                 compile="compile" in flags, graphs="graphs" in flags,
                 checkpoint_layers=None if not ckpt else int(ckpt[0][4:] or 0), gpus=gpus, tp=tp,
-                zero=num("z", 1), accum=num("acc", 4), save=bool(saves), save_every=int(re.sub(r"^a?save", "", saves[0]) or 5) if saves else 0,
+                zero=num("z", 1), overlap="overlap" in flags, accum=num("acc", 4), save=bool(saves), save_every=int(re.sub(r"^a?save", "", saves[0]) or 5) if saves else 0,
                 async_save=any(f.startswith("asave") for f in saves), fused="fused" in flags,
                 profile="profile" in flags, settings=dict(x.split("=", 1) for x in settings))
 
@@ -116,7 +118,7 @@ def dry_run_case(c: dict) -> dict:
 def layout(c: dict) -> str:
     dp = c["gpus"] // c["tp"]
     parts = ([f"TP{c['tp']}+SP"] if c["tp"] > 1 else []) + ([f"DP{dp}"] if dp > 1 else [])
-    return " x ".join(parts or ["1 GPU"]) + f", ZeRO-{c['zero']}"
+    return " x ".join(parts or ["1 GPU"]) + f", ZeRO-{c['zero']}" + (", overlap_comm" if c.get("overlap") else "")
 
 
 def build_shards(out: Path, seq_lens: list[int], vocab: int, corpus: list[str], workers: int) -> dict:
@@ -172,7 +174,14 @@ def trainer_command(c: dict, args, run_dir: Path, cache: Path) -> list[str]:
     if c["profile"]:
         over["train.profile_steps"] = f"[{args.steps - 1}]"
     over.update(c["settings"])
-    script = [str(ROOT / "launch/train.py"), "--ds_config", str(ROOT / f"configs/ds/zero{c['zero']}.json"),
+    ds_config = ROOT / f"configs/ds/zero{c['zero']}.json"
+    if c.get("overlap"):
+        ds = json.loads(ds_config.read_text())
+        ds["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        ds_config = run_dir.parent / f"{run_dir.name}.ds_config.json"
+        ds_config.write_text(json.dumps(ds, indent=1))
+    script = [str(ROOT / "launch/train.py"), "--ds_config", str(ds_config),
               *(f"--{k}={v}" for k, v in over.items())]
     if c["gpus"] == 1:
         return [sys.executable, *script]

@@ -88,3 +88,20 @@ def test_case_settings_reach_the_trainer_command(tmp_path):
     for bad in ("small@4096x4~compile_loss", "small@4096x4~train.x", "mamba-ref-1b@4096x1~train.compile=true"):
         with pytest.raises(SystemExit):
             bench.parse_case(bad)
+
+
+def test_overlap_flag_gives_the_trainer_a_deepspeed_json_with_overlapped_reduction(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    bench = _bench()
+    args = SimpleNamespace(vocab=32000, shards=tmp_path, steps=10, dry_run=False)
+    plain = bench.trainer_command(bench.parse_case("1b@32768x1+gpus2+z2"), args, tmp_path / "runs/a", tmp_path / "c")
+    assert plain[plain.index("--ds_config") + 1].endswith("configs/ds/zero2.json")
+    c = bench.parse_case("1b@32768x1+gpus2+z2+overlap")
+    cmd = bench.trainer_command(c, args, tmp_path / "runs/b", tmp_path / "c")
+    ds = json.loads(open(cmd[cmd.index("--ds_config") + 1]).read())
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["overlap_comm"] is True and ds["zero_optimization"]["contiguous_gradients"] is True
+    assert "overlap_comm" in bench.layout(c) and "overlap_comm" not in bench.layout(bench.parse_case("1b@32768x1+gpus2"))
+    assert not (tmp_path / "runs/b").exists()  # the run directory stays the trainer's to create

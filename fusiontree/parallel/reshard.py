@@ -64,12 +64,14 @@ def consolidate_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], cfg: Mo
 
 
 def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_parallel: int, zero_stage: int,
-                             is_main: bool) -> dict[str, Tensor] | None:
+                             is_main: bool, on_device: bool = False) -> dict[str, Tensor] | None:
     """The plain (single-device) state dict of a training model, on the main rank only (None
     elsewhere). Collective: ZeRO-3 shards the weights over the data-parallel ranks (gathered
     for the copy), tensor parallelism splits them over its group (gathered to the group's first
     rank and consolidated; only the first data-parallel replica sends). Only the ranks whose
-    copy is used make one."""
+    copy is used make one. `on_device`: without tensor parallelism or ZeRO-3, the detached
+    training tensors themselves where they are on a GPU (no copy: the caller must copy them
+    before the next step)."""
     if tensor_parallel == 1:
         sends = is_main
     else:
@@ -80,9 +82,10 @@ def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_p
     def local() -> dict[str, Tensor] | None:
         if not sends:
             return None
+        views = on_device and tensor_parallel == 1 and zero_stage != 3
         # A host copy that training cannot change: .cpu() of a device tensor is one already.
-        return {k: v.detach().clone() if v.device.type == "cpu" else v.detach().cpu()
-                for k, v in module.state_dict().items() if isinstance(v, Tensor)}
+        return {k: v.detach() if views and v.is_cuda else v.detach().clone() if v.device.type == "cpu"
+                else v.detach().cpu() for k, v in module.state_dict().items() if isinstance(v, Tensor)}
 
     if zero_stage == 3:
         import deepspeed

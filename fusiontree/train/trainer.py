@@ -304,10 +304,12 @@ class Trainer:
                                self.cfg.train.eval_batches, forward=self.engine)
         return validation_metrics(sums)
 
-    def plain_model_state(self) -> dict | None:
-        """The single-device model's weights on rank 0 (collective: they may be sharded)."""
+    def plain_model_state(self, on_device: bool = False) -> dict | None:
+        """The single-device model's weights on rank 0 (collective: they may be sharded).
+        `on_device`: weights that need no gathering stay views of the training tensors, for
+        a caller that copies them before training goes on (an asynchronous save)."""
         return consolidated_model_state(self.engine.module, self.cfg.model, self.cfg.parallel.tensor_parallel,
-                                        self.zero_stage, self.di.is_main)
+                                        self.zero_stage, self.di.is_main, on_device=on_device)
 
     def save(self) -> str:
         """Collective: a checkpoint of the step just taken. Returns its directory."""
@@ -320,7 +322,7 @@ class Trainer:
         plan = {"pruning_plan.json": self.monitor.pruning_plan_json()} \
             if self.di.is_main and any(s.updates for s in self.monitor.layers) else {}
         t0 = time.perf_counter()
-        model_state = self.plain_model_state()
+        model_state = self.plain_model_state(on_device=self.ckpt.async_save)
         parts = {"model_state": time.perf_counter() - t0}
         path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, model_state,
                               extra_files=plan)

@@ -83,3 +83,31 @@ def test_a_failed_async_write_is_raised_by_the_next_wait(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="writing a checkpoint failed: .*No space left"):
         ckpt.wait()
     assert ckpt.latest_valid() is None
+
+
+def test_model_state_for_an_async_save_is_never_a_live_host_tensor():
+    from fusiontree.models.config import model_preset
+    from fusiontree.parallel.reshard import consolidated_model_state
+
+    module = torch.nn.Linear(4, 3)
+    cfg = model_preset("debug")
+    for on_device in (False, True):
+        sd = consolidated_model_state(module, cfg, 1, 1, True, on_device=on_device)
+        assert all(v.data_ptr() != p.data_ptr() for v, p in zip(sd.values(), module.state_dict().values()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device weights go through pinned buffers: needs a GPU")
+def test_async_save_copies_device_weights_of_the_moment_into_a_host_model_file(tmp_path):
+    from fusiontree.checkpoint import MODEL_FILE
+
+    weights = torch.arange(1 << 20, dtype=torch.bfloat16, device="cuda")
+    ckpt = CheckpointManager(tmp_path / "checkpoints", rank=0, world_size=1, async_save=True)
+    for step in (1, 2):  # the second save reuses the first one's pinned buffers
+        path = ckpt.save(FakeEngine(weights), step, {"state": {"step": step}}, "c: 1\n", {},
+                         model_state={"w": weights.detach()})
+        want = weights.cpu()
+        weights.add_(1.0)  # training goes on
+        ckpt.wait()
+        got = safe_load(path / MODEL_FILE)["w"]
+        assert got.device.type == "cpu" and torch.equal(got, want)
+        assert torch.equal(safe_load(path / ENGINE_TAG / "model_states.pt")["module"]["w"].cpu(), want)
