@@ -57,10 +57,18 @@ def train_cmd(config: Path, launcher: str = "deepspeed", nproc: int = 2, zero: i
     script = [str(ROOT / "launch/train.py"), "--ds_config", str(ROOT / f"configs/ds/zero{zero}.json"),
               "--config", str(config), *extra]
     if launcher == "deepspeed":
-        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
+        return [*_launcher("deepspeed", "deepspeed.launcher.runner"), "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), *script]
     if launcher == "torchrun":
-        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *script]
+        return [*_launcher("torchrun", "torch.distributed.run"), "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port()), *script]
     return [sys.executable, *script]
+
+
+def _launcher(script: str, module: str) -> list[str]:
+    """The launcher's console script beside the interpreter, as users run it; the same program
+    as a module where the package was installed without its scripts (pip --target)."""
+    return [str(VENV_BIN / script)] if (VENV_BIN / script).exists() else [sys.executable, "-m", module]
 
 
 def shm_leftovers(cmd: list[str]) -> list[Path]:
