@@ -202,11 +202,14 @@ def _write_records(tmp: Path, rank: int, records: dict[str, dict]) -> None:
 class _HostSnapshot:
     """Copies of state dicts in host memory, made while the training loop waits, written to
     files later. Device tensors go to pinned buffers that are reused by the next save (same
-    shapes every time), so a save after the first costs one device-to-host copy."""
+    shapes every time), so a save after the first costs one device-to-host copy. A tensor met
+    twice in one snapshot (the weights in DeepSpeed's module file and in model.pt) is copied
+    once."""
 
     def __init__(self):
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.used: list[tuple[tuple, torch.Tensor]] = []
+        self.copied: dict[tuple, torch.Tensor] = {}  # this snapshot's copies by source view
         self._allocator_set = False
 
     def _fast_pinning(self) -> None:
@@ -225,6 +228,12 @@ class _HostSnapshot:
             f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}")
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
+        view = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if view not in self.copied:
+            self.copied[view] = self._new_copy(t)
+        return self.copied[view]
+
+    def _new_copy(self, t: torch.Tensor) -> torch.Tensor:
         if not t.is_cuda:
             return t.detach().clone()
         key = (tuple(t.shape), t.dtype)
@@ -259,6 +268,11 @@ class _HostSnapshot:
         for key, buf in self.used:
             self.free[key].append(buf)
         self.used = []
+        self.copied = {}
+
+    def begin(self) -> None:
+        """A new snapshot: nothing of an earlier one (written or failed) is reused as a copy."""
+        self.copied = {}
 
 
 def _recording_engine(base_engine, tmp: Path, records: dict):
@@ -350,6 +364,7 @@ class CheckpointManager:
             lap("finalize")
             return final
         pending: list = []
+        self._snapshot.begin()
         saved_engine = engine.checkpoint_engine
         engine.checkpoint_engine = _snapshot_engine(saved_engine, self._snapshot, pending)
         try:

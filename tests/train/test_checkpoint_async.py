@@ -111,3 +111,14 @@ def test_async_save_copies_device_weights_of_the_moment_into_a_host_model_file(t
         got = safe_load(path / MODEL_FILE)["w"]
         assert got.device.type == "cpu" and torch.equal(got, want)
         assert torch.equal(safe_load(path / ENGINE_TAG / "model_states.pt")["module"]["w"].cpu(), want)
+
+
+def test_a_tensor_in_two_files_of_one_snapshot_is_copied_once():
+    from fusiontree.checkpoint import _HostSnapshot
+
+    weights = torch.arange(64, dtype=torch.float32)
+    snap = _HostSnapshot()
+    a, b = snap.copy({"w": weights, "view": weights[:8]}), snap.copy({"w": weights})
+    assert a["w"] is b["w"] and a["view"] is not a["w"]  # same source view: one copy
+    snap.begin()
+    assert snap.copy({"w": weights})["w"] is not a["w"]  # a new snapshot copies anew
