@@ -76,20 +76,26 @@ def causal_conv1d_step_ref(
     return _activate(y, activation).to(x_BC.dtype)
 
 
-def _taps(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None) -> Tensor:
-    """The conv before its activation, fp32, zero state (the reference's sum, written once for
-    the explicit backward's forward and its recomputation)."""
-    Bsz, T, C = x_BTC.shape
-    K = weight_CK.shape[1]
+def _masked_taps(x_BTC: Tensor, K: int, seq_idx_BT: Tensor | None) -> list[Tensor]:
+    """The K inputs each output reads, fp32, zero state: tap k at t is input t - (K-1) + k, or
+    zero before t = 0 and across a document boundary."""
+    T = x_BTC.shape[1]
     xp = F.pad(x_BTC.float(), (0, 0, K - 1, 0))  # [B, K-1+T, C]; xp[:, s] is input t = s - (K-1)
-    w = weight_CK.float()
-    y = 0.0 if bias_C is None else bias_C.float()
-    if seq_idx_BT is not None:
-        seq_p = F.pad(seq_idx_BT, (K - 1, 0), value=-1)  # before t = 0: no document
+    seq_p = None if seq_idx_BT is None else F.pad(seq_idx_BT, (K - 1, 0), value=-1)  # -1: no document
+    taps = []
     for k in range(K):
         tap = xp[:, k:k + T]
-        if seq_idx_BT is not None and k < K - 1:
+        if seq_p is not None and k < K - 1:
             tap = tap * (seq_p[:, k:k + T] == seq_idx_BT)[..., None]
+        taps.append(tap)
+    return taps
+
+
+def _taps(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None) -> Tensor:
+    """The conv before its activation, fp32, zero state."""
+    w = weight_CK.float()
+    y = 0.0 if bias_C is None else bias_C.float()
+    for k, tap in enumerate(_masked_taps(x_BTC, w.shape[1], seq_idx_BT)):
         y = y + tap * w[:, k]
     return y
 
@@ -129,16 +135,8 @@ class _ConvExplicitBackward(torch.autograd.Function):
             if seq_idx_BT is not None:
                 term = term * (seq_n[:, shift:shift + T] == seq_idx_BT)[..., None]
             dx = dx + term * w[:, k]
-        xp = F.pad(x_BTC.float(), (0, 0, K - 1, 0))
-        if seq_idx_BT is not None:
-            seq_p = F.pad(seq_idx_BT, (K - 1, 0), value=-1)
-        dws = []
-        for k in range(K):
-            tap = xp[:, k:k + T]
-            if seq_idx_BT is not None and k < K - 1:
-                tap = tap * (seq_p[:, k:k + T] == seq_idx_BT)[..., None]
-            dws.append((g * tap).sum((0, 1)))
-        dw = torch.stack(dws, dim=1).to(weight_CK.dtype)
+        dw = torch.stack([(g * tap).sum((0, 1)) for tap in _masked_taps(x_BTC, K, seq_idx_BT)], dim=1)
+        dw = dw.to(weight_CK.dtype)
         db = None if bias_C is None else g.sum((0, 1)).to(bias_C.dtype)
         return dx.to(x_BTC.dtype), dw, db, None, None
 
