@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,46 @@ HANG_TIMEOUT_S = 1800
 
 def run(cmd: list[str], timeout: int = HANG_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+class Background:
+    """A run started now and collected later, for runs that do not depend on each other: on two
+    cores the debug runs spend much of their wall time waiting rather than computing (process
+    start-up, rendezvous, collectives, file writes), so two side by side take less time than one
+    after the other. Its output goes
+    to files, not pipes (a full pipe would stall it). As a context manager it ends the run's
+    whole process group if the test fails before collecting it."""
+
+    def __init__(self, cmd: list[str]):
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, env=env(), stdout=self._out, stderr=self._err, text=True, cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def result(self, timeout: int = HANG_TIMEOUT_S) -> subprocess.CompletedProcess:
+        self.proc.wait(timeout=timeout)
+        self._out.seek(0)
+        self._err.seek(0)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self._out.read(), self._err.read())
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self._out.close()
+        self._err.close()
+
+
+def run_side_by_side(*cmds: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent runs at once (see `Background`); their results in the order given."""
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(Background(cmd)) for cmd in cmds]
+        return [r.result() for r in runs]
 
 
 def _not_json(constant: str):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fusiontree.checkpoint import CheckpointManager, safe_load
-from tests.train.conftest import HANG_TIMEOUT_S, ROOT, env, losses, metrics, run, shm_leftovers, train_cmd, write_config
+from tests.train.conftest import (HANG_TIMEOUT_S, ROOT, Background, env, losses, metrics, run, run_side_by_side,
+                                  shm_leftovers, train_cmd, write_config)
 
 
 def _ok(res: subprocess.CompletedProcess) -> None:
@@ -38,22 +39,23 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shard
     saves the kill may land while the step-6 checkpoint is still being written: then the
     resume starts from step 3, and must still give the same losses."""
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    _ok(run(train_cmd(write_config(tmp_path / "full.yaml", train_shards, full_dir, async_checkpoint=async_save),
-                      zero=zero)))
+    cfg = write_config(tmp_path / "cut.yaml", train_shards, cut_dir, async_checkpoint=async_save)
+    # The uninterrupted run goes side by side with the run that is killed: neither reads the other.
+    with Background(train_cmd(write_config(tmp_path / "full.yaml", train_shards, full_dir,
+                                           async_checkpoint=async_save), zero=zero)) as full:
+        proc = subprocess.Popen(train_cmd(cfg, zero=zero), env=env(), cwd=ROOT, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + HANG_TIMEOUT_S
+        while time.time() < deadline:  # kill once step 7 is logged: after the step-6 checkpoint
+            if (cut_dir / "metrics.jsonl").exists() and max(losses(cut_dir) or [0]) >= 7:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _ok(full.result())
     want = losses(full_dir)
     assert sorted(want) == list(range(1, 11))
     _check_stall_parts(full_dir, async_save)
-
-    cfg = write_config(tmp_path / "cut.yaml", train_shards, cut_dir, async_checkpoint=async_save)
-    proc = subprocess.Popen(train_cmd(cfg, zero=zero), env=env(), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + HANG_TIMEOUT_S
-    while time.time() < deadline:  # kill once step 7 is logged: after the step-6 checkpoint
-        if (cut_dir / "metrics.jsonl").exists() and max(losses(cut_dir) or [0]) >= 7:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     # killed mid-run, it still left no shared-memory buffers behind (they are unlinked at start)
     assert shm_leftovers(proc.args) == []
     done = max(losses(cut_dir))
@@ -144,10 +146,12 @@ def test_run_artifacts_and_checkpoint_contents(tmp_path, train_shards):
 
 def test_torchrun_launch_with_zero3_and_activation_checkpointing(tmp_path, train_shards):
     out, ref = tmp_path / "run", tmp_path / "ref"
-    res = run(train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=3, activation_checkpointing=True),
-                        launcher="torchrun", zero=3))
+    res, ref_res = run_side_by_side(
+        train_cmd(write_config(tmp_path / "c.yaml", train_shards, out, steps=3, activation_checkpointing=True),
+                  launcher="torchrun", zero=3),
+        train_cmd(write_config(tmp_path / "r.yaml", train_shards, ref, steps=3), zero=2))
     _ok(res)
-    _ok(run(train_cmd(write_config(tmp_path / "r.yaml", train_shards, ref, steps=3), zero=2)))
+    _ok(ref_res)
     got, want = losses(out), losses(ref)
     assert sorted(got) == [1, 2, 3]
     for s in want:  # ZeRO-3 + recomputation change the arithmetic order only
@@ -189,30 +193,38 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tm
 # TP=2 needs Mamba groups that split; a curriculum change of length after step 2.
 TP_EXTRA = ["--model.ssm_groups=2", "--data.global_batch_tokens=512",
             "--data.curriculum=[{seq_len: 64, until_tokens: 1024}, {seq_len: 128, until_tokens: 0}]"]
+TP_CASES = [(1, True), (3, False)]  # (ZeRO stage, compiled blocks)
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, train_shards) -> Path:
-    """The reference of the tensor-parallel runs: 4 eager steps in one process (ZeRO-0)."""
-    root = tmp_path_factory.mktemp("one_process")
+def tp_runs(tmp_path_factory, train_shards) -> dict:
+    """The tensor-parallel runs and their reference, 4 eager steps in one process (ZeRO-0), side
+    by side: none reads another's output. (zero, compile) -> (result, run dir); "one" -> run dir."""
+    root = tmp_path_factory.mktemp("tp_runs")
     one = root / "one"
-    _ok(run(train_cmd(write_config(root / "one.yaml", train_shards, one, steps=4), launcher="python",
-                      zero=0, extra=TP_EXTRA)))
-    return one
+    cmds = [train_cmd(write_config(root / "one.yaml", train_shards, one, steps=4), launcher="python", zero=0,
+                      extra=TP_EXTRA)]
+    for zero, compile in TP_CASES:
+        cmds.append(train_cmd(write_config(root / f"tp{zero}.yaml", train_shards, root / f"tp{zero}", steps=4,
+                                           **(COMPILE if compile else {})),
+                              zero=zero,
+                              extra=TP_EXTRA + ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"]))
+    one_res, *tp_res = run_side_by_side(*cmds)
+    _ok(one_res)
+    out = {"one": one}
+    for (zero, compile), res in zip(TP_CASES, tp_res):
+        out[zero, compile] = (res, root / f"tp{zero}")
+    return out
 
 
-@pytest.mark.parametrize("zero,compile", [(1, True), (3, False)])
-def test_tensor_and_sequence_parallel_training_matches_one_process(tmp_path, train_shards, one_process_run, zero,
-                                                                   compile):
+@pytest.mark.parametrize("zero,compile", TP_CASES)
+def test_tensor_and_sequence_parallel_training_matches_one_process(tp_runs, zero, compile):
     """launch/train.py with TP=2 + sequence parallelism (ZeRO-1 with compiled blocks, or ZeRO-3,
     over a data-parallel size of 1) gives the single-process eager run's losses to fp32
     round-off, across a curriculum change of length after step 2 (compiled: a second graph),
     and its model.pt is the plain model."""
-    extra = TP_EXTRA
-    one, tp = one_process_run, tmp_path / "tp"
-    res = run(train_cmd(write_config(tmp_path / "tp.yaml", train_shards, tp, steps=4, **(COMPILE if compile else {})),
-                        zero=zero,
-                        extra=extra + ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true"]))
+    one = tp_runs["one"]
+    res, tp = tp_runs[zero, compile]
     _ok(res)
     if compile:
         assert int(res.stderr.split("train.compile: ")[1].split(" graphs")[0]) >= 2, res.stderr[-2000:]
