@@ -94,9 +94,8 @@ class Background:
     """A run started now and collected later, for runs that do not depend on each other: on two
     cores the debug runs spend much of their wall time waiting rather than computing (process
     start-up, rendezvous, collectives, file writes), so two side by side take less time than one
-    after the other. Its output goes
-    to files, not pipes (a full pipe would stall it). As a context manager it ends the run's
-    whole process group if the test fails before collecting it."""
+    after the other. Its output goes to files, not pipes (a full pipe would stall it). As a
+    context manager it ends the run's whole process group if the test fails before collecting it."""
 
     def __init__(self, cmd: list[str]):
         self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
