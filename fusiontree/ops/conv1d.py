@@ -44,18 +44,28 @@ def causal_conv1d_ref(
     xp = torch.cat([prev, x], dim=1)  # [B, K-1+T, C]; xp[:, s] is input t = s - (K-1)
     w = weight_CK.float()
     y = x.new_zeros(Bsz, T, C) if bias_C is None else bias_C.float().expand(Bsz, T, C).clone()
-    if seq_idx_BT is not None:
-        # The initial state belongs to the first document.
-        seq_p = torch.cat([seq_idx_BT[:, :1].expand(Bsz, K - 1), seq_idx_BT], dim=1)
+    seq_p = None if seq_idx_BT is None else _state_doc_ids(seq_idx_BT, K)
     for k in range(K):
         tap = xp[:, k:k + T]
         if seq_idx_BT is not None:
             tap = tap * (seq_p[:, k:k + T] == seq_idx_BT)[..., None]
         y = y + tap * w[:, k]
-    final = xp[:, T:]  # the last K-1 inputs
-    if seq_idx_BT is not None and K > 1:
-        final = final * (seq_p[:, T:] == seq_idx_BT[:, -1:])[..., None]
-    return _activate(y, activation).to(x_BTC.dtype), final.transpose(1, 2).contiguous()
+    return _activate(y, activation).to(x_BTC.dtype), _final_state(xp, T, seq_p, seq_idx_BT)
+
+
+def _state_doc_ids(seq_idx_BT: Tensor, K: int) -> Tensor:
+    """Document ids of the K-1 state slots and the T inputs: the state belongs to the first
+    document."""
+    return torch.cat([seq_idx_BT[:, :1].expand(seq_idx_BT.shape[0], K - 1), seq_idx_BT], dim=1)
+
+
+def _final_state(xp_BSC: Tensor, T: int, seq_p_BS: Tensor | None, seq_idx_BT: Tensor | None) -> Tensor:
+    """The last K-1 of the state slots and inputs `xp` ([B, C, K-1]), zero where they belong to
+    a document before the last token's."""
+    final = xp_BSC[:, T:]
+    if seq_idx_BT is not None and final.shape[1]:
+        final = final * (seq_p_BS[:, T:] == seq_idx_BT[:, -1:])[..., None]
+    return final.transpose(1, 2).contiguous()
 
 
 def causal_conv1d_step_ref(
@@ -160,10 +170,7 @@ def causal_conv1d_explicit(
     y = _ConvExplicitBackward.apply(x_BTC, weight_CK, bias_C, seq_idx_BT, activation == "silu")
     with torch.no_grad():
         K = weight_CK.shape[1]
-        final = F.pad(x_BTC.float(), (0, 0, K - 1, 0))[:, x_BTC.shape[1]:]  # the last K-1 inputs
-        if seq_idx_BT is not None and K > 1:
-            seq_p = F.pad(seq_idx_BT, (K - 1, 0), value=-1)
-            # Slots before t = 0 belong to the first document (a zero state either way).
-            seq_p[:, :K - 1] = seq_idx_BT[:, :1]
-            final = final * (seq_p[:, x_BTC.shape[1]:] == seq_idx_BT[:, -1:])[..., None]
-    return y, final.transpose(1, 2).contiguous()
+        xp = F.pad(x_BTC.float(), (0, 0, K - 1, 0))  # a zero state, then the inputs
+        seq_p = None if seq_idx_BT is None else _state_doc_ids(seq_idx_BT, K)
+        final = _final_state(xp, x_BTC.shape[1], seq_p, seq_idx_BT)
+    return y, final
