@@ -1,7 +1,9 @@
 """Optimizer, parameter groups and learning-rate schedules.
 
 - Weight decay skips every parameter tagged `_no_weight_decay` (norm gains, biases, A_log, D,
-  dt_bias, gate logits) and every 1-D parameter.
+  dt_bias, gate logits) and every 1-D parameter. A parameter whose size is not a multiple of 8
+  elements gets a group of its own, so that every parameter stays 16-byte aligned in DeepSpeed's
+  flat buffers (see `param_groups`).
 - `SkippableAdamW` is torch's AdamW with one addition: `step()` applies nothing when any
   gradient it sees is non-finite (on any rank of its group) or when the trainer asked to skip.
   It sits under DeepSpeed (ZeRO 0-3 all call the base optimizer's step on the fp32 master
@@ -21,14 +23,36 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+# DeepSpeed flattens each parameter group into one buffer and makes every parameter a view of
+# it, so a parameter's address is the buffer's plus the sizes of the parameters before it. The
+# blocks of a model share one compiled graph, whose kernels assume every block's parameters have
+# the alignment the first block's had (16 bytes allows vector loads); a parameter whose size is
+# not a multiple of 16 bytes would move every later one off it. Such parameters (per-head
+# vectors of small or tensor-parallel models) therefore get a group each: every parameter then
+# starts at a multiple of ALIGN_ELEMENTS elements, 16 bytes in bf16 and fp16 (32 in fp32).
+ALIGN_ELEMENTS = 8
+ALIGN_BYTES = 16
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    decay, no_decay, alone = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+        skip_decay = getattr(p, "_no_weight_decay", False) or p.ndim < 2
+        if p.numel() % ALIGN_ELEMENTS:
+            alone.append({"params": [p], "weight_decay": 0.0 if skip_decay else weight_decay, "name": name})
+        else:
+            (no_decay if skip_decay else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}, *alone]
+
+
+def misaligned_parameters(model: nn.Module) -> list[str]:
+    """Parameters whose storage does not start at a 16-byte boundary (after DeepSpeed flattened
+    the groups): compiled blocks would read them with vector loads that fault."""
+    return [name for name, p in model.named_parameters()
+            if (p.storage_offset() * p.element_size()) % ALIGN_BYTES or p.data_ptr() % ALIGN_BYTES]
 
 
 class SkippableAdamW(torch.optim.AdamW):

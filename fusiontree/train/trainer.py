@@ -44,7 +44,7 @@ from fusiontree.train.losses import HybridModelLoss
 from fusiontree.train.mechanics import (apply_activation_checkpointing, apply_compile, apply_cuda_graphs,
                                         describe_mechanics)
 from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, StepProfiler, device_peak_flops, memory_gib
-from fusiontree.train.optim import SkippableAdamW, build_optimizer, lr_at
+from fusiontree.train.optim import SkippableAdamW, build_optimizer, lr_at, misaligned_parameters
 from fusiontree.train.preflight import check_ds_config, check_tokenizer, refuse_existing_run
 from fusiontree.train.startup import StartupClock, compile_seconds, use_compile_cache
 from fusiontree.train.state import TrainState, rng_state, seed_everything, set_rng_state
@@ -245,6 +245,10 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
         self.zero_stage = self.engine.zero_optimization_stage()
         self.params_by_name = {names_by_id[id(p)]: p for p in self.engine.module.parameters()}
+        if cfg.train.compile and (bad := misaligned_parameters(self.engine.module)):
+            raise RuntimeError(f"compiled blocks need 16-byte aligned parameters, but DeepSpeed placed {len(bad)} "
+                               f"off a 16-byte boundary (first: {bad[0]}); set train.compile=false and report the "
+                               "model config")
         self.engine_layout = EngineLayout(self.zero_stage, self.dp_size, cfg.parallel.tensor_parallel, self.bf16,
                                           param_names)
         if cfg.train.cuda_graphs:

@@ -1,7 +1,10 @@
 """Parameter groups, the skipping optimizer, lr schedules and the gate monitor."""
 
+import dataclasses
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ import torch
 from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.train.gate_monitor import GateMonitor
-from fusiontree.train.optim import SkippableAdamW, lr_at, param_groups
+from fusiontree.train.optim import ALIGN_ELEMENTS, SkippableAdamW, lr_at, param_groups
+from tests.train.conftest import ROOT, env
 
 
 def test_weight_decay_skips_norms_biases_and_ssm_parameters():
@@ -25,6 +29,63 @@ def test_weight_decay_skips_norms_biases_and_ssm_parameters():
         assert n in d, n
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
     assert len(nd) + len(d) == len(list(model.parameters()))
+
+
+def _odd_head_model() -> HybridLanguageModel:
+    # 2 SSM heads: A_log, D and dt_bias of 2 elements, as a tensor-parallel rank of a small model has
+    return HybridLanguageModel(dataclasses.replace(model_preset("debug"), d_model=64, ssm_head_dim=64, n_layers=3))
+
+
+def test_parameters_of_odd_sizes_get_groups_of_their_own_with_their_weight_decay():
+    model = _odd_head_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.1)
+    assert [g["name"] for g in groups[:2]] == ["decay", "no_decay"]
+    offsets = {}
+    for g in groups:
+        at = 0
+        for p in g["params"]:
+            offsets[names[id(p)]] = at
+            at += p.numel()
+    assert sorted(offsets) == sorted(names.values())
+    assert all(at % ALIGN_ELEMENTS == 0 for at in offsets.values()), offsets
+    alone = {g["name"]: g for g in groups[2:]}
+    assert {"layers.2.mamba.A_log", "layers.2.mamba.D", "layers.2.mamba.dt_bias"} <= set(alone)
+    assert all(len(g["params"]) == 1 and g["params"][0].numel() % ALIGN_ELEMENTS for g in alone.values())
+    assert all(g["weight_decay"] == 0.0 for g in alone.values())  # per-head vectors: no decay
+    assert param_groups(model, 0.1)[2]["name"] == groups[2]["name"]  # the same order every time
+
+
+ALIGNED_UNDER_DEEPSPEED = """
+import deepspeed, torch
+from fusiontree.train.distributed import init_distributed
+from fusiontree.train.optim import misaligned_parameters, param_groups
+from tests.train.test_optim_and_monitor import _odd_head_model
+init_distributed(device="cpu")
+for stage in (1, 2):
+    model = _odd_head_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}, "bf16": {"enabled": True},
+        "zero_allow_untested_optimizer": True})
+    params = dict(engine.module.named_parameters())
+    flat = sum(p.storage_offset() > 0 for p in params.values())
+    assert flat > 0, "DeepSpeed no longer flattens the groups: this check checks nothing"
+    assert all(torch.equal(params[n].float(), before[n].bfloat16().float()) for n in before)
+    print("stage", stage, "views", flat, "misaligned", misaligned_parameters(engine.module))
+"""
+
+
+def test_deepspeed_places_every_parameter_on_a_16_byte_boundary():
+    """The property compiled blocks rely on, through DeepSpeed's own flattening (bf16: ZeRO-1
+    and 2 flatten the groups; ZeRO-0 on CPU does not): no parameter starts off a 16-byte boundary,
+    for a model with 2-element head vectors."""
+    res = subprocess.run([sys.executable, "-c", ALIGNED_UNDER_DEEPSPEED], env=env(), cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("stage")]
+    assert len(lines) == 2 and all(line.endswith("misaligned []") for line in lines), res.stdout
 
 
 def test_skippable_adamw_applies_nothing_on_non_finite_gradients():
