@@ -45,10 +45,6 @@ class KernelConfig:
     # reads every allocated slot through the attention backend; `filled_blocks` reads only the
     # filled blocks (FlexAttention's decoding kernel). No `auto`: opt-in until measured.
     decode_attention: str = "all_slots"
-    # The Mamba mixer's causal conv1d: `reference` (autograd through the plain taps) or
-    # `explicit` (the same taps with a hand-written backward, for compiled blocks to fuse into
-    # fewer passes). No `auto`: opt-in until measured on a GPU.
-    conv1d: str = "reference"
 
 
 @dataclass

@@ -11,13 +11,12 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
 | decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only; opt-in: faster at batch 1-8, slower at 32 for `small` at 4K on an H200) | no `auto`: all_slots unless named | the same |
 
-| conv1d (the Mamba mixer's 4-tap depthwise causal conv) | `reference`, `explicit` (the same taps with a hand-written backward: one pass for the input gradient, reductions for weight and bias; opt-in until measured) | no `auto`: reference unless named | the same |
-
-conv1d stays plain PyTorch with every SSD backend: it is elementwise work next to the scan, and
-mamba-ssm's fused conv needs causal-conv1d compiled. `train.compile` fuses it, with the norms,
-RoPE, the gate mix and SwiGLU, by compiling each block (`fusiontree.train.mechanics.apply_compile`);
-the `mamba_ssm` and `flex` backends stay opaque kernels inside those compiled blocks.
-`compile_once` and `raise_recompile_limit` are the one way the package calls torch.compile.
+conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
+elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
+`train.compile` fuses it, with the norms, RoPE, the gate mix and SwiGLU, by compiling each block
+(`fusiontree.train.mechanics.apply_compile`); the `mamba_ssm` and `flex` backends stay opaque
+kernels inside those compiled blocks. `compile_once` and `raise_recompile_limit` are the one way
+the package calls torch.compile.
 flash-attn is not a backend: the GPU machine it would be tested on does not have it, and an
 untested backend would break the rule that every backend is checked against the reference.
 """
@@ -32,7 +31,7 @@ import torch
 
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.backends.common import compile_once, raise_recompile_limit
-from fusiontree.ops.conv1d import causal_conv1d_explicit, causal_conv1d_ref, causal_conv1d_step_ref
+from fusiontree.ops.conv1d import causal_conv1d_ref, causal_conv1d_step_ref
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
 
 __all__ = ["Kernels", "resolve_kernels", "reference_kernels", "compile_once", "raise_recompile_limit"]
@@ -56,23 +55,21 @@ class Kernels:
     # `decode_attention_ref`), or None (`all_slots`): `attention` over every allocated slot.
     decode_attention: Callable | None = None
     decode_attention_name: str = "all_slots"
-    conv1d_name: str = "reference"
 
     def describe(self) -> str:
         # The default decode path is the attention backend itself: named only when it is not.
         decode = "" if self.decode_attention is None else f" decode_attention={self.decode_attention_name}"
-        return f"ssd={self.ssd_name} attention={self.attention_name} conv1d={self.conv1d_name}{decode}"
+        return f"ssd={self.ssd_name} attention={self.attention_name} conv1d=reference{decode}"
 
 
 # name -> loader(device) returning the callables, or raising ImportError / RuntimeError with
 # the reason it cannot run on that device. Loaders import optional packages lazily, so a
 # missing package fails only the backend that needs it.
-# The decode step's conv (a state update of one token) is the reference with every backend.
-_CONV1D_STEP = dict(conv1d_step=causal_conv1d_step_ref)
+_CONV1D = dict(conv1d=causal_conv1d_ref, conv1d_step=causal_conv1d_step_ref)
 
 
 def _ssd_reference(device: torch.device) -> dict:
-    return dict(ssd_chunked=ssd_chunked_ref, ssd_step=ssd_step_ref, **_CONV1D_STEP)
+    return dict(ssd_chunked=ssd_chunked_ref, ssd_step=ssd_step_ref, **_CONV1D)
 
 
 def _need_triton(what: str) -> None:
@@ -87,7 +84,7 @@ def _ssd_mamba_ssm(device: torch.device) -> dict:
         raise RuntimeError("mamba-ssm's SSD kernels are Triton GPU kernels and need a CUDA device")
     from fusiontree.ops.backends.mamba_kernels import ssd_chunked_mamba, ssd_step_mamba
 
-    return dict(ssd_chunked=ssd_chunked_mamba, ssd_step=ssd_step_mamba, **_CONV1D_STEP)
+    return dict(ssd_chunked=ssd_chunked_mamba, ssd_step=ssd_step_mamba, **_CONV1D)
 
 
 def _attention_reference(device: torch.device) -> dict:
@@ -118,8 +115,6 @@ SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _ssd_reference, "mamba_ssm": _ssd_mamba_ssm}
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
-# The conv1d of the mixers' multi-token forwards (training, prefill).
-CONV1D_BACKENDS: dict[str, Callable] = {"reference": causal_conv1d_ref, "explicit": causal_conv1d_explicit}
 # Not chosen by `auto` (there is no `auto` for it): `filled_blocks` stays opt-in until measured.
 DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "all_slots": _decode_all_slots, "filled_blocks": _decode_filled_blocks}
@@ -158,13 +153,9 @@ def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
         raise ValueError("kernels.decode_attention has no `auto`: choose all_slots (the default) or "
                          "filled_blocks (opt-in until measured on a GPU)")
     decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
-    if cfg.conv1d not in CONV1D_BACKENDS:
-        raise ValueError(f"kernels.conv1d={cfg.conv1d!r} is not a known backend; choose one of {sorted(CONV1D_BACKENDS)} "
-                         "(there is no auto: reference unless named)")
     return Kernels(ssd_name=ssd_name, attention_name=attn_name, decode_attention_name=decode_name,
-                   conv1d_name=cfg.conv1d, conv1d=CONV1D_BACKENDS[cfg.conv1d], **ssd_fns, **attn_fns, **decode_fns)
+                   **ssd_fns, **attn_fns, **decode_fns)
 
 
 def reference_kernels() -> Kernels:
-    return Kernels("reference", "reference", attention=attention_ref, conv1d=causal_conv1d_ref,
-                   **_ssd_reference(torch.device("cpu")))
+    return Kernels("reference", "reference", attention=attention_ref, **_ssd_reference(torch.device("cpu")))

@@ -45,7 +45,7 @@ def _fake(name, fail_with=None):
     def loader(device):
         if fail_with is not None:
             raise fail_with
-        return dict(ssd_chunked=name, ssd_step=name, conv1d_step=name)
+        return dict(ssd_chunked=name, ssd_step=name, conv1d=name, conv1d_step=name)
     return loader
 
 

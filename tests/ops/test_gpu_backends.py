@@ -527,26 +527,3 @@ def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(
     with torch.no_grad():
         check("eval_logits", model(ids, seq_idx=seq).logits, eager(ids, seq_idx=seq).logits, (1e-4, 1e-3))
     assert graphs.captures == 3
-
-
-@pytest.mark.parametrize("T", [1, 63, 1000])
-def test_conv1d_explicit_compiled_by_inductor_matches_reference(T):
-    """The explicit-backward conv1d as compiled blocks run it (Inductor's GPU code) against the
-    eager reference: output, final state and all gradients, bf16, packed documents."""
-    from fusiontree.ops.conv1d import causal_conv1d_explicit, causal_conv1d_ref
-
-    torch._dynamo.reset()
-    fn = torch.compile(causal_conv1d_explicit, dynamic=False)
-    g = torch.Generator(device=DEV).manual_seed(T)
-    B, C, K = 2, 264, 4
-    x = torch.randn(B, T, C, device=DEV, generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(C, K, device=DEV, generator=g) * 0.5).bfloat16().requires_grad_()
-    b = (torch.randn(C, device=DEV, generator=g) * 0.1).bfloat16().requires_grad_()
-    seq = (torch.rand(B, T, device=DEV, generator=g) < 0.01).long().cumsum(1)
-    dy = torch.randn(B, T, C, device=DEV, generator=g).bfloat16()
-    res = []
-    for f in (causal_conv1d_ref, fn):
-        y, final = f(x, w, b, None, seq, "silu")
-        res.append((y, final, *torch.autograd.grad(y, [x, w, b], dy)))
-    for name, got, want in zip(["y", "final", "dx", "dw", "db"], res[1], res[0]):
-        check(name, got, want, OUT_TOL if name in ("y", "final") else GRAD_TOL)
