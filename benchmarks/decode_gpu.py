@@ -20,8 +20,9 @@ steps continuing them (CUDA-event mean over --steps steps after warm-up), per mo
 
 Decode attention paths (`kernels.decode_attention`; they change the graphed modes only):
 
-  all_slots       global layers read every allocated slot (masked SDPA), the default
-  filled_blocks   FlexAttention's decoding kernel over the filled blocks only (opt-in)
+  all_slots       global layers read every allocated slot (masked SDPA)
+  filled_blocks   FlexAttention's decoding kernel over the filled blocks only
+                  (`auto`, the default, takes it for batches of up to 8 rows on CUDA)
   sdpa_flash      (--twin-flash; the Transformer twin only) SDPA forced to its flash kernel,
                   unmasked, over the first L slots, L = the filled count when the graph is
                   captured. A graph fixes L, so every replay attends over the same L slots: the
@@ -115,7 +116,7 @@ class FlashFixedLength:
 def build(name: str, path: str, device: torch.device, dtype: torch.dtype,
           flash: FlashFixedLength) -> HybridLanguageModel:
     if path == "sdpa_flash":
-        kernels = dataclasses.replace(resolve_kernels(KernelConfig(), device), decode_attention=flash,
+        kernels = dataclasses.replace(resolve_kernels(KernelConfig(decode_attention="all_slots"), device), decode_attention=flash,
                                       decode_attention_name="sdpa_flash")
     else:
         kernels = resolve_kernels(KernelConfig(decode_attention=path), device)

@@ -12,7 +12,7 @@ each prompt with its continuation when the batch is done. Each prompt starts wit
 training; a row stops at EOS or after --max-new-tokens. Greedy by default (--temperature 0);
 --top-k / --top-p shape sampling (they need --temperature > 0); --seed fixes the sample.
 --cuda-graph replays each decode step from one captured CUDA graph (GPU only).
-Dotted overrides change the checkpoint's config (--kernels.decode_attention=filled_blocks).
+Dotted overrides change the checkpoint's config (--kernels.decode_attention=all_slots).
 The statistics (tokens/s) go to stderr, --output FILE.json keeps tokens, texts and timings.
 Bad input (a missing or damaged checkpoint, a prompt too long for the model, bad sampling
 settings, a tokenizer that is not the checkpoint's) is a one-line error and exit status 2.

@@ -9,7 +9,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | --- | --- | --- | --- |
 | ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
-| decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only; opt-in: faster at batch 1-8, slower at 32 for `small` at 4K on an H200) | no `auto`: all_slots unless named | the same |
+| decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks for batches up to `DECODE_FILLED_MAX_BATCH` rows, all_slots above (else all_slots) | all_slots |
 
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
 elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
@@ -55,10 +55,15 @@ class Kernels:
     # `decode_attention_ref`), or None (`all_slots`): `attention` over every allocated slot.
     decode_attention: Callable | None = None
     decode_attention_name: str = "all_slots"
+    # `decode_attention` serves batches of at most this many rows (None: every batch); larger
+    # batches take `all_slots`.
+    decode_filled_max_batch: int | None = None
 
     def describe(self) -> str:
         # The default decode path is the attention backend itself: named only when it is not.
         decode = "" if self.decode_attention is None else f" decode_attention={self.decode_attention_name}"
+        if self.decode_filled_max_batch is not None:
+            decode += f" (filled_blocks up to batch {self.decode_filled_max_batch}, all_slots above)"
         return f"ssd={self.ssd_name} attention={self.attention_name} conv1d=reference{decode}"
 
 
@@ -115,9 +120,13 @@ SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _ssd_reference, "mamba_ssm": _ssd_mamba_ssm}
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
-# Not chosen by `auto` (there is no `auto` for it): `filled_blocks` stays opt-in until measured.
 DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "all_slots": _decode_all_slots, "filled_blocks": _decode_filled_blocks}
+# `auto` for the decode attention on CUDA: filled_blocks up to this batch, all_slots above. On an
+# H200 (BENCHMARKS.md) filled_blocks took 2.65 against 7.68 ms per token for `1b` at 32K and 1.38
+# against 2.58 for `small` at 4K at batch 1, 2.09 against 2.67 at batch 8 (4K); at batch 32 it
+# was the slower one (25.2 against 8.6 ms at 32K, 4.75 against 2.93 at 4K).
+DECODE_FILLED_MAX_BATCH = 8
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
 # On CPU only the references: FlexAttention has no CPU backward.
 AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "reference"]}
@@ -144,16 +153,28 @@ def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str,
     raise RuntimeError(f"no {kind} backend loads on {device}: {reasons}")
 
 
+def _auto_decode_attention(device: torch.device) -> tuple[str, dict, int | None]:
+    if device.type != "cuda":
+        return "all_slots", _decode_all_slots(device), None
+    try:
+        return "auto", DECODE_ATTENTION_BACKENDS["filled_blocks"](device), DECODE_FILLED_MAX_BATCH
+    except (ImportError, RuntimeError) as e:
+        log.info("kernels.decode_attention auto: filled_blocks unavailable (%s)", e)
+        return "all_slots", _decode_all_slots(device), None
+
+
 def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
     """cfg: a `KernelConfig` (fields `ssd`, `attention`, `decode_attention`)."""
     device = torch.device(device)
     ssd_name, ssd_fns = _pick("ssd", SSD_BACKENDS, cfg.ssd, device)
     attn_name, attn_fns = _pick("attention", ATTENTION_BACKENDS, cfg.attention, device)
     if cfg.decode_attention == "auto":
-        raise ValueError("kernels.decode_attention has no `auto`: choose all_slots (the default) or "
-                         "filled_blocks (opt-in until measured on a GPU)")
-    decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
+        decode_name, decode_fns, max_batch = _auto_decode_attention(device)
+    else:
+        decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
+        max_batch = None
     return Kernels(ssd_name=ssd_name, attention_name=attn_name, decode_attention_name=decode_name,
+                   decode_filled_max_batch=max_batch,
                    **ssd_fns, **attn_fns, **decode_fns)
 
 

@@ -169,26 +169,19 @@ def test_flex_attention_backend_decodes_like_the_reference():
             torch.testing.assert_close(static.step(nxt), logits, **TOL)
 
 
-@pytest.mark.parametrize("variant", ["parallel-channel", "transformer"])
-def test_filled_blocks_decode_attention_steps_like_the_cached_forward(variant):
-    """kernels.decode_attention=filled_blocks: the static decode step (what a CUDA graph
-    replays) attends over the filled slots only, and gives the reference model's cached
-    logits at every step: batch 2 with a left-padded row, ring buffers wrapping twice (window 16),
-    global caches allocated 200 slots past what the steps fill (empty key blocks)."""
-    from fusiontree.config import KernelConfig
+def _static_steps_match_the_reference(ref, kernels, B: int, n: int = 26) -> None:
+    """The static decode step of `ref` rebuilt with `kernels` gives `ref`'s cached logits at
+    every step: a left-padded row (when B > 1), ring buffers wrapping twice (window 16), global
+    caches allocated 200 slots past what the steps fill (empty key blocks)."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
     from fusiontree.models import HybridLanguageModel
-    from fusiontree.ops import resolve_kernels
 
-    ref = build(variant, seed=12)
-    kernels = resolve_kernels(KernelConfig(decode_attention="filled_blocks"), "cpu")
-    assert kernels.describe().endswith("decode_attention=filled_blocks")
     model = HybridLanguageModel(ref.cfg, kernels).eval()
     model.load_state_dict(ref.state_dict())
-    B, T, n = 2, 9, 26
+    T = 9
     ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(13))
     mask = torch.ones(B, T, dtype=torch.long)
-    mask[0, :4] = 0
+    mask[B - 1, :4] = 0 if B > 1 else 1
     kv, ms = ref.allocate_inference_cache(B, T + n)
     kv2, ms2 = model.allocate_inference_cache(B, T + n + 200)
     with torch.no_grad():
@@ -202,6 +195,43 @@ def test_filled_blocks_decode_attention_steps_like_the_cached_forward(variant):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             logits = ref(**ref.prepare_inputs_for_generation(tokens, kv, ms, mask)).logits[:, -1]
             torch.testing.assert_close(static.step(nxt), logits, **TOL)
+
+
+@pytest.mark.parametrize("variant", ["parallel-channel", "transformer"])
+def test_filled_blocks_decode_attention_steps_like_the_cached_forward(variant):
+    """kernels.decode_attention=filled_blocks: the static decode step (what a CUDA graph
+    replays) attends over the filled slots only, and gives the reference model's cached
+    logits at every step (batch 2, see `_static_steps_match_the_reference`)."""
+    from fusiontree.config import KernelConfig
+    from fusiontree.ops import resolve_kernels
+
+    kernels = resolve_kernels(KernelConfig(decode_attention="filled_blocks"), "cpu")
+    assert kernels.describe().endswith("decode_attention=filled_blocks")
+    _static_steps_match_the_reference(build(variant, seed=12), kernels, B=2)
+
+
+def test_decode_attention_with_a_batch_limit_takes_filled_blocks_only_up_to_it():
+    """`auto` on CUDA: filled_blocks for batches up to its limit, every slot above; both give
+    the reference logits. Here with a limit of 1, on CPU, counting the filled-blocks calls."""
+    import dataclasses
+
+    from fusiontree.config import KernelConfig
+    from fusiontree.ops import resolve_kernels
+
+    base = resolve_kernels(KernelConfig(decode_attention="filled_blocks"), "cpu")
+    rows = []
+
+    def counted(q, *args, **kwargs):
+        rows.append(q.shape[0])
+        return base.decode_attention(q, *args, **kwargs)
+
+    kernels = dataclasses.replace(base, decode_attention=counted, decode_attention_name="auto",
+                                  decode_filled_max_batch=1)
+    ref = build("parallel-channel", seed=12)
+    _static_steps_match_the_reference(ref, kernels, B=2, n=4)
+    assert rows == []  # batch 2 > 1: every slot
+    _static_steps_match_the_reference(ref, kernels, B=1, n=4)
+    assert rows == [1] * (3 * len(ref.layers))  # each step, each attention layer (windowed or global)
 
 
 def _compiled_steps_match_eager(model, ids, n: int) -> None:
