@@ -11,7 +11,7 @@ import torch
 
 from fusiontree.data.build import BuildArgs, build_shards
 from fusiontree.data.corpus import stdlib_dir
-from tests.train.conftest import losses, metrics, run, train_cmd, write_config
+from tests.train.conftest import losses, metrics, run, run_side_by_side, train_cmd, write_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU training paths need a CUDA device, and this machine has none "
@@ -81,15 +81,15 @@ def test_compiled_tensor_parallel_training_matches_eager_and_one_gpu(tmp_path, g
     curriculum change of length (a recompilation)."""
     extra = ["--model.ssm_groups=2"]
     tp_args = ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true", "--data.global_batch_tokens=1024"]
-    runs = {}
-    for name, launcher, args, train in [("one", "python", ["--data.global_batch_tokens=1024"], {}),
-                                        ("tp_eager", "deepspeed", tp_args, {}),
-                                        ("tp_compiled", "deepspeed", tp_args, {"compile": True})]:
-        cmd = train_cmd(_config(tmp_path, gpu_shards, name, **train), launcher=launcher, nproc=2, zero=1,
-                        extra=extra + args)
-        res = run(cmd, timeout=900)
+    # The three runs are independent: side by side (the one-GPU run shares GPU 0 with the ranks).
+    specs = [("one", "python", ["--data.global_batch_tokens=1024"], {}),
+             ("tp_eager", "deepspeed", tp_args, {}),
+             ("tp_compiled", "deepspeed", tp_args, {"compile": True})]
+    cmds = [train_cmd(_config(tmp_path, gpu_shards, name, **train), launcher=launcher, nproc=2, zero=1,
+                      extra=extra + args) for name, launcher, args, train in specs]
+    for res in run_side_by_side(*cmds):
         _ok(res)
-        runs[name] = tmp_path / name
+    runs = {name: tmp_path / name for name, *_ in specs}
     assert "tensor parallel 2 (+ sequence parallel)" in (runs["tp_compiled"] / "logs/rank000.log").read_text()
     want = losses(runs["one"])
     for name in ("tp_eager", "tp_compiled"):
