@@ -9,7 +9,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | --- | --- | --- | --- |
 | ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
-| decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks for batches up to `DECODE_FILLED_MAX_BATCH` rows, all_slots above (else all_slots) | all_slots |
+| decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks for batches of up to `DECODE_FILLED_MAX_BATCH` rows, all_slots above (and where filled_blocks cannot load) | all_slots |
 
 conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
 elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
