@@ -4,7 +4,7 @@ bandwidth that reaches.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32640] [--batches 1,8,32]
         [--decode-attention all_slots,filled_blocks] [--twin-flash] [--modes graph,compiled_graph]
-        [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json]
+        [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json] [--profile DIR]
     python benchmarks/decode_gpu.py --dry-run [--modes graph]     # CPU, debug preset: the code paths, no timing value
 
 Per model (the preset, then `transformer-<preset>`), decode attention path and context: build
@@ -37,6 +37,10 @@ slots it reads with their positions: every allocated slot (all_slots), the fille
 up to whole key blocks (filled_blocks), L (sdpa_flash), counted at the middle of the timed
 steps. `floor` counts the filled slots only. HBM fraction = bytes / best graphed time / the
 card's bandwidth (--hbm-tb-per-s; known cards: H200 4.8, H100 SXM 3.35 TB/s).
+
+--profile DIR: after timing each graphed mode, torch's profiler records 8 more steps (the
+kernels a graph replay runs) and DIR/<model>_<path>_<context>_b<batch>_<mode>.txt gets the top
+30 kernels by device time; the row names its file (`profile`).
 
 Prints one table (FusionTree / Transformer speed ratios per path, and best against best) and the
 batch-32 / batch-1 tokens/s ratios, and writes JSON. The cases run in one process; split a sweep
@@ -92,6 +96,28 @@ class Timer:
         for _ in range(repeats):
             fn()
         return (time.perf_counter() - t0) * 1e3 / repeats
+
+
+PROFILE_STEPS = 8
+
+
+def profile_steps(out_dir: Path, tag: str, fn, n: int = PROFILE_STEPS) -> str:
+    """`n` calls of `fn` under torch's profiler; the top rows by device time (host time on CPU)
+    go to out_dir/<tag>.txt, whose name is returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(n):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=30, max_name_column_width=90)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{tag}.txt"
+    path.write_text(f"{tag}: {n} steps\n{table}\n")
+    return path.name
 
 
 class FlashFixedLength:
@@ -166,11 +192,12 @@ def flash_check(model, kv, ms, nxt_B1, decoder_factory) -> float:
 
 @torch.no_grad()
 def measure_context(model, path: str, context: int, batches: list[int], modes: list[str], steps: int,
-                    timer: Timer, flash: FlashFixedLength, hbm: float | None, graph: bool) -> list[dict]:
+                    timer: Timer, flash: FlashFixedLength, hbm: float | None, graph: bool,
+                    profile_dir: Path | None = None, name: str = "") -> list[dict]:
     dev = model.embed.weight.device
     g = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)
-    max_len = context + (len(modes) + 1) * steps + 8
+    max_len = context + (len(modes) + 1) * steps + 8 + (PROFILE_STEPS * len(modes) if profile_dir else 0)
     rows = []
     try:
         # Warm-up at the timed shapes (first calls compile and autotune kernels), then the prefill.
@@ -189,8 +216,9 @@ def measure_context(model, path: str, context: int, batches: list[int], modes: l
     for batch in batches:
         row = {"context": context, "batch": batch, "prefill_ms_batch1": prefill_ms}
         try:
+            tag = f"{name}_{path}_{context}_b{batch}"
             row.update(measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps, timer,
-                                     flash, graph))
+                                     flash, graph, profile_dir, tag))
             best = min(row[f"{m}_ms_per_token"] for m in modes if m != "eager" and f"{m}_ms_per_token" in row) \
                 if any(m != "eager" for m in modes) else row["eager_ms_per_token"]
             row["tokens_per_s"] = batch * 1e3 / best
@@ -203,7 +231,8 @@ def measure_context(model, path: str, context: int, batches: list[int], modes: l
     return rows
 
 
-def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps, timer, flash, graph) -> dict:
+def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps, timer, flash, graph,
+                  profile_dir: Path | None = None, tag: str = "") -> dict:
     dev = model.embed.weight.device
     kv, ms = model.allocate_inference_cache(batch, max_len)
     replicate(kv1, ms1, kv, ms)
@@ -236,8 +265,11 @@ def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps,
 
         graphed_step()
         row[f"{mode}_ms_per_token"] = timer.ms(graphed_step, steps - 1)
+        if profile_dir is not None:
+            row[f"{mode}_profile"] = profile_steps(profile_dir, f"{tag}_{mode}", graphed_step)
         del dec
-    mid = (start + kv.seen_tokens) // 2 + 1  # filled slots of a global layer halfway through
+    profiled = sum(f"{m}_profile" in row for m in modes) * PROFILE_STEPS  # steps that were not timed
+    mid = (start + kv.seen_tokens - profiled) // 2 + 1  # filled slots of a global layer halfway through
     row["bytes_per_token"], row["floor_bytes_per_token"] = bytes_per_token(model, kv, ms, mid, path,
                                                                            flash_len if path == "sdpa_flash" else 0)
     return row
@@ -270,6 +302,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="CPU, debug preset, tiny shapes: check the script")
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile", default="", help="directory for a kernel profile of each graphed case")
     a = ap.parse_args()
     dry = a.dry_run
     a.preset = a.preset or ("debug" if dry else "1b")
@@ -348,13 +381,14 @@ def main() -> None:
     rows = []
     for name, path in cases:
         model = build(name, path, device, dtype, flash)
-        need = max(a.contexts) + (len(a.modes) + 1) * a.steps + 8
+        need = max(a.contexts) + (len(a.modes) + 1) * a.steps + 8 + (PROFILE_STEPS * len(a.modes) if a.profile else 0)
         if need > model.cfg.max_seq_len:
             raise SystemExit(f"context {max(a.contexts)} + {len(a.modes) + 1} x {a.steps} steps + 8 exceeds {name}'s "
                              f"max_seq_len {model.cfg.max_seq_len}; lower --contexts or --steps")
         for c in a.contexts:
             for r in measure_context(model, path, c, a.batches, a.modes, a.steps, timer, flash, hbm,
-                                     graph=not a.dry_run):
+                                     graph=not a.dry_run, profile_dir=Path(a.profile) if a.profile else None,
+                                     name=name):
                 r = {"model": name, "params": count_params(model.cfg), "decode_attention": path,
                      "kernels": model.kernels.describe(), **r}
                 rows.append(r)
