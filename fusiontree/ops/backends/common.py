@@ -25,15 +25,29 @@ def raise_recompile_limit() -> None:
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
 
 
+def einops_calls_in_graph() -> None:
+    """Dynamo records each einops call (rearrange, repeat, reduce, einsum) as one call in the
+    graph instead of tracing into it. Traced into, a call re-runs einops' pattern parser
+    symbolically every time (its cache does not apply while tracing), which is most of the time
+    a block takes to trace; recorded as a call, the graph's tracer runs it as eager code does
+    (parser cached) and keeps the views it makes."""
+    import einops
+
+    for fn in (einops.rearrange, einops.repeat, einops.reduce, einops.einsum):
+        torch._dynamo.allow_in_graph(fn)
+
+
 _compiled: dict = {}  # (function, compile options) -> its torch.compile wrapper
 
 
 def compile_once(fn, **compile_kwargs):
     """`torch.compile(fn, **compile_kwargs)`, built once per function and options (the backends'
-    compiled kernels), after raising the recompile limit."""
+    compiled kernels), after raising the recompile limit and putting einops calls in the graph
+    whole (`einops_calls_in_graph`)."""
     key = (fn, tuple(sorted(compile_kwargs.items())))
     if key not in _compiled:
         raise_recompile_limit()
+        einops_calls_in_graph()
         _compiled[key] = torch.compile(fn, **compile_kwargs)
     return _compiled[key]
 
