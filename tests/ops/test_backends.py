@@ -162,6 +162,27 @@ def test_flex_compiles_with_a_raised_recompile_limit(monkeypatch):
         assert dynamo_config.recompile_limit >= 64
 
 
+def test_compiled_code_records_einops_calls_whole():
+    """Under `compile_once` an einops call is one call in the captured graph (not the parser's
+    operations traced one by one), and the compiled function computes what eager code does."""
+    import einops
+
+    from fusiontree.ops.backends.common import compile_once
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(x_BTC):
+        return einops.rearrange(x_BTC, "b t (h d) -> b h t d", h=2).sin()
+
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(compile_once(fn, backend=capture)(x), fn(x))
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"][0] is einops.rearrange
+
+
 def test_flex_rejects_bad_input_and_cpu_backward():
     q, k, v = _qkv(1, 8, 0, 4, 3, 16, seed=0)
     pos = torch.arange(8)[None]
