@@ -16,6 +16,9 @@ from tests.train.conftest import losses, metrics, run, train_cmd, write_config
 EXTRA = ["--model.ssm_groups=2", "--data.global_batch_tokens=512", "--train.lr_decay=constant",
          "--generate.max_new_tokens=2"]
 
+# Runs of two processes start through torchrun, which starts the ranks from its own process (the
+# deepspeed launcher imports DeepSpeed in two processes first); what is resumed does not depend
+# on the launcher, and the deepspeed launcher's runs are tested in test_train_e2e.py.
 # (processes, ZeRO stage, tensor_parallel, last step): every stage is read and written across
 # a change of size: 2 -> 1 (ZeRO-0 -> 2), 1 -> 2 (2 -> 3), DP 2 -> TP 2 (3 -> 1), TP 2 -> 1 (1 -> 0)
 SEGMENTS = [(2, 0, 1, 2), (1, 2, 1, 4), (2, 3, 1, 5), (2, 1, 2, 6), (1, 0, 1, 7)]
@@ -29,15 +32,15 @@ def test_resume_across_data_and_tensor_parallel_sizes_and_zero_stages(tmp_path, 
     steps = SEGMENTS[-1][-1]
     ref, chain = tmp_path / "ref", tmp_path / "chain"
     common = dict(steps=steps, eval_every_steps=100, checkpoint_every_steps=100, gate_stats_every_steps=2)
-    _ok(run(train_cmd(write_config(tmp_path / "ref.yaml", train_shards, ref, **common), nproc=2, zero=2,
-                      extra=EXTRA)))
+    _ok(run(train_cmd(write_config(tmp_path / "ref.yaml", train_shards, ref, **common), launcher="torchrun",
+                      nproc=2, zero=2, extra=EXTRA)))
     cfg = write_config(tmp_path / "chain.yaml", train_shards, chain, **common)
     previous = None
     for procs, zero, tp, last in SEGMENTS:
         extra = [*EXTRA, f"--train.steps={last}", f"--parallel.tensor_parallel={tp}"]
         if previous is not None:
             extra += ["--resume", "auto", "--allow_config_change", "train.steps"]
-        res = run(train_cmd(cfg, launcher="deepspeed" if procs > 1 else "python", nproc=procs, zero=zero,
+        res = run(train_cmd(cfg, launcher="torchrun" if procs > 1 else "python", nproc=procs, zero=zero,
                             extra=extra))
         _ok(res)
         if previous is not None:
