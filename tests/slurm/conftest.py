@@ -4,10 +4,11 @@
 starts munged, slurmctld and slurmd in the foreground as children of the test process, with
 a private munge key and socket, a minimal slurm.conf (private ports, state and spool
 directories under a temporary directory; proctrack/linuxproc, task/none, no cgroups, no
-accounting) and one node of 2 CPUs. Client commands get SLURM_CONF. At the end (also
-after a failure) it cancels the jobs, stops the daemons by their PIDs, and ends any process
-the cluster started that is still there (slurmstepd, job tasks): those carry the marker
-variable FT_SLURM_TEST in their environment, which nothing outside this cluster has.
+accounting) and one node of 4 CPUs, room for two training jobs of two tasks at once. Client
+commands get SLURM_CONF. At the end (also after a failure) it cancels the jobs, stops the
+daemons by their PIDs, and ends any process the cluster started that is still there
+(slurmstepd, job tasks): those carry the marker variable FT_SLURM_TEST in their environment,
+which nothing outside this cluster has.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun"]
 NODE = "ftnode0"
-CPUS = 2
+CPUS = 4  # slurmd takes the configured count (SlurmdParameters=config_overrides)
 
 
 def _which(name: str) -> str | None:

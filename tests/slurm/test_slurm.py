@@ -1,15 +1,16 @@
 """slurm/build_shards.sh and slurm/pretrain_32k.sh on a real (one-node, localhost) Slurm cluster.
 
-One test, in order, because each stage needs the previous one and the cluster has 2 CPUs:
+One test, in order, because the training jobs need the shards of the first stage:
 
 1. build_shards.sh submits a tokenizer job, a one-task array and a merge job; the merged
    shards are what the training jobs read.
 2. pretrain_32k.sh with CPU overrides (debug preset through a test config, 2 tasks on one
    node, gloo) runs to the end: COMPLETED, losses logged, a checkpoint saved.
-3. A second job of the same run config gets the time-limit warning early (SIGUSR1 to the
-   batch shell, as `--signal=B:USR1@...` sends it): its tasks checkpoint and exit, the script
-   requeues the job, and the requeued job resumes from that checkpoint and completes with the
-   losses of the uninterrupted job 2, bit for bit.
+3. A second job of the same run config, running beside job 2 (the node has a CPU for each of
+   the four tasks; neither job reads the other's files), gets the time-limit warning early
+   (SIGUSR1 to the batch shell, as `--signal=B:USR1@...` sends it): its tasks checkpoint and
+   exit, the script requeues the job, and the requeued job resumes from that checkpoint and
+   completes with the losses of the uninterrupted job 2, bit for bit.
 """
 
 from __future__ import annotations
@@ -146,23 +147,12 @@ def test_build_shards_then_train_then_requeue_on_time_limit_signal(slurm_cluster
     shards = build_shards_on_cluster(cluster, tmp_path)
     t_build = time.time() - t0
 
-    # --- 2. a job that runs to the end
+    # --- 2. a job that runs to the end, and beside it 3. the same run, stopped by the time-limit
+    # signal, requeued, resumed
     config = run_config(tmp_path, shards, "full", checkpoint_every_steps=STEPS)
     job1, out1 = submit_training(cluster, tmp_path, config, "ft-full")
-    info = wait_for(cluster, job1, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, HANG_TIMEOUT_S)
-    run1 = tmp_path / "runs" / f"ft-full-{job1}"
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{read(out1)[-4000:]}"
-    assert info["Requeue"] == "1" and info["NumTasks"] == "2"
-    assert yaml.safe_load((run1 / "config.yaml").read_text())["generate"]["max_new_tokens"] == 4
-    want = losses(run1)
-    assert sorted(want) == list(range(1, STEPS + 1))
-    assert (run1 / f"checkpoints/step_{STEPS:08d}/meta.json").is_file()
-    assert "training finished: srun exit 0" in read(run1 / "slurm/job.log")
-    assert f"step {STEPS}/{STEPS} loss" in read(out1)
-    t_full = time.time() - t0 - t_build
-
-    # --- 3. the same run, stopped by the time-limit signal, requeued, resumed
     job2, out2 = submit_training(cluster, tmp_path, config, "ft-requeue")
+    run1 = tmp_path / "runs" / f"ft-full-{job1}"
     run2 = tmp_path / "runs" / f"ft-requeue-{job2}"
     deadline = time.time() + HANG_TIMEOUT_S
     while not (run2 / "metrics.jsonl").exists() or max(losses(run2) or [0]) < 2:  # the trainer is in its loop
@@ -179,6 +169,17 @@ def test_build_shards_then_train_then_requeue_on_time_limit_signal(slurm_cluster
         time.sleep(0.2)
     stop_step = int(m.group(1))
     assert stop_step < STEPS, "the job ended before the signal reached it"
+
+    info = wait_for(cluster, job1, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, HANG_TIMEOUT_S)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{read(out1)[-4000:]}"
+    assert info["Requeue"] == "1" and info["NumTasks"] == "2"
+    assert yaml.safe_load((run1 / "config.yaml").read_text())["generate"]["max_new_tokens"] == 4
+    want = losses(run1)
+    assert sorted(want) == list(range(1, STEPS + 1))
+    assert (run1 / f"checkpoints/step_{STEPS:08d}/meta.json").is_file()
+    assert "training finished: srun exit 0" in read(run1 / "slurm/job.log")
+    assert f"step {STEPS}/{STEPS} loss" in read(out1)
+
     info = wait_for(cluster, job2, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, HANG_TIMEOUT_S, release=True)
     log2 = read(out2)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", \
@@ -192,5 +193,5 @@ def test_build_shards_then_train_then_requeue_on_time_limit_signal(slurm_cluster
     assert [r["step"] for r in metrics(run2) if "loss" in r] == list(range(1, STEPS + 1))  # each step once
     assert got == want  # the resumed run is the uninterrupted one, bit for bit
     assert (run2 / f"checkpoints/step_{STEPS:08d}/meta.json").is_file()
-    print(f"\nslurm test timing: shards {t_build:.1f} s, full job {t_full:.1f} s, "
-          f"signalled + requeued job {time.time() - t0 - t_build - t_full:.1f} s")
+    print(f"\nslurm test timing: shards {t_build:.1f} s, the full and the signalled + requeued jobs "
+          f"{time.time() - t0 - t_build:.1f} s")
