@@ -40,7 +40,7 @@ card's bandwidth (--hbm-tb-per-s; known cards: H200 4.8, H100 SXM 3.35 TB/s).
 
 --profile DIR: after timing each graphed mode, torch's profiler records 8 more steps (the
 kernels a graph replay runs) and DIR/<model>_<path>_<context>_b<batch>_<mode>.txt gets the top
-30 kernels by device time; the row names its file (`profile`).
+30 kernels by device time; the row names its file (`<mode>_profile`).
 
 Prints one table (FusionTree / Transformer speed ratios per path, and best against best) and the
 batch-32 / batch-1 tokens/s ratios, and writes JSON. The cases run in one process; split a sweep
@@ -101,6 +101,12 @@ class Timer:
 PROFILE_STEPS = 8
 
 
+def cache_length(context: int, modes: list[str], steps: int, profile: bool) -> int:
+    """Slots a case's caches need: the prompt, warm-up and timed steps of every mode (and the
+    eager one), the profiled steps, and a margin."""
+    return context + (len(modes) + 1) * steps + 8 + (PROFILE_STEPS * len(modes) if profile else 0)
+
+
 def profile_steps(out_dir: Path, tag: str, fn, n: int = PROFILE_STEPS) -> str:
     """`n` calls of `fn` under torch's profiler; the top rows by device time (host time on CPU)
     go to out_dir/<tag>.txt, whose name is returned."""
@@ -142,8 +148,8 @@ class FlashFixedLength:
 def build(name: str, path: str, device: torch.device, dtype: torch.dtype,
           flash: FlashFixedLength) -> HybridLanguageModel:
     if path == "sdpa_flash":
-        kernels = dataclasses.replace(resolve_kernels(KernelConfig(decode_attention="all_slots"), device), decode_attention=flash,
-                                      decode_attention_name="sdpa_flash")
+        kernels = dataclasses.replace(resolve_kernels(KernelConfig(decode_attention="all_slots"), device),
+                                      decode_attention=flash, decode_attention_name="sdpa_flash")
     else:
         kernels = resolve_kernels(KernelConfig(decode_attention=path), device)
     torch.manual_seed(0)
@@ -197,7 +203,7 @@ def measure_context(model, path: str, context: int, batches: list[int], modes: l
     dev = model.embed.weight.device
     g = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)
-    max_len = context + (len(modes) + 1) * steps + 8 + (PROFILE_STEPS * len(modes) if profile_dir else 0)
+    max_len = cache_length(context, modes, steps, profile_dir is not None)
     rows = []
     try:
         # Warm-up at the timed shapes (first calls compile and autotune kernels), then the prefill.
@@ -381,9 +387,9 @@ def main() -> None:
     rows = []
     for name, path in cases:
         model = build(name, path, device, dtype, flash)
-        need = max(a.contexts) + (len(a.modes) + 1) * a.steps + 8 + (PROFILE_STEPS * len(a.modes) if a.profile else 0)
+        need = cache_length(max(a.contexts), a.modes, a.steps, bool(a.profile))
         if need > model.cfg.max_seq_len:
-            raise SystemExit(f"context {max(a.contexts)} + {len(a.modes) + 1} x {a.steps} steps + 8 exceeds {name}'s "
+            raise SystemExit(f"context {max(a.contexts)} and its decode steps need {need} positions, over {name}'s "
                              f"max_seq_len {model.cfg.max_seq_len}; lower --contexts or --steps")
         for c in a.contexts:
             for r in measure_context(model, path, c, a.batches, a.modes, a.steps, timer, flash, hbm,

@@ -49,10 +49,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def misaligned_parameters(model: nn.Module) -> list[str]:
-    """Parameters whose storage does not start at a 16-byte boundary (after DeepSpeed flattened
+    """Parameters whose data does not start at a 16-byte boundary (after DeepSpeed flattened
     the groups): compiled blocks would read them with vector loads that fault."""
-    return [name for name, p in model.named_parameters()
-            if (p.storage_offset() * p.element_size()) % ALIGN_BYTES or p.data_ptr() % ALIGN_BYTES]
+    return [name for name, p in model.named_parameters() if p.data_ptr() % ALIGN_BYTES]
 
 
 class SkippableAdamW(torch.optim.AdamW):
