@@ -181,7 +181,8 @@ def _static_steps_match_the_reference(ref, kernels, B: int, n: int = 26) -> None
     T = 9
     ids = torch.randint(0, ref.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(13))
     mask = torch.ones(B, T, dtype=torch.long)
-    mask[B - 1, :4] = 0 if B > 1 else 1
+    if B > 1:
+        mask[0, :4] = 0  # a left-padded row
     kv, ms = ref.allocate_inference_cache(B, T + n)
     kv2, ms2 = model.allocate_inference_cache(B, T + n + 200)
     with torch.no_grad():
