@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import types
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -91,6 +91,25 @@ def apply_compile(model: nn.Module, **compile_kwargs) -> nn.Module:
                              "were; apply the graphs last")
         m.forward, m.compiled = compile_once(type(block).forward, **{"dynamic": False, **compile_kwargs}), True
     return model
+
+
+# Set to 1 to run compiled blocks under tensor parallelism on CUDA anyway (for debugging it).
+EXPERIMENTAL_COMPILED_TP_ENV = "FUSIONTREE_EXPERIMENTAL_COMPILED_TP"
+
+
+def compiled_tensor_parallel_error(tensor_parallel: int, device_type: str, environ: Mapping[str, str]) -> str | None:
+    """Why a run with compiled blocks must not start under this tensor parallelism, or None.
+
+    On CPU (gloo) compiled TP + SP trains like one process (tests/train/test_train_e2e.py). On
+    2 x H200 over NCCL it did not finish its first step in 7 minutes (BENCHMARKS.md): the
+    compiled forward ran, then one rank sat in Inductor's compile of the backward graphs while
+    both GPUs showed full utilisation. Until that is fixed a CUDA run stops at start-up with
+    this message instead of hanging."""
+    if tensor_parallel <= 1 or device_type != "cuda" or environ.get(EXPERIMENTAL_COMPILED_TP_ENV) == "1":
+        return None
+    return (f"train.compile=true with parallel.tensor_parallel={tensor_parallel} does not reach its first step "
+            "on GPUs over NCCL yet (the compiled backward stalls); set train.compile=false for tensor "
+            f"parallelism (or {EXPERIMENTAL_COMPILED_TP_ENV}=1 to run it anyway)")
 
 
 def apply_activation_checkpointing(model: nn.Module, num_layers: int = 0) -> nn.Module:

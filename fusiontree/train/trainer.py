@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
 from fusiontree.train.losses import HybridModelLoss
 from fusiontree.train.mechanics import (apply_activation_checkpointing, apply_compile, apply_cuda_graphs,
-                                        describe_mechanics)
+                                        compiled_tensor_parallel_error, describe_mechanics)
 from fusiontree.train.metrics import MetricsSink, RankZeroMetrics, StepProfiler, device_peak_flops, memory_gib
 from fusiontree.train.optim import SkippableAdamW, build_optimizer, lr_at, misaligned_parameters
 from fusiontree.train.preflight import check_ds_config, check_tokenizer, refuse_existing_run
@@ -232,6 +233,8 @@ class Trainer:
         # The plain model's names: the wrappers below rename parameters in the module.
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         if cfg.train.compile:
+            if error := compiled_tensor_parallel_error(cfg.parallel.tensor_parallel, di.device.type, os.environ):
+                raise ValueError(error)
             apply_compile(model, backend=cfg.train.compile_backend)  # per block, at each new length
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model, cfg.train.checkpoint_num_layers)

@@ -12,6 +12,7 @@ import pytest
 
 from fusiontree.config import load_config
 from fusiontree.train.distributed import build_deepspeed_cpu_op, deepspeed_cpu_op_message
+from fusiontree.train.mechanics import EXPERIMENTAL_COMPILED_TP_ENV, compiled_tensor_parallel_error
 from fusiontree.train.trainer import window_warning
 from tests.train.conftest import ROOT, env, write_config
 
@@ -109,6 +110,18 @@ def test_a_window_covering_every_training_length_is_warned_about():
     assert window_warning(load_config(None, short + ["--model.window=32"])) is None
     longer = ["--data.curriculum=[{seq_len: 64, until_tokens: 100}, {seq_len: 128, until_tokens: 0}]"]
     assert window_warning(load_config(None, ["--model.preset=debug", "--model.window=64"] + longer)) is None
+
+
+def test_compiled_blocks_under_tensor_parallelism_are_refused_on_cuda_only():
+    """On CUDA the stalling combination stops at start-up with a one-line fix; gloo runs, plain
+    data parallelism and the debugging switch go ahead."""
+    error = compiled_tensor_parallel_error(2, "cuda", {})
+    assert error is not None and "\n" not in error
+    assert "set train.compile=false" in error and EXPERIMENTAL_COMPILED_TP_ENV in error
+    assert compiled_tensor_parallel_error(1, "cuda", {}) is None
+    assert compiled_tensor_parallel_error(2, "cpu", {}) is None
+    assert compiled_tensor_parallel_error(2, "cuda", {EXPERIMENTAL_COMPILED_TP_ENV: "1"}) is None
+    assert compiled_tensor_parallel_error(2, "cuda", {EXPERIMENTAL_COMPILED_TP_ENV: "0"}) is not None
 
 
 def test_resuming_with_a_changed_config_lists_the_keys_in_one_line(tmp_path, train_shards):

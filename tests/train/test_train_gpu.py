@@ -11,6 +11,7 @@ import torch
 
 from fusiontree.data.build import BuildArgs, build_shards
 from fusiontree.data.corpus import stdlib_dir
+from fusiontree.train.mechanics import EXPERIMENTAL_COMPILED_TP_ENV
 from tests.train.conftest import losses, metrics, run, run_side_by_side, train_cmd, write_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -73,20 +74,37 @@ def test_cuda_graphs_train_like_the_plain_step(tmp_path, gpu_shards, compile_):
     assert first["startup_s"] > 0 and "startup/first_step_s" in first
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism over NCCL needs 2 GPUs; this "
-                                                          "machine has fewer")
-def test_compiled_tensor_parallel_training_matches_eager_and_one_gpu(tmp_path, gpu_shards):
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallelism over NCCL needs 2 GPUs; "
+                                                                      "this machine has fewer")
+TP_ARGS = ["--model.ssm_groups=2", "--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true",
+           "--data.global_batch_tokens=1024"]
+
+
+@TWO_GPUS
+def test_compiled_tensor_parallel_is_refused_at_start_up(tmp_path, gpu_shards, monkeypatch):
+    """Compiled blocks under TP=2 over NCCL stop at start-up, naming the setting to change."""
+    monkeypatch.delenv(EXPERIMENTAL_COMPILED_TP_ENV, raising=False)
+    res = run(train_cmd(_config(tmp_path, gpu_shards, "tp_compiled", compile=True), launcher="deepspeed", nproc=2,
+                        zero=1, extra=TP_ARGS), timeout=600)
+    assert res.returncode != 0
+    assert "set train.compile=false for tensor parallelism" in res.stdout + res.stderr
+
+
+@TWO_GPUS
+@pytest.mark.xfail(run=False, reason="compiled TP=2 + SP over NCCL did not finish its first step in 7 minutes on "
+                                     "2 x H200 (BENCHMARKS.md) and is refused at start-up; run with --runxfail "
+                                     "to try it")
+def test_compiled_tensor_parallel_training_matches_eager_and_one_gpu(tmp_path, gpu_shards, monkeypatch):
     """TP=2 + sequence parallelism over NCCL with compiled blocks: the losses and gradient
     norms of the same run eager (TP=2 + SP) and on one GPU, to bf16 tolerance, through a
     curriculum change of length (a recompilation)."""
-    extra = ["--model.ssm_groups=2"]
-    tp_args = ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=true", "--data.global_batch_tokens=1024"]
+    monkeypatch.setenv(EXPERIMENTAL_COMPILED_TP_ENV, "1")
     # The three runs are independent: side by side (the one-GPU run shares GPU 0 with the ranks).
-    specs = [("one", "python", ["--data.global_batch_tokens=1024"], {}),
-             ("tp_eager", "deepspeed", tp_args, {}),
-             ("tp_compiled", "deepspeed", tp_args, {"compile": True})]
-    cmds = [train_cmd(_config(tmp_path, gpu_shards, name, **train), launcher=launcher, nproc=2, zero=1,
-                      extra=extra + args) for name, launcher, args, train in specs]
+    specs = [("one", "python", ["--model.ssm_groups=2", "--data.global_batch_tokens=1024"], {}),
+             ("tp_eager", "deepspeed", TP_ARGS, {}),
+             ("tp_compiled", "deepspeed", TP_ARGS, {"compile": True})]
+    cmds = [train_cmd(_config(tmp_path, gpu_shards, name, **train), launcher=launcher, nproc=2, zero=1, extra=args)
+            for name, launcher, args, train in specs]
     for res in run_side_by_side(*cmds):
         _ok(res)
     runs = {name: tmp_path / name for name, *_ in specs}
