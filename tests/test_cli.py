@@ -41,6 +41,11 @@ def test_train_config_mistakes_are_one_line(tmp_path):
     bad.write_text("train:\n  steps: 3\n lr_peak: 1\n")
     res = _run("launch/train.py", "--config", str(bad))
     _one_line_error(res, "launch/train.py", f"{bad}:3:")
+    # refused on GPUs before anything starts (the rule: tests/train/test_startup_checks.py)
+    res = _run("launch/train.py", "--train.device=cuda", "--train.compile=true", "--parallel.tensor_parallel=2",
+               "--model.ssm_groups=2",
+               f"--out_dir={tmp_path / 'run'}")
+    _one_line_error(res, "launch/train.py", "set train.compile=false for tensor parallelism")
     assert not (tmp_path / "run").exists()  # nothing was started
 
 

@@ -49,6 +49,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether a run with train.device=`device` trains on CUDA (`auto`: where a GPU is visible)."""
+    return torch.cuda.is_available() if device == "auto" else device == "cuda"
+
+
 def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
                      timeout_s: int = 1800) -> DistInfo:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
@@ -60,7 +65,7 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
         # A launcher sets the port for its processes; a world of one picks a free one, so that
         # two one-process runs on a machine do not both try to listen on a fixed port.
         os.environ["MASTER_PORT"] = str(_free_port()) if world == 1 else "29500"
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = uses_cuda(device)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no GPU is visible; use auto or cpu")
     if use_cuda:

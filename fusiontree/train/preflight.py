@@ -12,10 +12,13 @@ on top: the content hashes of the checkpoint it resumes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from fusiontree.checkpoint import CONFIG_FILE, CheckpointManager
 from fusiontree.config import RunConfig, check_resume_config, read_yaml
+from fusiontree.train.distributed import uses_cuda
+from fusiontree.train.mechanics import compiled_tensor_parallel_error
 
 
 def check_ds_config(path: str | Path) -> dict:
@@ -71,6 +74,9 @@ def resume_candidate(cfg: RunConfig, resume: str) -> Path | None:
 def preflight(cfg: RunConfig, ds_config: str, resume: str = "none", allow_config_change: tuple[str, ...] = (),
               init_from: str = "") -> None:
     """Every check that needs no process group; raises a ValueError that says how to fix it."""
+    if cfg.train.compile and (error := compiled_tensor_parallel_error(
+            cfg.parallel.tensor_parallel, "cuda" if uses_cuda(cfg.train.device) else "cpu", os.environ)):
+        raise ValueError(error)
     check_ds_config(ds_config)
     check_tokenizer(cfg)
     candidate = resume_candidate(cfg, resume)
