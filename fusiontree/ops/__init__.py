@@ -9,13 +9,14 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | --- | --- | --- | --- |
 | ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
+| conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels) | causal_conv1d, else reference | reference |
 | decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks for batches of up to `DECODE_FILLED_MAX_BATCH` rows, all_slots above (and where filled_blocks cannot load) | all_slots |
 
-conv1d (a 4-tap depthwise causal conv) stays the PyTorch reference with every SSD backend: it is
-elementwise work next to the scan, and mamba-ssm's fused conv needs causal-conv1d compiled.
-`train.compile` fuses it, with the norms, RoPE, the gate mix and SwiGLU, by compiling each block
-(`fusiontree.train.mechanics.apply_compile`); the `mamba_ssm` and `flex` backends stay opaque
-kernels inside those compiled blocks. `compile_once` and `raise_recompile_limit` are the one way
+The conv1d decode step stays the reference (one token: elementwise work that a compiled decode
+step fuses). `train.compile` fuses the reference conv1d, the norms, RoPE, the gate mix and SwiGLU
+by compiling each block (`fusiontree.train.mechanics.apply_compile`); the `mamba_ssm` and `flex`
+backends stay opaque kernels inside those compiled blocks, and `causal_conv1d` is a custom op in
+their graphs. `compile_once` and `raise_recompile_limit` are the one way
 the package calls torch.compile.
 flash-attn is not a backend: the GPU machine it would be tested on does not have it, and an
 untested backend would break the rule that every backend is checked against the reference.
@@ -58,23 +59,21 @@ class Kernels:
     # `decode_attention` serves batches of at most this many rows (None: every batch); larger
     # batches take `all_slots`.
     decode_filled_max_batch: int | None = None
+    conv1d_name: str = "reference"
 
     def describe(self) -> str:
         # The default decode path is the attention backend itself: named only when it is not.
         decode = "" if self.decode_attention is None else f" decode_attention={self.decode_attention_name}"
         if self.decode_filled_max_batch is not None:
             decode += f" (filled_blocks up to batch {self.decode_filled_max_batch}, all_slots above)"
-        return f"ssd={self.ssd_name} attention={self.attention_name} conv1d=reference{decode}"
+        return f"ssd={self.ssd_name} attention={self.attention_name} conv1d={self.conv1d_name}{decode}"
 
 
 # name -> loader(device) returning the callables, or raising ImportError / RuntimeError with
 # the reason it cannot run on that device. Loaders import optional packages lazily, so a
 # missing package fails only the backend that needs it.
-_CONV1D = dict(conv1d=causal_conv1d_ref, conv1d_step=causal_conv1d_step_ref)
-
-
 def _ssd_reference(device: torch.device) -> dict:
-    return dict(ssd_chunked=ssd_chunked_ref, ssd_step=ssd_step_ref, **_CONV1D)
+    return dict(ssd_chunked=ssd_chunked_ref, ssd_step=ssd_step_ref)
 
 
 def _need_triton(what: str) -> None:
@@ -89,7 +88,22 @@ def _ssd_mamba_ssm(device: torch.device) -> dict:
         raise RuntimeError("mamba-ssm's SSD kernels are Triton GPU kernels and need a CUDA device")
     from fusiontree.ops.backends.mamba_kernels import ssd_chunked_mamba, ssd_step_mamba
 
-    return dict(ssd_chunked=ssd_chunked_mamba, ssd_step=ssd_step_mamba, **_CONV1D)
+    return dict(ssd_chunked=ssd_chunked_mamba, ssd_step=ssd_step_mamba)
+
+
+def _conv1d_reference(device: torch.device) -> dict:
+    return dict(conv1d=causal_conv1d_ref, conv1d_step=causal_conv1d_step_ref)
+
+
+def _conv1d_causal(device: torch.device) -> dict:
+    if device.type != "cuda":
+        raise RuntimeError("causal-conv1d's kernels are CUDA kernels and need a CUDA device")
+    try:
+        from fusiontree.ops.backends.conv1d_cuda import causal_conv1d_cuda_fn
+    except ImportError as e:
+        raise ImportError(f"{e} (pip install causal-conv1d, built for this GPU)") from e
+
+    return dict(conv1d=causal_conv1d_cuda_fn, conv1d_step=causal_conv1d_step_ref)
 
 
 def _attention_reference(device: torch.device) -> dict:
@@ -120,6 +134,8 @@ SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _ssd_reference, "mamba_ssm": _ssd_mamba_ssm}
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
+CONV1D_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
+    "reference": _conv1d_reference, "causal_conv1d": _conv1d_causal}
 DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "all_slots": _decode_all_slots, "filled_blocks": _decode_filled_blocks}
 # `auto` for the decode attention on CUDA: filled_blocks up to this batch, all_slots above. On an
@@ -129,7 +145,7 @@ DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 DECODE_FILLED_MAX_BATCH = 8
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
 # On CPU only the references: FlexAttention has no CPU backward.
-AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "reference"]}
+AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "causal_conv1d", "reference"]}
 
 
 def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str, dict]:
@@ -164,19 +180,21 @@ def _auto_decode_attention(device: torch.device) -> tuple[str, dict, int | None]
 
 
 def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
-    """cfg: a `KernelConfig` (fields `ssd`, `attention`, `decode_attention`)."""
+    """cfg: a `KernelConfig` (fields `ssd`, `attention`, `conv1d`, `decode_attention`)."""
     device = torch.device(device)
     ssd_name, ssd_fns = _pick("ssd", SSD_BACKENDS, cfg.ssd, device)
     attn_name, attn_fns = _pick("attention", ATTENTION_BACKENDS, cfg.attention, device)
+    conv_name, conv_fns = _pick("conv1d", CONV1D_BACKENDS, cfg.conv1d, device)
     if cfg.decode_attention == "auto":
         decode_name, decode_fns, max_batch = _auto_decode_attention(device)
     else:
         decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
         max_batch = None
     return Kernels(ssd_name=ssd_name, attention_name=attn_name, decode_attention_name=decode_name,
-                   decode_filled_max_batch=max_batch,
-                   **ssd_fns, **attn_fns, **decode_fns)
+                   decode_filled_max_batch=max_batch, conv1d_name=conv_name,
+                   **ssd_fns, **attn_fns, **conv_fns, **decode_fns)
 
 
 def reference_kernels() -> Kernels:
-    return Kernels("reference", "reference", attention=attention_ref, **_ssd_reference(torch.device("cpu")))
+    cpu = torch.device("cpu")
+    return Kernels("reference", "reference", attention=attention_ref, **_ssd_reference(cpu), **_conv1d_reference(cpu))

@@ -52,10 +52,26 @@ def causal_conv1d_ref(
         if seq_idx_BT is not None:
             tap = tap * (seq_p[:, k:k + T] == seq_idx_BT)[..., None]
         y = y + tap * w[:, k]
-    final = xp[:, T:]  # the last K-1 inputs
+    return _activate(y, activation).to(x_BTC.dtype), conv1d_final_state(x_BTC, K, initial_state_BCK, seq_idx_BT)
+
+
+def conv1d_final_state(x_BTC: Tensor, K: int, initial_state_BCK: Tensor | None = None,
+                       seq_idx_BT: Tensor | None = None) -> Tensor:
+    """The state after `x_BTC` (fp32 [B, C, K-1]): its last K-1 inputs, reaching back into the
+    initial state when T < K-1, and zero where they lie in an earlier document than the last
+    token's (the next call continues the last document)."""
+    Bsz, T, C = x_BTC.shape
+    if initial_state_BCK is None:
+        prev = x_BTC.new_zeros(Bsz, K - 1, C, dtype=torch.float32)
+    else:
+        prev = initial_state_BCK.float().transpose(1, 2)
+    m = min(T, K - 1)  # inputs of this call among the last K-1
+    tail = torch.cat([prev, x_BTC[:, T - m:].float()], dim=1)[:, m:]
     if seq_idx_BT is not None and K > 1:
-        final = final * (seq_p[:, T:] == seq_idx_BT[:, -1:])[..., None]
-    return _activate(y, activation).to(x_BTC.dtype), final.transpose(1, 2).contiguous()
+        # The initial state belongs to the first document.
+        seq_p = torch.cat([seq_idx_BT[:, :1].expand(Bsz, K - 1), seq_idx_BT], dim=1)[:, T:]
+        tail = tail * (seq_p == seq_idx_BT[:, -1:])[..., None]
+    return tail.transpose(1, 2).contiguous()
 
 
 def causal_conv1d_step_ref(

@@ -2,6 +2,7 @@
 FlexAttention has no CPU backward), the SDPA paths, seq_idx relabelling, the compiled decode step.
 The GPU kernels themselves are tested in test_gpu_backends.py."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -11,7 +12,10 @@ from fusiontree import ops
 from fusiontree.config import KernelConfig
 from fusiontree.models.hybrid import positions_from_seq_idx
 from fusiontree.ops import resolve_kernels
+from fusiontree.models import HybridLanguageModel
+from fusiontree.models.config import model_preset
 from fusiontree.ops.attention import attention_ref
+from fusiontree.ops.conv1d import causal_conv1d_ref
 from fusiontree.ops.backends.common import canonical_seq_idx
 from fusiontree.ops.backends.flex import attention_flex, flex_block_masks
 from fusiontree.ops.ssd import ssd_chunked_ref
@@ -45,30 +49,48 @@ def _fake(name, fail_with=None):
     def loader(device):
         if fail_with is not None:
             raise fail_with
-        return dict(ssd_chunked=name, ssd_step=name, conv1d=name, conv1d_step=name)
+        return dict(ssd_chunked=name, ssd_step=name)
     return loader
 
 
 def test_auto_on_cuda_takes_the_first_backend_that_loads_and_logs_the_others(monkeypatch, caplog):
     table = {"mamba_ssm": _fake("m", ImportError("No module named 'mamba_ssm'")),
              "other": _fake("c"), "reference": _fake("r")}
-    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ["mamba_ssm", "other", "flex", "reference"])
+    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ["mamba_ssm", "other", "flex", "causal_conv1d", "reference"])
     monkeypatch.setattr(ops, "SSD_BACKENDS", table)
     monkeypatch.setattr(ops, "ATTENTION_BACKENDS", {"flex": lambda d: dict(attention="f"),
                                                     "reference": lambda d: dict(attention="r")})
+
+    def no_causal_conv1d(device):
+        raise ImportError("No module named 'causal_conv1d_cuda'")
+
+    monkeypatch.setitem(ops.CONV1D_BACKENDS, "causal_conv1d", no_causal_conv1d)
     with caplog.at_level(logging.INFO, logger="fusiontree.ops"):
         k = resolve_kernels(KernelConfig(), "cuda")
     assert (k.ssd_name, k.ssd_chunked, k.attention_name, k.attention) == ("other", "c", "flex", "f")
+    assert (k.conv1d_name, k.conv1d) == ("reference", causal_conv1d_ref)
     assert "mamba_ssm unavailable (No module named 'mamba_ssm')" in caplog.text
+    assert "causal_conv1d unavailable (No module named 'causal_conv1d_cuda')" in caplog.text
     # and a named backend never falls back, even when another one would load
     with pytest.raises(RuntimeError, match="kernels.ssd='mamba_ssm' cannot load on cuda: No module named"):
         resolve_kernels(KernelConfig(ssd="mamba_ssm"), "cuda")
 
 
-def test_auto_on_cuda_prefers_mamba_ssm_and_flex():
+def test_auto_on_cuda_prefers_mamba_ssm_flex_and_causal_conv1d():
     order = ops.AUTO_ORDER["cuda"]
-    assert order.index("mamba_ssm") < order.index("reference")
-    assert order.index("flex") < order.index("reference")
+    for name in ("mamba_ssm", "flex", "causal_conv1d"):
+        assert order.index(name) < order.index("reference"), name
+
+
+def test_causal_conv1d_is_a_cuda_backend_and_refuses_shapes_its_kernels_lack():
+    with pytest.raises(RuntimeError, match="kernels.conv1d='causal_conv1d' cannot load on cpu: .*CUDA device"):
+        resolve_kernels(KernelConfig(conv1d="causal_conv1d"), "cpu")
+    # a model whose conv channels the kernels cannot take stops at construction, naming the fix
+    cfg = dataclasses.replace(model_preset("debug"), ssm_state=13)  # 128 + 2 * 13 = 154 channels
+    kernels = dataclasses.replace(ops.reference_kernels(), conv1d_name="causal_conv1d")
+    with pytest.raises(ValueError, match="154 channels.*set kernels.conv1d=reference"):
+        HybridLanguageModel(cfg, kernels)
+    HybridLanguageModel(model_preset("debug"), kernels)  # 160 channels: fine
 
 
 def test_flex_loads_on_cpu_when_named_with_its_mask_builder():

@@ -26,6 +26,7 @@ from fusiontree.models.hybrid import positions_from_seq_idx
 from fusiontree.models.layers import cast_model
 from fusiontree.ops import reference_kernels, resolve_kernels
 from fusiontree.ops.attention import attention_ref
+from fusiontree.ops.conv1d import causal_conv1d_ref
 from fusiontree.ops.backends.common import canonical_seq_idx
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
 from fusiontree.inference import generate
@@ -47,12 +48,14 @@ BF16_MODEL_TOL = (3e-2, 1e-1)
 BF16_MODEL_GRAD_TOL = (5e-2, 2e-1)
 
 
-def _kernels(ssd="reference", attention="reference", decode_attention="all_slots"):
+def _kernels(ssd="reference", attention="reference", decode_attention="all_slots", conv1d="reference"):
     try:
-        return resolve_kernels(KernelConfig(ssd=ssd, attention=attention, decode_attention=decode_attention), DEV)
+        return resolve_kernels(KernelConfig(ssd=ssd, attention=attention, conv1d=conv1d,
+                                            decode_attention=decode_attention), DEV)
     except RuntimeError as e:
         pytest.fail(f"this CUDA machine cannot load the backend under test ({e}); install it "
-                    "(mamba-ssm for ssd=mamba_ssm, triton for attention=flex)", pytrace=False)
+                    "(mamba-ssm for ssd=mamba_ssm, triton for attention=flex, causal-conv1d for "
+                    "conv1d=causal_conv1d)", pytrace=False)
 
 
 def check(name, got, want, tol):
@@ -71,6 +74,102 @@ def check(name, got, want, tol):
                                     norm_err=norm_err, max_err=max_err)) + "\n")
     assert norm_err <= tol[0] and max_err <= tol[1], \
         f"{name}: relative error norm {norm_err:.2e} (tol {tol[0]}), max {max_err:.2e} (tol {tol[1]})"
+
+
+# ------------------------------------------------------------------ conv1d
+
+
+def _conv_run(fn, C, K, T, offset, with_init, seq_idx, seed, to_fp32):
+    """Forward + backward of a conv whose input is channels [offset, offset + C) of a wider
+    projection, as in the Mamba mixer; returns (y, final state, grads by name)."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = dict(proj=torch.randn(2, T, C + 2 * offset, generator=g), w=torch.randn(C, K, generator=g) * 0.5,
+                  b=torch.randn(C, generator=g) * 0.5, h0=torch.randn(2, C, K - 1, generator=g))
+    gy, gf = torch.randn(2, T, C, generator=g).to(DEV), torch.randn(2, C, K - 1, generator=g).to(DEV)
+    if not with_init:
+        del leaves["h0"]
+    dtype = torch.float32 if to_fp32 else torch.bfloat16
+    leaves = {n: t.to(DEV, dtype).requires_grad_() for n, t in leaves.items()}
+    y, final = fn(leaves["proj"][..., offset:offset + C], leaves["w"], leaves["b"],
+                  initial_state_BCK=leaves.get("h0"), seq_idx_BT=seq_idx, activation="silu")
+    assert y.dtype == dtype and final.dtype == torch.float32 and final.shape == (2, C, K - 1)
+    loss = (y.float() * gy).sum() + (final * gf).sum()
+    return y, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def _check_conv(T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
+    k = _kernels(conv1d="causal_conv1d")
+    assert k.conv1d_name == "causal_conv1d"
+    y, f, g = _conv_run(k.conv1d, C, K, T, offset, with_init, seq_idx, seed, to_fp32=False)
+    y_r, f_r, g_r = _conv_run(causal_conv1d_ref, C, K, T, offset, with_init, seq_idx, seed, to_fp32=True)
+    check("y", y, y_r, OUT_TOL)
+    check("final_state", f, f_r, OUT_TOL)
+    assert g.keys() == g_r.keys()
+    for name in g_r:
+        check(f"grad_{name}", g[name], g_r[name], GRAD_TOL)
+
+
+@pytest.mark.parametrize("T,with_init", [(1, False), (1, True), (2, True), (63, False), (63, True), (1000, False)])
+def test_causal_conv1d_matches_reference(T, with_init):
+    _check_conv(T, with_init=with_init, seed=T)
+
+
+@pytest.mark.parametrize("K,offset", [(2, 8), (3, 8), (4, 3)])  # offset 3: strides the kernels cannot read (copied)
+def test_causal_conv1d_widths_and_unaligned_inputs_match_reference(K, offset):
+    _check_conv(300, K=K, offset=offset, with_init=True, seed=K)
+
+
+def test_causal_conv1d_packed_documents_match_reference():
+    """Documents of 100, 1, 300, ... tokens, ids that repeat and go negative (the reference
+    compares ids; the kernels zero negative ones unless shifted), with an initial state (it
+    belongs to the first document)."""
+    seq = _packed_seq_idx(1000)
+    seq[1] -= 9  # row 1: ids -2, -6, -2
+    _check_conv(1000, with_init=True, seq_idx=seq, seed=3)
+    _check_conv(1000, with_init=False, seq_idx=seq, seed=4)
+
+
+def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph():
+    """In a compiled function the op stays in the graph (fullgraph: no break) and gives what
+    it gives eagerly; a CUDA graph of forward + backward replays to the same values."""
+    k = _kernels(conv1d="causal_conv1d")
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(2, 256, 600, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    w = torch.randn(512, 4, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    b = torch.randn(512, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    seq = _packed_seq_idx(1000)[:, :256].contiguous()
+
+    def f(proj, w, b):
+        y, _ = k.conv1d(proj[..., 40:552], w, b, seq_idx_BT=seq)
+        return (y.float() ** 2).sum()
+
+    def grads(fn):
+        for t in (proj, w, b):
+            t.grad = None
+        fn(proj, w, b).backward()
+        return [t.grad.clone() for t in (proj, w, b)]
+
+    want = grads(f)
+    got = grads(torch.compile(f, fullgraph=True))
+    for name, a, r in zip(("proj", "w", "b"), got, want):
+        check(f"compiled_grad_{name}", a, r, (1e-3, 1e-2))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        grads(f)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for t in (proj, w, b):
+        t.grad = None
+    with torch.cuda.graph(graph):
+        f(proj, w, b).backward()
+    captured = [t.grad for t in (proj, w, b)]  # the graph writes these on every replay
+    with torch.no_grad():
+        proj.mul_(0.5)
+    want = grads(f)
+    graph.replay()
+    for name, c, r in zip(("proj", "w", "b"), captured, want):
+        check(f"graphed_grad_{name}", c, r, (1e-3, 1e-2))
 
 
 # ------------------------------------------------------------------ SSD
@@ -316,8 +415,8 @@ def _model_cfg():
 
 
 def _models(dtype=torch.float32, seed=0, decode_attention="all_slots", **cfg_overrides):
-    """The same weights with the GPU backends (mamba_ssm, flex) and with the references."""
-    gpu = _kernels(ssd="mamba_ssm", attention="flex", decode_attention=decode_attention)
+    """The same weights with the GPU backends (mamba_ssm, flex, causal_conv1d) and with the references."""
+    gpu = _kernels(ssd="mamba_ssm", attention="flex", conv1d="causal_conv1d", decode_attention=decode_attention)
     cfg = dataclasses.replace(_model_cfg(), **cfg_overrides)
     torch.manual_seed(seed)
     model = perturb_(HybridLanguageModel(cfg, gpu), seed)

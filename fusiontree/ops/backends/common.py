@@ -37,6 +37,15 @@ def einops_calls_in_graph() -> None:
         torch._dynamo.allow_in_graph(fn)
 
 
+def check_conv_shape(channels: int, width: int) -> None:
+    """The shapes the `causal_conv1d` conv1d backend's kernels take, or a one-line error."""
+    if channels % 8 or not 2 <= width <= 4:
+        raise ValueError(f"kernels.conv1d=causal_conv1d needs channels divisible by 8 and a width of 2 to 4 "
+                         f"(got {channels} channels, width {width}: the Mamba conv's channels are "
+                         "d_inner + 2 * ssm_groups * ssm_state per tensor-parallel rank); set "
+                         "kernels.conv1d=reference")
+
+
 _compiled: dict = {}  # (function, compile options) -> its torch.compile wrapper
 
 
