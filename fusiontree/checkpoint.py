@@ -30,7 +30,12 @@ thread per rank then writes that snapshot into the same temporary directory, flu
 leaves a marker, and rank 0's thread renames the directory into place once every rank's
 marker is there. The guarantees stay those of a synchronous save: a checkpoint is complete or
 ignored. At most one save is in flight per rank: the next save, and the end of training,
-wait for it.
+wait for it. The first save would allocate the pinned buffers (gigabytes for a large model);
+`CheckpointManager.prepare`, called once after the first optimizer step, learns their shapes
+from a dry run of DeepSpeed's save (nothing copied, nothing written under `<run>/checkpoints/`)
+and allocates them in a background thread. Each save reports where the training loop's wait
+went (`last_save_parts`, with the engine state's share for allocating buffers, for enqueuing
+the device-to-host copies and for DeepSpeed's own work) and the bytes it newly allocated.
 
 Loading never unpickles arbitrary objects: every file is read with
 `torch.load(weights_only=True)`; DeepSpeed's optimizer files contain three plain classes of
@@ -49,13 +54,15 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -199,65 +206,159 @@ def _write_records(tmp: Path, rank: int, records: dict[str, dict]) -> None:
     os.replace(part, tmp / _records_name(rank))
 
 
-class _HostSnapshot:
-    """Copies of state dicts in host memory, made while the training loop waits, written to
-    files later. Device tensors go to pinned buffers that are reused by the next save (same
-    shapes every time), so a save after the first costs one device-to-host copy. A tensor met
-    twice in one snapshot (the weights in DeepSpeed's module file and in model.pt) is copied
-    once."""
-
-    def __init__(self):
-        self.free: dict[tuple, list[torch.Tensor]] = {}
-        self.used: list[tuple[tuple, torch.Tensor]] = []
-        self.copied: dict[tuple, torch.Tensor] = {}  # this snapshot's copies by source view
-        self._allocator_set = False
-
-    def _fast_pinning(self) -> None:
-        """Pinned buffers are allocated by torch's host allocator as pageable memory that
-        several threads page in before it is registered with CUDA, instead of one
-        cudaHostAlloc that pins page by page on one thread: the first save allocates
-        gigabytes of them. A pinned-memory setting of the user's own
-        (PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF) is left as it is."""
-        if self._allocator_set:
+def _fast_pinning() -> None:
+    """Pinned buffers are allocated by torch's host allocator as pageable memory that several
+    threads page in before it is registered with CUDA, instead of one cudaHostAlloc that pins
+    page by page on one thread: the first save allocates gigabytes of them. A setting of the
+    process, made once (a snapshot's first allocation, on whichever thread makes it); a
+    pinned-memory setting of the user's own (PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF) is
+    left as it is."""
+    global _pinning_set
+    with _pinning_lock:
+        if _pinning_set:
             return
-        self._allocator_set = True
+        _pinning_set = True
         if any("pinned_" in os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
             return
         threads = 1 << max(0, min(8, os.cpu_count() or 1).bit_length() - 1)  # a power of two, <= 8
         torch.cuda.memory._set_allocator_settings(
             f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}")
 
+
+_pinning_lock = threading.Lock()
+_pinning_set = False
+
+
+def _allocate_pinned(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A new pinned host buffer: the one place snapshots allocate one (tests on CPU-only torch,
+    which has no pinned memory, put a plain allocation here)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _buffered(t: torch.Tensor) -> bool:
+    """Whether a snapshot copies `t` into a reused pinned buffer (device tensors) rather than
+    cloning it (host tensors)."""
+    return t.is_cuda
+
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """One tensor view: a snapshot copies each once, however often the state dicts hold it."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _buffer_key(t: torch.Tensor) -> tuple:
+    """What makes a pinned buffer fit a tensor: buffers are reused by shape and dtype."""
+    return (tuple(t.shape), t.dtype)
+
+
+def _key_bytes(key: tuple) -> int:
+    shape, dtype = key
+    return math.prod(shape) * dtype.itemsize
+
+
+def _map_tensors(obj, on_tensor: Callable, on_leaf: Callable):
+    """`obj` rebuilt with `on_tensor` applied to each tensor and `on_leaf` to every other leaf;
+    dicts and plain lists and tuples are containers (other objects are leaves). The one
+    traversal of state dicts, for snapshots and for their plans."""
+    if isinstance(obj, torch.Tensor):
+        return on_tensor(obj)
+    if isinstance(obj, dict):
+        out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = _map_tensors(v, on_tensor, on_leaf)
+        return out
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_map_tensors(v, on_tensor, on_leaf) for v in obj)
+    return on_leaf(obj)
+
+
+@dataclass
+class _Spent:
+    """Where a snapshot's time went (cumulative; a save takes differences around its laps).
+    `walk_s` is all the time inside `_HostSnapshot.copy`, allocation and copies included."""
+    alloc_s: float = 0.0
+    alloc_bytes: int = 0
+    alloc_buffers: int = 0
+    copy_s: float = 0.0
+    walk_s: float = 0.0
+
+    def since(self, before: _Spent) -> _Spent:
+        return _Spent(*(a - b for a, b in zip(astuple(self), astuple(before))))
+
+
+class _HostSnapshot:
+    """Copies of state dicts in host memory, made while the training loop waits, written to
+    files later. Device tensors go to pinned buffers that are reused by the next save (same
+    shapes every time), so a save after the first costs one device-to-host copy; the buffers
+    of the first can be allocated ahead of it (`fill`, from a background thread). A tensor
+    met twice in one snapshot (the weights in DeepSpeed's module file and in model.pt) is
+    copied once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # the free pool: `fill` may add to it from another thread
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.used: list[tuple[tuple, torch.Tensor]] = []
+        self.copied: dict[tuple, torch.Tensor] = {}  # this snapshot's copies by source view
+        self.spent = _Spent()
+        self._allocator_set = False  # True: leave torch's pinned-memory settings as they are
+
+    def _allocate(self, key: tuple) -> torch.Tensor:
+        if not self._allocator_set:
+            self._allocator_set = True
+            _fast_pinning()
+        return _allocate_pinned(*key)
+
     def _host(self, t: torch.Tensor) -> torch.Tensor:
-        view = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        view = _view_key(t)
         if view not in self.copied:
             self.copied[view] = self._new_copy(t)
         return self.copied[view]
 
     def _new_copy(self, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_cuda:
+        if not _buffered(t):
             return t.detach().clone()
-        key = (tuple(t.shape), t.dtype)
-        pool = self.free.setdefault(key, [])
-        if not pool:
-            self._fast_pinning()
-        buf = pool.pop() if pool else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        key = _buffer_key(t)
+        with self._lock:
+            pool = self.free.get(key)
+            buf = pool.pop() if pool else None
+        if buf is None:
+            t0 = time.perf_counter()
+            buf = self._allocate(key)
+            self.spent.alloc_s += time.perf_counter() - t0
+            self.spent.alloc_bytes += _key_bytes(key)
+            self.spent.alloc_buffers += 1
         self.used.append((key, buf))
+        t0 = time.perf_counter()
         buf.copy_(t.detach(), non_blocking=True)
+        self.spent.copy_s += time.perf_counter() - t0
         return buf
 
     def copy(self, obj):
         """`obj` with every tensor replaced by a host copy; containers are rebuilt, other
         leaves deep-copied (they may change once training goes on)."""
-        if isinstance(obj, torch.Tensor):
-            return self._host(obj)
-        if isinstance(obj, dict):
-            out = type(obj)() if type(obj) in (dict, OrderedDict) else {}
-            for k, v in obj.items():
-                out[k] = self.copy(v)
-            return out
-        if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-            return type(obj)(self.copy(v) for v in obj)
-        return copy.deepcopy(obj)
+        t0 = time.perf_counter()
+        try:
+            return _map_tensors(obj, self._host, copy.deepcopy)
+        finally:
+            self.spent.walk_s += time.perf_counter() - t0
+
+    def fill(self, keys: list[tuple]) -> tuple[int, int]:
+        """Allocate free buffers so that the pool holds one per entry of `keys` ((shape, dtype),
+        repeated as often as a snapshot needs it). Safe beside `_new_copy` in another thread.
+        Returns (buffers, bytes) allocated."""
+        want: dict[tuple, int] = {}
+        for key in keys:
+            want[key] = want.get(key, 0) + 1
+        n = nbytes = 0
+        for key, count in want.items():
+            with self._lock:
+                missing = count - len(self.free.get(key, ()))
+            for _ in range(max(0, missing)):
+                buf = self._allocate(key)  # outside the lock: seconds for large buffers
+                with self._lock:
+                    self.free.setdefault(key, []).append(buf)
+                n, nbytes = n + 1, nbytes + _key_bytes(key)
+        return n, nbytes
 
     def synchronize(self) -> None:
         if torch.cuda.is_available() and self.used:
@@ -265,14 +366,34 @@ class _HostSnapshot:
 
     def release(self) -> None:
         """The snapshot has been written: its buffers serve the next one."""
-        for key, buf in self.used:
-            self.free[key].append(buf)
+        with self._lock:
+            for key, buf in self.used:
+                self.free.setdefault(key, []).append(buf)
         self.used = []
         self.copied = {}
 
     def begin(self) -> None:
         """A new snapshot: nothing of an earlier one (written or failed) is reused as a copy."""
         self.copied = {}
+
+
+class _BufferPlan:
+    """The pinned buffers a snapshot of the same state dicts takes: one (shape, dtype) per
+    distinct view of a buffered tensor, as `_HostSnapshot` copies each view once. Nothing is
+    copied."""
+
+    def __init__(self):
+        self.views: set[tuple] = set()
+        self.keys: list[tuple] = []
+
+    def _visit(self, t: torch.Tensor) -> None:
+        view = _view_key(t)
+        if _buffered(t) and view not in self.views:
+            self.views.add(view)
+            self.keys.append(_buffer_key(t))
+
+    def add(self, obj) -> None:
+        _map_tensors(obj, self._visit, lambda leaf: None)
 
 
 def _recording_engine(base_engine, tmp: Path, records: dict):
@@ -289,17 +410,25 @@ def _recording_engine(base_engine, tmp: Path, records: dict):
         else RecordingCheckpointEngine()
 
 
-def _snapshot_engine(base_engine, snapshot: _HostSnapshot, pending: list):
-    """A DeepSpeed checkpoint engine that snapshots each state dict instead of writing it."""
+def _intercepting_engine(base_engine, on_save: Callable[[dict, str], None]):
+    """A DeepSpeed checkpoint engine that hands each state dict and its path to `on_save`
+    instead of writing it (to snapshot it, or to plan a snapshot's buffers)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    class SnapshotCheckpointEngine(TorchCheckpointEngine):
+    class InterceptingCheckpointEngine(TorchCheckpointEngine):
         def save(self, state_dict, path: str):
-            pending.append((snapshot.copy(state_dict), path))
+            on_save(state_dict, path)
 
-    engine = SnapshotCheckpointEngine(base_engine.config_params) if hasattr(base_engine, "config_params") \
-        else SnapshotCheckpointEngine()
-    return engine
+    return InterceptingCheckpointEngine(base_engine.config_params) if hasattr(base_engine, "config_params") \
+        else InterceptingCheckpointEngine()
+
+
+def _shares(part: str, total: float, rest: str, **measured: float) -> dict[str, float]:
+    """The shares of lap `part` ("part/name" -> seconds): those measured, and `rest`, the
+    remainder, so that they sum to `total`."""
+    shares = {f"{part}/{k}": max(0.0, v) for k, v in measured.items()}
+    shares[f"{part}/{rest}"] = max(0.0, total - sum(shares.values()))
+    return shares
 
 
 class CheckpointManager:
@@ -310,9 +439,21 @@ class CheckpointManager:
         self._snapshot = _HostSnapshot()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._buffers_thread: threading.Thread | None = None  # `prepare`'s allocation
+        self._buffers_error: BaseException | None = None
+        self._saved = self._prepared = False
         # Where the calling thread's time went in the last save (seconds by part): what a
         # background save leaves of the training loop's wait, and what a synchronous one writes.
+        # A part "a/b" is a share of part "a": the shares of a part sum to it.
         self.last_save_parts: dict[str, float] = {}
+        # The last asynchronous save's new pinned host buffers (`new_pinned_bytes`,
+        # `new_pinned_buffers`), and for the first save after `prepare`, how long their
+        # allocation took in the background (`prepared_alloc_s`).
+        self.last_save_buffers: dict[str, float] = {}
+        # `prepare`: the calling thread's wait (`plan_s`) and the buffers planned (`pinned_bytes`,
+        # `pinned_buffers`); their allocation's time, once done (`_prepared_alloc_s`).
+        self.last_prepare: dict[str, float] = {}
+        self._prepared_alloc_s = 0.0
 
     def _final(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -324,6 +465,7 @@ class CheckpointManager:
         `extra_files` (rank 0: name -> text) go into the checkpoint beside it.
         Returns the checkpoint directory (there once `wait()` returns, for an asynchronous save)."""
         parts = self.last_save_parts = {}
+        self.last_save_buffers = {}
         t = time.perf_counter()
 
         def lap(name: str) -> None:
@@ -332,8 +474,12 @@ class CheckpointManager:
             parts[name] = now - t
             t = now
 
-        self.wait()
+        self._saved = True
+        self._wait_write()
         lap("previous_save")
+        if self.async_save:
+            prepared = self._wait_buffers()
+            lap("buffer_allocation_wait")
         extra_files = extra_files or {}
         final = self._final(step)
         tmp = self.root / f".tmp-{final.name}"
@@ -365,21 +511,35 @@ class CheckpointManager:
             return final
         pending: list = []
         self._snapshot.begin()
+        start = before = copy.copy(self._snapshot.spent)
         saved_engine = engine.checkpoint_engine
-        engine.checkpoint_engine = _snapshot_engine(saved_engine, self._snapshot, pending)
+        engine.checkpoint_engine = _intercepting_engine(
+            saved_engine, lambda state, path: pending.append((self._snapshot.copy(state), path)))
         try:
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
         finally:
             engine.checkpoint_engine = saved_engine
-        lap("engine_state")  # into pinned host buffers (the first save allocates them)
+        lap("engine_state")  # into pinned host buffers (the first save allocates them, unless prepared)
+        d = self._snapshot.spent.since(before)
+        parts.update(_shares("engine_state", parts["engine_state"], rest="deepspeed", pinned_alloc=d.alloc_s,
+                             d2h_enqueue=d.copy_s, state_walk=d.walk_s - d.alloc_s - d.copy_s))
+        before = copy.copy(self._snapshot.spent)
         pending.append((self._snapshot.copy(trainer_state), str(tmp / f"trainer_rank{self.rank:05d}.pt")))
         if self.rank == 0 and model_state is not None:
             # Device tensors (weights the caller did not have to gather) go through the reused
             # pinned buffers like the engine's; host tensors are copies already.
-            pending.append(({k: self._snapshot.copy(v) if v.is_cuda else v for k, v in model_state.items()},
+            pending.append(({k: self._snapshot.copy(v) if _buffered(v) else v for k, v in model_state.items()},
                             str(tmp / MODEL_FILE)))
+        t_sync = time.perf_counter()
         self._snapshot.synchronize()
+        d2h_wait = time.perf_counter() - t_sync
         lap("trainer_state_and_copies")
+        d = self._snapshot.spent.since(before)
+        parts.update(_shares("trainer_state_and_copies", parts["trainer_state_and_copies"], rest="state_walk",
+                             pinned_alloc=d.alloc_s, d2h_enqueue=d.copy_s, d2h_wait=d2h_wait))
+        d = self._snapshot.spent.since(start)
+        self.last_save_buffers = {"new_pinned_bytes": d.alloc_bytes, "new_pinned_buffers": d.alloc_buffers,
+                                  **prepared}
         texts = {CONFIG_FILE: config_yaml, **extra_files}
         self._thread = threading.Thread(target=self._write, args=(pending, tmp, final, step, texts, meta),
                                         name=f"checkpoint-{step}", daemon=True)
@@ -400,14 +560,89 @@ class CheckpointManager:
             self._error = e
 
     def wait(self) -> None:
-        """Block until this rank's asynchronous save (and, on rank 0, its renaming into place)
-        is done; raise what went wrong in it."""
+        """Block until this rank's background work is done: the buffers `prepare` allocates,
+        and the asynchronous save (and, on rank 0, its renaming into place); raise what went
+        wrong in the save."""
+        self._wait_buffers()
+        self._wait_write()
+
+    def _wait_write(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"writing a checkpoint failed: {error}") from error
+
+    @property
+    def prepare_pending(self) -> bool:
+        """Whether `prepare` would spare the first asynchronous save its allocations: saves are
+        asynchronous and neither a save nor `prepare` has run yet."""
+        return self.async_save and not self._saved and not self._prepared
+
+    def prepare(self, engine, model_state: dict | None = None) -> None:
+        """Collective: every rank calls it at the same point (DeepSpeed's save_checkpoint runs
+        in it: barriers, and an all-reduce of the tag), once, after an optimizer step (the
+        optimizer's state exists) and before the first asynchronous save. It learns the shape
+        and dtype of every device tensor a save copies to the host, without copying:
+        DeepSpeed's save hands its state dicts to a planner instead of a writer, into a
+        throwaway directory outside the checkpoints (DeepSpeed creates its directories and
+        copies its recovery scripts there), plus `model_state` (rank 0's weights for
+        model.pt, as the save will get them). A background thread then allocates the pinned
+        buffers; the first save waits for it (`buffer_allocation_wait`) and, the state
+        having the shapes planned, allocates none itself."""
+        if not self.async_save:
+            raise ValueError("CheckpointManager.prepare allocates the host buffers of asynchronous saves, but this "
+                             "manager saves synchronously; call it only with async_save=True")
+        if not self.prepare_pending:
+            raise ValueError("CheckpointManager.prepare runs once, before the first save; check prepare_pending "
+                             "before calling it")
+        self._prepared = True
+        t0 = time.perf_counter()
+        plan = _BufferPlan()
+        scratch = Path(tempfile.mkdtemp(prefix="fusiontree-buffer-plan-"))
+        saved_engine = engine.checkpoint_engine
+        engine.checkpoint_engine = _intercepting_engine(saved_engine, lambda state, path: plan.add(state))
+        try:
+            engine.save_checkpoint(str(scratch), tag=ENGINE_TAG, save_latest=False)
+        finally:
+            engine.checkpoint_engine = saved_engine
+            shutil.rmtree(scratch, ignore_errors=True)
+        if self.rank == 0 and model_state is not None:
+            plan.add(model_state)
+        self.last_prepare = {"plan_s": time.perf_counter() - t0, "pinned_buffers": len(plan.keys),
+                             "pinned_bytes": sum(_key_bytes(k) for k in plan.keys)}
+        # The allocating thread uses the training thread's device: a thread starts on device 0.
+        device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self._buffers_thread = threading.Thread(target=self._allocate_buffers, args=(plan.keys, device),
+                                                name="checkpoint-buffers", daemon=True)
+        self._buffers_thread.start()
+
+    def _allocate_buffers(self, keys: list[tuple], device: int | None) -> None:
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            t0 = time.perf_counter()
+            n, nbytes = self._snapshot.fill(keys)
+            self._prepared_alloc_s = time.perf_counter() - t0
+            log.info("checkpoint host buffers: %d pinned buffers, %.2f GiB, allocated in the background in %.2f s",
+                     n, nbytes / 2**30, self._prepared_alloc_s)
+        except BaseException as e:  # reported by the first save, which then allocates for itself
+            self._buffers_error = e
+
+    def _wait_buffers(self) -> dict[str, float]:
+        """Wait for `prepare`'s allocation if it runs; {"prepared_alloc_s": its time} once it is
+        done, {} if it was not running."""
+        if self._buffers_thread is None:
+            return {}
+        self._buffers_thread.join()
+        self._buffers_thread = None
+        if self._buffers_error is not None:
+            error, self._buffers_error = self._buffers_error, None
+            log.warning("allocating checkpoint host buffers ahead of the first save failed (%s); the save "
+                        "allocates them itself", error)
+            return {}
+        return {"prepared_alloc_s": self._prepared_alloc_s}
 
     def _finalize(self, tmp: Path, final: Path, step: int, texts: dict[str, str], meta: dict) -> None:
         """Rank 0, once every rank's files and records are in `tmp`: the text files (config,

@@ -335,11 +335,24 @@ class Trainer:
                               extra_files=plan)
         parts.update(self.ckpt.last_save_parts)
         self.ctx.metrics.update({f"checkpoint_stall/{k}_s": v for k, v in parts.items()})
+        self.ctx.metrics.update({f"checkpoint_buffers/{k}": v for k, v in self.ckpt.last_save_buffers.items()})
         if self.di.is_main:
             log.info("checkpoint %s%s; the loop waited %s", path,
                      " (writing in the background)" if self.ckpt.async_save else "",
                      ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
         return str(path)
+
+    def prepare_checkpoints(self) -> None:
+        """Collective, once, after an applied step and before the first asynchronous save: the
+        host buffers of the saves are allocated in the background (CheckpointManager.prepare)
+        instead of by the first save, while training goes on. model.pt's weights reach a save as
+        device tensors only without tensor parallelism or ZeRO-3 (consolidated_model_state);
+        otherwise they arrive as host copies, which need no buffers and are not gathered here."""
+        t0 = time.perf_counter()
+        device_views = self.cfg.parallel.tensor_parallel == 1 and self.zero_stage != 3
+        self.ckpt.prepare(self.engine, self.plain_model_state(on_device=True) if device_views else None)
+        self.ctx.metrics["checkpoint_prepare_s"] = time.perf_counter() - t0
+        self.ctx.metrics.update({f"checkpoint_prepare/{k}": v for k, v in self.ckpt.last_prepare.items()})
 
     def resume(self, path: Path) -> None:
         """Collective: engine, counters, loader position, gate statistics and RNGs of `path`."""
@@ -444,6 +457,8 @@ class Trainer:
             raise SystemExit(f"stopping: {state.consecutive_bad} consecutive steps with non-finite loss or "
                              f"gradients (train.max_bad_steps={cfg.train.max_bad_steps}); the last good "
                              f"checkpoint is {state.last_checkpoint or 'none (no checkpoint saved yet)'}")
+        if cfg.train.save_checkpoints and self.ckpt.prepare_pending and not state.consecutive_bad:
+            self.prepare_checkpoints()  # before the hooks: the step's row carries its wait
         self.hooks.on_step_end(self.ctx)
         # Evaluation and checkpoints (the hooks) are not the next step's time: their cost is
         # logged on its own (checkpoint_stall_s), and tokens_per_s stays the training speed.

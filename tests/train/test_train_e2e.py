@@ -88,15 +88,32 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shard
 
 def _check_stall_parts(run_dir, async_save: bool) -> None:
     """Each saving step's row has the training loop's wait for the save and its parts, which
-    add up to no more than the whole."""
+    add up to no more than the whole; a part's shares ("part/share") add up to the part. With
+    background saves, the first step's row has the wait for preparing their host buffers (a
+    collective dry run of the engine's save), which left nothing beside the checkpoints."""
     parts = {"model_state", "previous_save", "engine_state"} | (
-        {"trainer_state_and_copies"} if async_save else {"trainer_and_model_files", "finalize"})
-    saved = [r for r in metrics(run_dir) if "checkpoint_stall_s" in r]
+        {"buffer_allocation_wait", "trainer_state_and_copies"} if async_save
+        else {"trainer_and_model_files", "finalize"})
+    shares = {} if not async_save else {
+        "engine_state": {"pinned_alloc", "d2h_enqueue", "state_walk", "deepspeed"},
+        "trainer_state_and_copies": {"pinned_alloc", "d2h_enqueue", "d2h_wait", "state_walk"}}
+    rows = metrics(run_dir)
+    saved = [r for r in rows if "checkpoint_stall_s" in r]
     assert [r["step"] for r in saved] == [3, 6, 9]
     for r in saved:
-        got = {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("checkpoint_stall/")}
-        assert {k[:-2] for k in got} == parts, got
-        assert all(v >= 0 for v in got.values()) and sum(got.values()) <= r["checkpoint_stall_s"] + 1e-6, r
+        got = {k.split("/", 1)[1][:-2]: v for k, v in r.items() if k.startswith("checkpoint_stall/")}
+        top = {k: v for k, v in got.items() if "/" not in k}
+        assert set(top) == parts, got
+        assert {k for k in got if "/" in k} == {f"{p}/{s}" for p in shares for s in shares[p]}, got
+        assert all(v >= 0 for v in got.values()) and sum(top.values()) <= r["checkpoint_stall_s"] + 1e-6, r
+        for part in shares:
+            assert abs(sum(v for k, v in got.items() if k.startswith(part + "/")) - got[part]) < 1e-6, r
+        if async_save:  # CPU tensors: no pinned buffers
+            assert r["checkpoint_buffers/new_pinned_bytes"] == 0, r
+    prepared = [r["step"] for r in rows if "checkpoint_prepare_s" in r]
+    assert prepared == ([1] if async_save else []), prepared
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        ["step_00000006", "step_00000009", "step_00000010"]
 
 
 def _same(a, b) -> bool:
