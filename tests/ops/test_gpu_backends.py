@@ -3,7 +3,7 @@ tolerances on awkward shapes (T = 1, 63, 1000; packed documents; initial states;
 caches in ring order), and the model's invariants with the GPU backends selected.
 
 Skipped without CUDA. On a CUDA machine every test requires the backends it is about
-(mamba_ssm, flex): one that does not load is a failure that names it, never a skip, so the
+(mamba_ssm, flex, causal_conv1d): one that does not load is a failure that names it, never a skip, so the
 tests cannot end up comparing the reference with itself. With FUSIONTREE_GPU_TEST_LOG set,
 every comparison appends its errors there (to see the margins). Time: mamba-ssm autotunes its
 Triton kernels in every new process (about 90 s on an H100 for the first forward+backward,

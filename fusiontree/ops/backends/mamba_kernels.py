@@ -10,10 +10,8 @@ Legend: B batch, T time, H heads, P head dim, G groups, N state size.
   chunks, and the initial state's gradient, to x's dtype; the final state stays fp32.
 - `selective_state_update` (decode): updates the fp32 state in place; it has no backward.
 
-The conv1d of the Mamba mixer stays the PyTorch reference with this backend: it is a 4-tap
-elementwise op (fused with its neighbours when the model's blocks are compiled,
-`fusiontree.train.mechanics.apply_compile`), and mamba-ssm's fused conv needs the separately
-compiled causal-conv1d.
+The conv1d of the Mamba mixer is an op of its own (`kernels.conv1d`: causal-conv1d's kernels or
+the PyTorch reference), whichever SSD backend runs.
 """
 
 from __future__ import annotations
