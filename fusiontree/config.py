@@ -105,6 +105,11 @@ class TrainConfig:
     # defaults under /tmp and ~/.triton). Point every rank of a cluster at one shared directory
     # so that only the first run of a configuration compiles and autotunes.
     compile_cache_dir: str = ""
+    # CUDA: compile each Triton autotuning's candidate configs on this many threads before its
+    # benchmark loop times them one by one (fusiontree/ops/backends/autotune.py); 0 or 1:
+    # Triton's own loop, which compiles each candidate when it first times it. Cuts the cold
+    # first step (mamba-ssm's kernels autotune ~20 times); not yet measured on a GPU, so off.
+    autotune_compile_threads: int = 0
     # Optimizer steps (1-based) to run under torch.profiler; each writes a table of the top
     # operators by GPU (or CPU) time to <out_dir>/profile/step_<N>.txt.
     profile_steps: list[int] = field(default_factory=list)
@@ -133,6 +138,9 @@ class TrainConfig:
             raise ValueError(f"train.lr_min_ratio={self.lr_min_ratio} must lie in [0, 1]")
         if self.lr_warmup_steps < 0 or self.lr_warmup_steps > self.steps:
             raise ValueError(f"train.lr_warmup_steps={self.lr_warmup_steps} must lie in [0, train.steps]")
+        if self.autotune_compile_threads < 0:
+            raise ValueError(f"train.autotune_compile_threads={self.autotune_compile_threads} must be >= 0 "
+                             "(0: Triton's own autotuning loop)")
         if any(n < 1 for n in self.profile_steps):
             raise ValueError(f"train.profile_steps={self.profile_steps} must list optimizer steps >= 1")
         if self.checkpoint_num_layers < 0:
@@ -327,7 +335,8 @@ RESUME_FREE = ["out_dir", "kernels.*", "parallel.*", "generate.*", "train.log_ev
                "train.eval_every_steps", "train.eval_batches", "train.checkpoint_every_steps",
                "train.keep_checkpoints", "train.save_checkpoints", "train.async_checkpoint",
                "train.gate_stats_every_steps", "train.wandb_project", "train.profile_steps", "train.compile",
-               "train.compile_backend", "train.compile_loss", "train.compile_cache_dir", "train.cuda_graphs", "train.activation_checkpointing",
+               "train.compile_backend", "train.compile_loss", "train.compile_cache_dir", "train.autotune_compile_threads",
+               "train.cuda_graphs", "train.activation_checkpointing",
                "train.checkpoint_num_layers", "train.peak_flops_per_device", "train.device", "train.max_bad_steps",
                "train.inject_nan_steps", "data.shards_dir", "data.tokenizer", "data.num_workers",
                "data.prefetch_factor", "data.verify_shards", "data.on_corrupt_shard", "data.resume_mismatch"]

@@ -35,6 +35,7 @@ from fusiontree.inference import generate
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.flops import flops_per_token as model_flops_per_token
 from fusiontree.ops import resolve_kernels
+from fusiontree.ops.backends.autotune import parallel_autotune_compile
 from fusiontree.ops.masks import effective_window
 from fusiontree.parallel.engine_state import EngineLayout
 from fusiontree.parallel.reshard import consolidated_model_state
@@ -197,6 +198,13 @@ class Trainer:
             log.info("resolved config:\n%s", dump_config(cfg))
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         seed_everything(cfg.seed)
+        threads = cfg.train.autotune_compile_threads
+        if threads > 1 and self.di.device.type == "cuda":
+            parallel_autotune_compile(threads)
+            log.info("Triton autotuning compiles its candidates on %d threads", threads)
+        elif threads > 1:
+            log.info("train.autotune_compile_threads=%d has no effect on %s (no Triton autotuning)",
+                     threads, self.di.device.type)
 
     def _init_data(self) -> None:
         """Tokenizer, the curriculum loader of this data-parallel rank, validation loaders. The

@@ -1,0 +1,133 @@
+"""Parallel compilation of autotuning candidates, against a stand-in for Triton's autotuner with
+the structure of Triton 3.x (`run` -> `prune_configs` -> `_bench(*args, config, **meta)` per
+candidate -> the kernel's `run(..., grid, warmup)`, which compiles a candidate the first time it
+sees it). The real Triton runs on GPU machines only; there the same code is exercised by every
+autotuning of mamba-ssm's kernels when `train.autotune_compile_threads` > 1."""
+
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+from fusiontree.config import TrainConfig
+from fusiontree.ops.backends import autotune
+
+COMPILE_S = 0.2
+
+
+class Config:
+    def __init__(self, block):
+        self.block = block
+
+    def all_kwargs(self):
+        return {"BLOCK": self.block, "num_warps": 4}
+
+    def __repr__(self):
+        return f"BLOCK={self.block}"
+
+
+class Kernel:
+    """Compiles (COMPILE_S of host time) once per BLOCK; a launch reports a time per BLOCK."""
+
+    def __init__(self, fail=()):
+        self.compiled, self.events, self.fail = {}, [], dict.fromkeys(fail, 0)
+        self.lock = threading.Lock()
+        self.active = self.max_active = 0
+
+    def run(self, *args, grid, warmup, BLOCK, num_warps):
+        if BLOCK not in self.compiled:
+            with self.lock:
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+            time.sleep(COMPILE_S)
+            with self.lock:
+                self.active -= 1
+                self.events.append(("compile", BLOCK, threading.current_thread().name))
+            if BLOCK in self.fail:
+                self.fail[BLOCK] += 1
+                raise RuntimeError(f"BLOCK={BLOCK} does not fit")
+            self.compiled[BLOCK] = True
+        if not warmup:
+            self.events.append(("launch", BLOCK, threading.current_thread().name))
+            return abs(BLOCK - 32) + args[0]  # the stand-in's timing: BLOCK=32 is fastest
+
+
+class Autotuner:
+    def __init__(self, fn, configs):
+        self.fn, self.configs, self.cache = fn, configs, {}
+
+    def prune_configs(self, kwargs):
+        return list(self.configs)
+
+    def _bench(self, *args, config, **meta):
+        try:
+            return self.fn.run(*args, **dict(meta, **config.all_kwargs()))
+        except RuntimeError:
+            return float("inf")  # as Triton does with a config that cannot compile
+
+    def run(self, *args, **kwargs):
+        key = args
+        if key not in self.cache:
+            timings = {c: self._bench(*args, config=c, **kwargs) for c in self.prune_configs(kwargs)}
+            self.cache[key] = min(timings, key=timings.get)
+        return self.cache[key]
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    mod = types.ModuleType("triton.runtime.autotuner")
+    mod.Autotuner = Autotuner
+    for name, m in (("triton", types.ModuleType("triton")), ("triton.runtime", types.ModuleType("triton.runtime")),
+                    ("triton.runtime.autotuner", mod)):
+        monkeypatch.setitem(sys.modules, name, m)
+    original = Autotuner._bench
+    yield Autotuner
+    autotune.parallel_autotune_compile(0)
+    assert Autotuner._bench is original
+
+
+def _tune(fail=()):
+    kernel = Kernel(fail)
+    best = Autotuner(kernel, [Config(b) for b in (8, 16, 32, 64)]).run(1, grid=(1,), warmup=False)
+    return kernel, best
+
+
+def test_candidates_compile_in_parallel_before_the_loop_times_them(fake_triton):
+    serial, best_serial = _tune()
+    assert serial.max_active == 1 and [e[0] for e in serial.events[:2]] == ["compile", "launch"]
+    autotune.parallel_autotune_compile(4)
+    kernel, best = _tune()
+    assert best.block == best_serial.block == 32
+    kinds = [e[0] for e in kernel.events]
+    assert kinds == ["compile"] * 4 + ["launch"] * 4  # every candidate compiled before the first timing
+    assert kernel.max_active >= 2  # at the same time
+    assert all(e[2].startswith("autotune-compile") for e in kernel.events[:4])
+    assert all(e[2] == threading.current_thread().name for e in kernel.events[4:])  # timed one by one, here
+    # a second autotuning (a new key) of the same kernel: compiled already, nothing compiles again
+    Autotuner(kernel, [Config(b) for b in (8, 16, 32, 64)]).run(2, grid=(1,), warmup=False)
+    assert [e[0] for e in kernel.events].count("compile") == 4
+
+
+def test_a_candidate_that_fails_on_a_thread_is_left_to_the_loop(fake_triton):
+    autotune.parallel_autotune_compile(3)
+    kernel, best = _tune(fail=(32,))
+    assert best.block in (16, 64)  # the best of those that compile, as without threads
+    assert kernel.fail[32] == 2  # tried on a thread, then again by the loop, which ruled it out
+    assert _tune(fail=(32,))[1].block == best.block
+
+
+def test_an_autotuner_of_another_shape_is_refused(fake_triton, monkeypatch):
+    class OtherAutotuner(Autotuner):
+        def _bench(self, *args, **meta):
+            return 0.0
+
+    monkeypatch.setattr(sys.modules["triton.runtime.autotuner"], "Autotuner", OtherAutotuner)
+    with pytest.raises(RuntimeError, match="Autotuner._bench.*set train.autotune_compile_threads=0"):
+        autotune.parallel_autotune_compile(2)
+
+
+def test_thread_count_is_validated():
+    with pytest.raises(ValueError, match="autotune_compile_threads=-1 must be >= 0"):
+        TrainConfig(autotune_compile_threads=-1).validate()
