@@ -431,6 +431,18 @@ def _shares(part: str, total: float, rest: str, **measured: float) -> dict[str, 
     return shares
 
 
+class _Laps:
+    """Seconds between successive calls, by name, into `parts`."""
+
+    def __init__(self, parts: dict[str, float]):
+        self.parts, self.t = parts, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.parts[name] = now - self.t
+        self.t = now
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, rank: int, world_size: int, keep: int = 3, async_save: bool = False):
         self.root = Path(root)
@@ -464,23 +476,15 @@ class CheckpointManager:
         to model.pt, the portable file that evaluation, generation and pruning read;
         `extra_files` (rank 0: name -> text) go into the checkpoint beside it.
         Returns the checkpoint directory (there once `wait()` returns, for an asynchronous save)."""
-        parts = self.last_save_parts = {}
-        self.last_save_buffers = {}
-        t = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            parts[name] = now - t
-            t = now
-
+        self.last_save_parts, self.last_save_buffers = {}, {}
+        lap = _Laps(self.last_save_parts)
         self._saved = True
         self._wait_write()
         lap("previous_save")
+        prepared = {}
         if self.async_save:
             prepared = self._wait_buffers()
             lap("buffer_allocation_wait")
-        extra_files = extra_files or {}
         final = self._final(step)
         tmp = self.root / f".tmp-{final.name}"
         if self.rank == 0:
@@ -488,27 +492,39 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        if not self.async_save:
-            records: dict[str, dict] = {}
-            saved_engine = engine.checkpoint_engine
-            engine.checkpoint_engine = _recording_engine(saved_engine, tmp, records)
-            try:
-                engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-            finally:
-                engine.checkpoint_engine = saved_engine
-            lap("engine_state")
-            name = f"trainer_rank{self.rank:05d}.pt"
-            records[name] = save_recorded(trainer_state, tmp / name)
-            if self.rank == 0 and model_state is not None:
-                records[MODEL_FILE] = save_recorded(model_state, tmp / MODEL_FILE)
-            lap("trainer_and_model_files")
-            _write_records(tmp, self.rank, records)
-            _barrier()
-            if self.rank == 0:
-                self._finalize(tmp, final, step, {CONFIG_FILE: config_yaml, **extra_files}, meta)
-            _barrier()
-            lap("finalize")
-            return final
+        texts = {CONFIG_FILE: config_yaml, **(extra_files or {})}
+        if self.async_save:
+            self._snapshot_then_write(engine, tmp, final, step, trainer_state, model_state, texts, meta, lap, prepared)
+        else:
+            self._write_now(engine, tmp, final, step, trainer_state, model_state, texts, meta, lap)
+        return final
+
+    def _write_now(self, engine, tmp: Path, final: Path, step: int, trainer_state: dict, model_state: dict | None,
+                   texts: dict[str, str], meta: dict, lap: _Laps) -> None:
+        records: dict[str, dict] = {}
+        saved_engine = engine.checkpoint_engine
+        engine.checkpoint_engine = _recording_engine(saved_engine, tmp, records)
+        try:
+            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        finally:
+            engine.checkpoint_engine = saved_engine
+        lap("engine_state")
+        name = f"trainer_rank{self.rank:05d}.pt"
+        records[name] = save_recorded(trainer_state, tmp / name)
+        if self.rank == 0 and model_state is not None:
+            records[MODEL_FILE] = save_recorded(model_state, tmp / MODEL_FILE)
+        lap("trainer_and_model_files")
+        _write_records(tmp, self.rank, records)
+        _barrier()
+        if self.rank == 0:
+            self._finalize(tmp, final, step, texts, meta)
+        _barrier()
+        lap("finalize")
+
+    def _snapshot_then_write(self, engine, tmp: Path, final: Path, step: int, trainer_state: dict,
+                             model_state: dict | None, texts: dict[str, str], meta: dict, lap: _Laps,
+                             prepared: dict) -> None:
+        parts = self.last_save_parts
         pending: list = []
         self._snapshot.begin()
         start = before = copy.copy(self._snapshot.spent)
@@ -540,11 +556,9 @@ class CheckpointManager:
         d = self._snapshot.spent.since(start)
         self.last_save_buffers = {"new_pinned_bytes": d.alloc_bytes, "new_pinned_buffers": d.alloc_buffers,
                                   **prepared}
-        texts = {CONFIG_FILE: config_yaml, **extra_files}
         self._thread = threading.Thread(target=self._write, args=(pending, tmp, final, step, texts, meta),
                                         name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
-        return final
 
     def _write(self, pending: list, tmp: Path, final: Path, step: int, texts: dict[str, str], meta: dict) -> None:
         try:
