@@ -1,13 +1,15 @@
 """Parallel compilation of autotuning candidates, against a stand-in for Triton's autotuner with
-the structure of Triton 3.x (`run` -> `prune_configs` -> `_bench(*args, config, **meta)` per
+the structure of Triton 3.6 (`run` -> `prune_configs` -> `_bench(*args, config, **meta)` per
 candidate -> the kernel's `run(..., grid, warmup)`, which compiles a candidate the first time it
-sees it). The real Triton runs on GPU machines only; there the same code is exercised by every
-autotuning of mamba-ssm's kernels when `train.autotune_compile_threads` > 1."""
+sees it, through `AsyncCompileMode`'s executor while one is active). The real Triton runs on GPU
+machines only; there the same code is exercised by every autotuning of mamba-ssm's kernels when
+`train.autotune_compile_threads` > 1."""
 
 import sys
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -28,27 +30,70 @@ class Config:
         return f"BLOCK={self.block}"
 
 
+class AsyncCompileMode:
+    """Triton's contract: while active, a kernel's compile is submitted to `executor` and filed
+    into the kernel's cache when the mode exits (failures dropped with ignore_errors)."""
+
+    active = None
+
+    def __init__(self, executor, *, ignore_errors=False):
+        self.executor, self.ignore_errors, self.futures = executor, ignore_errors, {}
+
+    def submit(self, key, compile_fn, finalize_fn):
+        if key not in self.futures:
+            self.futures[key] = (self.executor.submit(compile_fn), finalize_fn)
+        return self.futures[key][0]
+
+    def __enter__(self):
+        if AsyncCompileMode.active is not None:
+            raise RuntimeError("Another AsyncCompileMode is already active")
+        AsyncCompileMode.active = self
+        return self
+
+    def __exit__(self, *exc):
+        for future, finalize in self.futures.values():
+            try:
+                finalize(future.result())
+            except Exception:
+                if not self.ignore_errors:
+                    raise
+        AsyncCompileMode.active = None
+
+
 class Kernel:
     """Compiles (COMPILE_S of host time) once per BLOCK; a launch reports a time per BLOCK."""
 
-    def __init__(self, fail=()):
-        self.compiled, self.events, self.fail = {}, [], dict.fromkeys(fail, 0)
+    def __init__(self, fail=(), reject=()):
+        self.compiled, self.events, self.fail, self.reject = {}, [], dict.fromkeys(fail, 0), reject
         self.lock = threading.Lock()
         self.active = self.max_active = 0
 
+    def _compile(self, block):
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        time.sleep(COMPILE_S)
+        with self.lock:
+            self.active -= 1
+            self.events.append(("compile", block, threading.current_thread().name))
+        if block in self.fail:
+            self.fail[block] += 1
+            raise RuntimeError(f"BLOCK={block} does not fit")
+        return f"binary-{block}"
+
     def run(self, *args, grid, warmup, BLOCK, num_warps):
+        if BLOCK in self.reject:  # refused before any compile, as a bad argument binding would be
+            raise RuntimeError(f"BLOCK={BLOCK} rejected")
         if BLOCK not in self.compiled:
-            with self.lock:
-                self.active += 1
-                self.max_active = max(self.max_active, self.active)
-            time.sleep(COMPILE_S)
-            with self.lock:
-                self.active -= 1
-                self.events.append(("compile", BLOCK, threading.current_thread().name))
-            if BLOCK in self.fail:
-                self.fail[BLOCK] += 1
-                raise RuntimeError(f"BLOCK={BLOCK} does not fit")
-            self.compiled[BLOCK] = True
+            mode = AsyncCompileMode.active
+            if mode is not None:
+                future = mode.submit(BLOCK, lambda: self._compile(BLOCK),
+                                     lambda binary: self.compiled.__setitem__(BLOCK, binary))
+                if warmup:
+                    return future
+                self.compiled[BLOCK] = future.result()
+            else:
+                self.compiled[BLOCK] = self._compile(BLOCK)
         if not warmup:
             self.events.append(("launch", BLOCK, threading.current_thread().name))
             return abs(BLOCK - 32) + args[0]  # the stand-in's timing: BLOCK=32 is fastest
@@ -79,7 +124,9 @@ class Autotuner:
 def fake_triton(monkeypatch):
     mod = types.ModuleType("triton.runtime.autotuner")
     mod.Autotuner = Autotuner
-    for name, m in (("triton", types.ModuleType("triton")), ("triton.runtime", types.ModuleType("triton.runtime")),
+    top = types.ModuleType("triton")
+    top.AsyncCompileMode = AsyncCompileMode
+    for name, m in (("triton", top), ("triton.runtime", types.ModuleType("triton.runtime")),
                     ("triton.runtime.autotuner", mod)):
         monkeypatch.setitem(sys.modules, name, m)
     original = Autotuner._bench
@@ -88,8 +135,8 @@ def fake_triton(monkeypatch):
     assert Autotuner._bench is original
 
 
-def _tune(fail=()):
-    kernel = Kernel(fail)
+def _tune(fail=(), reject=()):
+    kernel = Kernel(fail, reject)
     best = Autotuner(kernel, [Config(b) for b in (8, 16, 32, 64)]).run(1, grid=(1,), warmup=False)
     return kernel, best
 
@@ -116,6 +163,16 @@ def test_a_candidate_that_fails_on_a_thread_is_left_to_the_loop(fake_triton):
     assert best.block in (16, 64)  # the best of those that compile, as without threads
     assert kernel.fail[32] == 2  # tried on a thread, then again by the loop, which ruled it out
     assert _tune(fail=(32,))[1].block == best.block
+    assert _tune(reject=(32,))[1].block == best.block  # a candidate refused at once, likewise
+
+
+def test_inside_another_asynchronous_compile_the_candidates_compile_one_by_one(fake_triton):
+    autotune.parallel_autotune_compile(4)
+    kernel = Kernel()
+    with ThreadPoolExecutor(2) as executor, AsyncCompileMode(executor):  # someone else's, active here
+        best = Autotuner(kernel, [Config(b) for b in (8, 16, 32, 64)]).run(1, grid=(1,), warmup=False)
+    assert best.block == 32
+    assert kernel.max_active == 1 and [e[0] for e in kernel.events[:2]] == ["compile", "launch"]
 
 
 def test_an_autotuner_of_another_shape_is_refused(fake_triton, monkeypatch):
