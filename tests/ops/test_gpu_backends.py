@@ -238,6 +238,39 @@ def test_ssd_packed_documents_with_initial_state_match_reference():
     _check_ssd("mamba_ssm", _ssd_inputs(2, T, seed=5), with_init=True, seq_idx=_packed_seq_idx(T))
 
 
+AUTOTUNE_IN_PARALLEL = """
+import json
+import triton
+from fusiontree.ops.backends import autotune
+from tests.ops import test_gpu_backends as t
+
+submitted = []
+submit = triton.AsyncCompileMode.submit
+triton.AsyncCompileMode.submit = lambda self, key, *fns: submitted.append(key) or submit(self, key, *fns)
+autotune.parallel_autotune_compile(4)
+t._check_ssd("mamba_ssm", t._ssd_inputs(2, 1000, seed=21), with_init=True, seq_idx=t._packed_seq_idx(1000))
+print(json.dumps({"compiled_ahead": len(submitted)}))
+"""
+
+
+def test_ssd_with_autotune_candidates_compiled_in_parallel_matches_reference(tmp_path):
+    """A fresh process with an empty Triton cache, so that mamba-ssm's kernels autotune:
+    with `train.autotune_compile_threads`' patch their candidates compile ahead on 4 threads
+    (Triton's AsyncCompileMode), and the SSD's outputs, final state and gradients still match
+    the reference (packed documents, initial state)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_CACHE_AUTOTUNING": "0",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", AUTOTUNE_IN_PARALLEL], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["compiled_ahead"] > 10
+
+
 def test_ssd_decode_steps_continue_a_prefill():
     """Prefill 300 tokens with the backend, then decode 40 steps: each step's output and the
     final state match the reference's scan over all 340 tokens."""
