@@ -63,6 +63,12 @@ def consolidate_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]], cfg: Mo
     return out
 
 
+def weights_stay_on_device(tensor_parallel: int, zero_stage: int) -> bool:
+    """Whether `consolidated_model_state(on_device=True)` hands out the training tensors
+    themselves (no gathering needed: neither tensor parallelism nor ZeRO-3)."""
+    return tensor_parallel == 1 and zero_stage != 3
+
+
 def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_parallel: int, zero_stage: int,
                              is_main: bool, on_device: bool = False) -> dict[str, Tensor] | None:
     """The plain (single-device) state dict of a training model, on the main rank only (None
@@ -82,7 +88,7 @@ def consolidated_model_state(module: torch.nn.Module, cfg: ModelConfig, tensor_p
     def local() -> dict[str, Tensor] | None:
         if not sends:
             return None
-        views = on_device and tensor_parallel == 1 and zero_stage != 3
+        views = on_device and weights_stay_on_device(tensor_parallel, zero_stage)
         # A host copy that training cannot change: .cpu() of a device tensor is one already.
         return {k: v.detach() if views and v.is_cuda else v.detach().clone() if v.device.type == "cpu"
                 else v.detach().cpu() for k, v in module.state_dict().items() if isinstance(v, Tensor)}

@@ -38,7 +38,7 @@ from fusiontree.ops import resolve_kernels
 from fusiontree.ops.backends.autotune import parallel_autotune_compile
 from fusiontree.ops.masks import effective_window
 from fusiontree.parallel.engine_state import EngineLayout
-from fusiontree.parallel.reshard import consolidated_model_state
+from fusiontree.parallel.reshard import consolidated_model_state, weights_stay_on_device
 from fusiontree.train.distributed import all_reduce_max, init_distributed, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
@@ -357,8 +357,8 @@ class Trainer:
         device tensors only without tensor parallelism or ZeRO-3 (consolidated_model_state);
         otherwise they arrive as host copies, which need no buffers and are not gathered here."""
         t0 = time.perf_counter()
-        device_views = self.cfg.parallel.tensor_parallel == 1 and self.zero_stage != 3
-        self.ckpt.prepare(self.engine, self.plain_model_state(on_device=True) if device_views else None)
+        on_device = weights_stay_on_device(self.cfg.parallel.tensor_parallel, self.zero_stage)
+        self.ckpt.prepare(self.engine, self.plain_model_state(on_device=True) if on_device else None)
         self.ctx.metrics["checkpoint_prepare_s"] = time.perf_counter() - t0
         self.ctx.metrics.update({f"checkpoint_prepare/{k}": v for k, v in self.ckpt.last_prepare.items()})
 

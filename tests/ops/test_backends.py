@@ -16,7 +16,7 @@ from fusiontree.models import HybridLanguageModel
 from fusiontree.models.config import model_preset
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.conv1d import causal_conv1d_ref
-from fusiontree.ops.backends.common import canonical_seq_idx
+from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda
 from fusiontree.ops.backends.flex import attention_flex, flex_block_masks
 from fusiontree.ops.ssd import ssd_chunked_ref
 
@@ -80,6 +80,14 @@ def test_auto_on_cuda_prefers_mamba_ssm_flex_and_causal_conv1d():
     order = ops.AUTO_ORDER["cuda"]
     for name in ("mamba_ssm", "flex", "causal_conv1d"):
         assert order.index(name) < order.index("reference"), name
+
+
+def test_gpu_backends_name_the_cpu_tensors_and_the_setting_that_runs_on_cpu():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"backend runs CUDA kernels, but \['x', 'b'\] are not CUDA tensors; "
+                                         r"move the model to the GPU or use kernels.conv1d=reference on CPU"):
+        require_cuda("the causal_conv1d conv1d backend runs CUDA kernels", "kernels.conv1d=reference",
+                     x=x, a=None, b=x)
 
 
 def test_causal_conv1d_is_a_cuda_backend_and_refuses_shapes_its_kernels_lack():

@@ -37,6 +37,14 @@ def einops_calls_in_graph() -> None:
         torch._dynamo.allow_in_graph(fn)
 
 
+def require_cuda(backend: str, setting: str, **tensors: Tensor | None) -> None:
+    """A GPU backend's inputs are CUDA tensors, or a one-line error naming the CPU setting."""
+    off = [name for name, t in tensors.items() if t is not None and not t.is_cuda]
+    if off:
+        raise ValueError(f"{backend}, but {off} are not CUDA tensors; move the model to the GPU or use "
+                         f"{setting} on CPU")
+
+
 def check_conv_shape(channels: int, width: int) -> None:
     """The shapes the `causal_conv1d` conv1d backend's kernels take, or a one-line error."""
     if channels % 8 or not 2 <= width <= 4:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 import causal_conv1d_cuda  # noqa: F401  (the package's compiled extension; ImportError names it)
-from fusiontree.ops.backends.common import check_conv_shape
+from fusiontree.ops.backends.common import check_conv_shape, require_cuda
 from fusiontree.ops.conv1d import conv1d_final_state
 
 
@@ -60,7 +60,7 @@ def _conv_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_B
     """Returns (dx, dweight, dbias, dinitial_state); dbias / dinitial_state are empty tensors
     when there is no bias / initial state."""
     x, dy = _kernel_layout(x_BTC), _kernel_layout(dy_BTC)
-    Bsz, T, C = x.shape
+    C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dweight = torch.zeros(weight_CK.shape, dtype=torch.float32, device=x.device)  # accumulated atomically
     dbias = None if bias_C is None else torch.zeros(C, dtype=torch.float32, device=x.device)
@@ -107,12 +107,8 @@ def causal_conv1d_cuda_fn(
     """Returns (y_BTC in x's dtype, final_state_BCK fp32), like `causal_conv1d_ref`."""
     if activation not in (None, "silu"):
         raise ValueError(f"unknown conv1d activation {activation!r}; use 'silu' or None")
-    off = [n for n, t in (("x", x_BTC), ("weight", weight_CK), ("bias", bias_C),
-                          ("initial_state", initial_state_BCK), ("seq_idx", seq_idx_BT))
-           if t is not None and not t.is_cuda]
-    if off:
-        raise ValueError(f"the causal_conv1d conv1d backend runs CUDA kernels, but {off} are not CUDA "
-                         "tensors; move the model to the GPU or use kernels.conv1d=reference on CPU")
+    require_cuda("the causal_conv1d conv1d backend runs CUDA kernels", "kernels.conv1d=reference", x=x_BTC,
+                 weight=weight_CK, bias=bias_C, initial_state=initial_state_BCK, seq_idx=seq_idx_BT)
     C, K = x_BTC.shape[-1], weight_CK.shape[1]
     check_conv_shape(C, K)
     if bias_C is not None and bias_C.dtype != weight_CK.dtype:
@@ -123,4 +119,3 @@ def causal_conv1d_cuda_fn(
     seq = None if seq_idx_BT is None else (seq_idx_BT - seq_idx_BT.amin()).to(torch.int32).contiguous()
     y = _conv_fwd(x_BTC, weight_CK, bias_C, seq, init, activation == "silu")
     return y, conv1d_final_state(x_BTC, K, initial_state_BCK, seq_idx_BT)
-

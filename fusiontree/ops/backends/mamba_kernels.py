@@ -21,14 +21,11 @@ from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 from torch import Tensor
 
-from fusiontree.ops.backends.common import canonical_seq_idx
+from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda
 
 
 def _require_cuda(**tensors: Tensor | None) -> None:
-    off = [name for name, t in tensors.items() if t is not None and not t.is_cuda]
-    if off:
-        raise ValueError(f"the mamba_ssm SSD backend runs Triton GPU kernels, but {off} are not CUDA "
-                         "tensors; move the model to the GPU or use kernels.ssd=reference on CPU")
+    require_cuda("the mamba_ssm SSD backend runs Triton GPU kernels", "kernels.ssd=reference", **tensors)
 
 
 # Opaque to an enclosing torch.compile (a model compiled block by block): the Triton kernels
