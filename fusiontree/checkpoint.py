@@ -423,6 +423,17 @@ def _intercepting_engine(base_engine, on_save: Callable[[dict, str], None]):
         else InterceptingCheckpointEngine()
 
 
+def _engine_save(engine, checkpoint_engine, directory: Path) -> None:
+    """DeepSpeed's save_checkpoint of `engine` into `directory`, its state dicts handed to
+    `checkpoint_engine` (to write and record, to snapshot, or to plan) instead of the engine's own."""
+    saved = engine.checkpoint_engine
+    engine.checkpoint_engine = checkpoint_engine
+    try:
+        engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
+    finally:
+        engine.checkpoint_engine = saved
+
+
 def _shares(part: str, total: float, rest: str, **measured: float) -> dict[str, float]:
     """The shares of lap `part` ("part/name" -> seconds): those measured, and `rest`, the
     remainder, so that they sum to `total`."""
@@ -502,12 +513,7 @@ class CheckpointManager:
     def _write_now(self, engine, tmp: Path, final: Path, step: int, trainer_state: dict, model_state: dict | None,
                    texts: dict[str, str], meta: dict, lap: _Laps) -> None:
         records: dict[str, dict] = {}
-        saved_engine = engine.checkpoint_engine
-        engine.checkpoint_engine = _recording_engine(saved_engine, tmp, records)
-        try:
-            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-        finally:
-            engine.checkpoint_engine = saved_engine
+        _engine_save(engine, _recording_engine(engine.checkpoint_engine, tmp, records), tmp)
         lap("engine_state")
         name = f"trainer_rank{self.rank:05d}.pt"
         records[name] = save_recorded(trainer_state, tmp / name)
@@ -528,13 +534,8 @@ class CheckpointManager:
         pending: list = []
         self._snapshot.begin()
         start = before = copy.copy(self._snapshot.spent)
-        saved_engine = engine.checkpoint_engine
-        engine.checkpoint_engine = _intercepting_engine(
-            saved_engine, lambda state, path: pending.append((self._snapshot.copy(state), path)))
-        try:
-            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-        finally:
-            engine.checkpoint_engine = saved_engine
+        _engine_save(engine, _intercepting_engine(
+            engine.checkpoint_engine, lambda state, path: pending.append((self._snapshot.copy(state), path))), tmp)
         lap("engine_state")  # into pinned host buffers (the first save allocates them, unless prepared)
         d = self._snapshot.spent.since(before)
         parts.update(_shares("engine_state", parts["engine_state"], rest="deepspeed", pinned_alloc=d.alloc_s,
@@ -615,12 +616,10 @@ class CheckpointManager:
         t0 = time.perf_counter()
         plan = _BufferPlan()
         scratch = Path(tempfile.mkdtemp(prefix="fusiontree-buffer-plan-"))
-        saved_engine = engine.checkpoint_engine
-        engine.checkpoint_engine = _intercepting_engine(saved_engine, lambda state, path: plan.add(state))
         try:
-            engine.save_checkpoint(str(scratch), tag=ENGINE_TAG, save_latest=False)
+            _engine_save(engine, _intercepting_engine(engine.checkpoint_engine, lambda state, path: plan.add(state)),
+                         scratch)
         finally:
-            engine.checkpoint_engine = saved_engine
             shutil.rmtree(scratch, ignore_errors=True)
         if self.rank == 0 and model_state is not None:
             plan.add(model_state)
