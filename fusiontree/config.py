@@ -107,9 +107,11 @@ class TrainConfig:
     compile_cache_dir: str = ""
     # CUDA: compile each Triton autotuning's candidate configs on this many threads before its
     # benchmark loop times them one by one (fusiontree/ops/backends/autotune.py); 0 or 1:
-    # Triton's own loop, which compiles each candidate when it first times it. Cuts the cold
-    # first step (mamba-ssm's kernels autotune ~20 times); not yet measured on a GPU, so off.
-    autotune_compile_threads: int = 0
+    # Triton's own loop, which compiles each candidate when it first times it; -1: 8 threads (or
+    # this node's cores shared among its ranks, if fewer) where the installed Triton has the
+    # interface, else Triton's own loop with a warning. mamba-ssm's kernels autotune 19 times in
+    # a first step; on an H200 8 threads cut that from 98 to 45 s (BENCHMARKS.md).
+    autotune_compile_threads: int = -1
     # Optimizer steps (1-based) to run under torch.profiler; each writes a table of the top
     # operators by GPU (or CPU) time to <out_dir>/profile/step_<N>.txt.
     profile_steps: list[int] = field(default_factory=list)
@@ -138,9 +140,9 @@ class TrainConfig:
             raise ValueError(f"train.lr_min_ratio={self.lr_min_ratio} must lie in [0, 1]")
         if self.lr_warmup_steps < 0 or self.lr_warmup_steps > self.steps:
             raise ValueError(f"train.lr_warmup_steps={self.lr_warmup_steps} must lie in [0, train.steps]")
-        if self.autotune_compile_threads < 0:
-            raise ValueError(f"train.autotune_compile_threads={self.autotune_compile_threads} must be >= 0 "
-                             "(0: Triton's own autotuning loop)")
+        if self.autotune_compile_threads < -1:
+            raise ValueError(f"train.autotune_compile_threads={self.autotune_compile_threads} must be >= -1 "
+                             "(-1: automatic, 0: Triton's own autotuning loop)")
         if any(n < 1 for n in self.profile_steps):
             raise ValueError(f"train.profile_steps={self.profile_steps} must list optimizer steps >= 1")
         if self.checkpoint_num_layers < 0:

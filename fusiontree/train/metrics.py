@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -209,6 +210,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             busy_ms, kernels = gpu_busy_ms(events)
             lines.append(f"GPU busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.1%} of the wall time), {kernels} kernels")
+            lines += kernel_categories_table(events)
         phases: dict[str, list[float]] = {}
         for e in events:
             if e.name.startswith("fusiontree.") and e.device_type == torch.autograd.DeviceType.CPU:
@@ -227,11 +229,18 @@ class StepProfiler:
         self.prof = None
 
 
+def _device_work(events) -> list:
+    """The kernels and copies among profiler events: device events, not the device-side spans
+    of `record_function` ranges (which cover whatever ran between their first and last kernel)."""
+    return [e for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 def gpu_busy_ms(events) -> tuple[float, int]:
     """The time at least one kernel (or copy) ran on the device, and how many ran: the union of
     the device events' intervals."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in _device_work(events)
+                   if e.time_range.end > e.time_range.start)
     busy, end = 0.0, -math.inf
     for a, b in spans:
         if a > end:
@@ -241,3 +250,46 @@ def gpu_busy_ms(events) -> tuple[float, int]:
             busy += b - end
             end = b
     return busy / 1e3, len(spans)
+
+
+# Kernel families by name, first match wins: what a profile of the hybrid's step is read by.
+KERNEL_CATEGORIES = [
+    ("matmuls", r"nvjet|gemm|cutlass|cublas|xmma"),
+    ("FlexAttention", r"flex_attention"),
+    ("SDPA / flash attention", r"flash|fmha|attention"),
+    ("SSD (mamba-ssm)", r"_chunk_|_bmm_chunk|_state_passing"),
+    ("causal-conv1d", r"causal_conv1d|conv1d"),
+    ("Inductor fused kernels", r"^triton_"),
+    ("copies and fills", r"Memcpy|Memset|copy_kernel|CatArrayBatchedCopy|fill"),
+    ("optimizer (multi-tensor)", r"multi_tensor_apply|adam"),
+    ("eager reductions", r"reduce_kernel"),
+    ("NCCL", r"nccl"),
+    ("eager elementwise", r"elementwise_kernel"),
+]
+
+
+def kernel_categories_table(events, top_other: int = 12) -> list[str]:
+    """Every kernel of a profiled step grouped into `KERNEL_CATEGORIES`, with the summed device
+    time and count of each (kernels on concurrent streams count in full), then the largest
+    kernels that no category claimed."""
+    totals: dict[str, list[float]] = {name: [0.0, 0] for name, _ in KERNEL_CATEGORIES}
+    totals["other"] = [0.0, 0]
+    other: dict[str, list[float]] = {}
+    patterns = [(name, re.compile(rx, re.IGNORECASE)) for name, rx in KERNEL_CATEGORIES]
+    for e in _device_work(events):
+        ms = (e.time_range.end - e.time_range.start) / 1e3
+        cat = next((name for name, rx in patterns if rx.search(e.name)), "other")
+        totals[cat][0] += ms
+        totals[cat][1] += 1
+        if cat == "other":
+            o = other.setdefault(e.name, [0.0, 0])
+            o[0] += ms
+            o[1] += 1
+    all_ms = sum(t[0] for t in totals.values()) or 1.0
+    lines = ["all kernels by family: family | ms | % | kernels"]
+    for name, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        if n:
+            lines.append(f"  {name} | {ms:.1f} | {ms / all_ms:.1%} | {n}")
+    for name, (ms, n) in sorted(other.items(), key=lambda kv: -kv[1][0])[:top_other]:
+        lines.append(f"  other: {name[:100]} | {ms:.1f} | {n}")
+    return lines

@@ -62,8 +62,11 @@ class SkippableAdamW(torch.optim.AdamW):
         self.sync_group = group
 
     def _grads_finite(self) -> bool:
-        sq = [p.grad.float().pow(2).sum() for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros((), dtype=torch.float32) if not sq else (~torch.isfinite(torch.stack(sq).sum())).float()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        # One norm over all gradients: multi-tensor kernels on CUDA (a few launches, not one
+        # reduction per parameter); it is non-finite exactly when some gradient is.
+        bad = torch.zeros((), dtype=torch.float32) if not grads else \
+            (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
         if dist.is_available() and dist.is_initialized():
             # Deliberate collective: every rank must skip together (ZeRO ranks hold different shards).
             dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))

@@ -198,13 +198,27 @@ class Trainer:
             log.info("resolved config:\n%s", dump_config(cfg))
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         seed_everything(cfg.seed)
-        threads = cfg.train.autotune_compile_threads
-        if threads > 1 and self.di.device.type == "cuda":
-            parallel_autotune_compile(threads)
-            log.info("Triton autotuning compiles its candidates on %d threads", threads)
+        self._init_autotune(cfg.train.autotune_compile_threads)
+
+    def _init_autotune(self, threads: int) -> None:
+        """Triton's autotunings compile their candidates on `threads` threads (-1: automatic)."""
+        if self.di.device.type != "cuda":
+            if threads > 1:
+                log.info("train.autotune_compile_threads=%d has no effect on %s (no Triton autotuning)",
+                         threads, self.di.device.type)
+            return
+        if threads == -1:
+            ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+            threads = max(1, min(8, (os.cpu_count() or 1) // ranks_here))
+            try:
+                parallel_autotune_compile(threads)
+            except RuntimeError as e:
+                log.warning("Triton autotuning compiles its candidates one by one: %s", e)
+                return
         elif threads > 1:
-            log.info("train.autotune_compile_threads=%d has no effect on %s (no Triton autotuning)",
-                     threads, self.di.device.type)
+            parallel_autotune_compile(threads)
+        if threads > 1:
+            log.info("Triton autotuning compiles its candidates on %d threads", threads)
 
     def _init_data(self) -> None:
         """Tokenizer, the curriculum loader of this data-parallel rank, validation loaders. The

@@ -186,5 +186,44 @@ def test_an_autotuner_of_another_shape_is_refused(fake_triton, monkeypatch):
 
 
 def test_thread_count_is_validated():
-    with pytest.raises(ValueError, match="autotune_compile_threads=-1 must be >= 0"):
-        TrainConfig(autotune_compile_threads=-1).validate()
+    with pytest.raises(ValueError, match="autotune_compile_threads=-2 must be >= -1"):
+        TrainConfig(autotune_compile_threads=-2).validate()
+
+
+def _trainer_on(device_type: str):
+    from types import SimpleNamespace as NS
+
+    from fusiontree.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only what _init_autotune reads
+    trainer.di = NS(device=NS(type=device_type))
+    return trainer
+
+
+def test_automatic_threads_take_the_cores_each_rank_of_the_node_gets(monkeypatch):
+    import fusiontree.train.trainer as trainer_mod
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "parallel_autotune_compile", calls.append)
+    monkeypatch.setattr(trainer_mod.os, "cpu_count", lambda: 32)
+    for ranks, want in (("1", 8), ("8", 4), ("64", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        _trainer_on("cuda")._init_autotune(-1)
+        assert calls[-1] == want
+    _trainer_on("cpu")._init_autotune(-1)  # no Triton autotuning on CPU: nothing patched
+    _trainer_on("cuda")._init_autotune(0)
+    assert len(calls) == 3
+
+
+def test_automatic_threads_warn_and_keep_tritons_loop_where_triton_lacks_the_interface(monkeypatch, caplog):
+    import fusiontree.train.trainer as trainer_mod
+
+    def refuse(threads):
+        raise RuntimeError("this Triton lacks Autotuner._bench; set train.autotune_compile_threads=0")
+
+    monkeypatch.setattr(trainer_mod, "parallel_autotune_compile", refuse)
+    with caplog.at_level("WARNING", logger="fusiontree.train"):
+        _trainer_on("cuda")._init_autotune(-1)
+    assert "compiles its candidates one by one: this Triton lacks" in caplog.text
+    with pytest.raises(RuntimeError, match="lacks"):  # asked for explicitly: refused
+        _trainer_on("cuda")._init_autotune(4)

@@ -103,6 +103,24 @@ def test_skippable_adamw_applies_nothing_on_non_finite_gradients():
     assert opt.last_step_skipped and torch.equal(p.data, before) and opt.state[p]["step"] == 1
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_one_non_finite_gradient_among_many_skips_the_step(bad):
+    params = [torch.nn.Parameter(torch.ones(n, dtype=dt)) for n, dt in
+              ((5, torch.float32), (1, torch.float32), (7, torch.bfloat16), (3, torch.float32))]
+    opt = SkippableAdamW(params, lr=0.1)
+    for i in range(len(params)):
+        for j, p in enumerate(params):
+            p.grad = torch.full_like(p, 1e3)
+            if j == i:
+                p.grad[-1] = bad
+        opt.step()
+        assert opt.last_step_skipped and all(torch.equal(p.data, torch.ones_like(p)) for p in params)
+    for p in params:  # large but finite gradients are applied
+        p.grad = torch.full_like(p, 1e18)
+    opt.step()
+    assert not opt.last_step_skipped and all((p.data < 1).all() for p in params)
+
+
 def test_lr_schedules():
     kw = dict(lr_peak=1.0, warmup_steps=10, total_steps=110, lr_min_ratio=0.1)
     assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
@@ -167,3 +185,29 @@ def test_gpu_busy_time_is_the_union_of_device_intervals():
     events = [ev(0, 1000), ev(500, 1500), ev(600, 700), ev(3000, 3500), ev(0, 10_000, cpu), ev(4000, 4000)]
     assert gpu_busy_ms(events) == (2.0, 4)
     assert gpu_busy_ms([]) == (0.0, 0)
+
+
+def test_profile_groups_every_kernel_by_family_and_ignores_range_spans():
+    from types import SimpleNamespace as NS
+
+    from fusiontree.train.metrics import gpu_busy_ms, kernel_categories_table
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, a, b, dev=cuda, annotation=False):
+        return NS(name=name, device_type=dev, time_range=NS(start=a, end=b), is_user_annotation=annotation)
+
+    events = [ev("nvjet_sm90_tst_256x128", 0, 2000), ev("_chunk_scan_fwd_kernel", 2000, 3000),
+              ev("_bmm_chunk_bwd_kernel", 3000, 3500), ev("triton_poi_fused_add_0", 3500, 4000),
+              ev("mystery_kernel", 4000, 4250), ev("mystery_kernel", 9000, 9250),
+              ev("fusiontree.forward", 0, 9250, annotation=True), ev("aten::mm", 0, 5000, dev=cpu)]
+    # the range's device span covers the idle gap 4.25-9 ms; it is not work
+    assert gpu_busy_ms(events) == (4.5, 6)
+    lines = kernel_categories_table(events)
+    rows = {ln.split(" | ")[0].strip(): ln.split(" | ")[1:] for ln in lines[1:]}
+    assert rows["matmuls"] == ["2.0", "44.4%", "1"]
+    assert rows["SSD (mamba-ssm)"] == ["1.5", "33.3%", "2"]
+    assert rows["Inductor fused kernels"][0] == "0.5"
+    assert rows["other"] == ["0.5", "11.1%", "2"]
+    assert rows["other: mystery_kernel"] == ["0.5", "2"]
+    assert "fusiontree.forward" not in "".join(lines)
