@@ -121,6 +121,53 @@ def test_one_non_finite_gradient_among_many_skips_the_step(bad):
     assert not opt.last_step_skipped and all((p.data < 1).all() for p in params)
 
 
+SKIPS_UNDER_DEEPSPEED_BF16 = """
+import json, sys, tempfile, deepspeed, torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from fusiontree.config import RunConfig
+from fusiontree.train.distributed import init_distributed
+from fusiontree.train.optim import SkippableAdamW
+from fusiontree.train.trainer import deepspeed_config
+
+def refuse(*args, **kwargs):
+    raise AssertionError("DeepSpeed's per-parameter overflow check ran")
+
+DeepSpeedZeroOptimizer.has_overflow = refuse
+init_distributed(device="cpu")
+for stage in (1, 2):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"zero_optimization": {"stage": stage}}, f)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    opt = SkippableAdamW(model.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                      config=deepspeed_config(f.name, RunConfig(), 2, 1, bf16=True))
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    for bad in (float("nan"), float("inf")):
+        engine.backward(engine(x).float().sum() * bad)
+        engine.step()
+        same = all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        print("stage", stage, "bad", bad, "skipped", opt.last_step_skipped, "unchanged", same)
+    engine.backward(engine(x).float().sum())
+    engine.step()
+    changed = all(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+    print("stage", stage, "finite skipped", opt.last_step_skipped, "changed", changed)
+"""
+
+
+def test_bf16_deepspeed_steps_skip_non_finite_gradients_by_the_optimizers_check_alone():
+    """Under DeepSpeed bf16 (ZeRO-1 and 2, clipping on) the optimizer's check decides the skip;
+    DeepSpeed's own per-parameter overflow check is off and must not run."""
+    res = subprocess.run([sys.executable, "-c", SKIPS_UNDER_DEEPSPEED_BF16], env=env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("stage")]
+    assert lines == [f"stage {s} bad {b} skipped True unchanged True" if b != "finite" else
+                     f"stage {s} finite skipped False changed True"
+                     for s in (1, 2) for b in ("nan", "inf", "finite")], res.stdout
+
+
 def test_lr_schedules():
     kw = dict(lr_peak=1.0, warmup_steps=10, total_steps=110, lr_min_ratio=0.1)
     assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
