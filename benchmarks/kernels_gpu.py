@@ -1,7 +1,7 @@
 """GPU kernels per backend: SSD and window attention forward+backward at 32K
 tokens, and one decode step.
 
-    python benchmarks/kernels_gpu.py [--sections ssd,attention,decode] [--out FILE.json] [--commit HASH]
+    python benchmarks/kernels_gpu.py [--sections ssd,attention,conv1d,decode] [--out FILE.json] [--commit HASH]
 
 Shapes (bf16, batch 1):
 - ssd: L=32768, 32 heads x 64, state 128, 1 group, chunk 256; dt and A fp32 as the model
@@ -10,6 +10,8 @@ Shapes (bf16, batch 1):
   the flex backend at W = 512, 1024, 2048, and its global path (SDPA, full causal); then
   W=1024 with 4 kv heads (the presets' GQA) and W=1024 over 8 packed documents, and the cost
   of building a document block mask (once per forward, shared by the layers).
+- conv1d: the Mamba conv (4 taps, SiLU) over 4096 channels of a 6176-wide projection at
+  8 x 4096 and 1 x 32768, packed documents; causal_conv1d and triton, against the HBM floor.
 - decode: one SSD step (state 32 x 64 x 128) per SSD backend; one attention step (16 query
   heads, 4 kv heads) over a ring cache of 1024 slots and over a 32K global cache, per backend.
 
@@ -214,6 +216,53 @@ def bench_attention(rows: list, args) -> None:
     _row(rows, section="attention", case="build document block mask (per forward)", L=L, window=1024, ms=ms)
 
 
+# ------------------------------------------------------------------ conv1d
+
+HBM_TB_S = 4.8  # H200
+
+
+def bench_conv1d(rows: list, args) -> None:
+    """The Mamba conv (4 taps, SiLU, bias) on the channels [2048, 6144) of a 6176-wide
+    projection, as `small` (8 x 4096) and `1b` (1 x 32768) see it, over packed documents; each
+    backend against the fp32 reference, with the floor: input and output read or written once
+    (forward: x, y; backward: x, dy, dx) at the H200's bandwidth."""
+    from fusiontree.ops.conv1d import causal_conv1d_ref
+
+    for B, T in [(8, 4096), (1, 32768)]:
+        g = torch.Generator(device=DEV).manual_seed(B)
+        proj = torch.randn(B, T, 6176, device=DEV, generator=g).bfloat16().requires_grad_()
+        w = (torch.randn(4096, 4, device=DEV, generator=g) * 0.5).bfloat16().requires_grad_()
+        b = (torch.randn(4096, device=DEV, generator=g) * 0.5).bfloat16().requires_grad_()
+        seq = (torch.arange(T, device=DEV) * 7 // T).expand(B, T).contiguous()  # 7 documents per row
+        gy = torch.randn(B, T, 4096, device=DEV, generator=g).bfloat16()
+        leaves = [proj, w, b]
+
+        def fwd_bwd(fn):
+            y, _ = fn(proj[..., 2048:6144], w, b, seq_idx_BT=seq)
+            return torch.autograd.grad(y, leaves, gy)
+
+        leaves32 = [t.detach().float().requires_grad_() for t in leaves]
+        y32, _ = causal_conv1d_ref(leaves32[0][..., 2048:6144], leaves32[1], leaves32[2], seq_idx_BT=seq)
+        want = [y32, *torch.autograd.grad(y32, leaves32, gy.float())]
+        nbytes = B * T * 4096 * 2
+        for name in ["causal_conv1d", "triton"]:
+            try:
+                k = resolve_kernels(KernelConfig(conv1d=name), DEV)
+                y, _ = k.conv1d(proj[..., 2048:6144], w, b, seq_idx_BT=seq)
+                got = [y, *fwd_bwd(k.conv1d)]
+                errs = dict(zip(("y", "d_proj", "d_w", "d_b"), (rel_err(a, r) for a, r in zip(got, want))))
+                with torch.no_grad():
+                    fwd = cuda_ms(lambda: k.conv1d(proj[..., 2048:6144], w, b, seq_idx_BT=seq), 3, args.repeats)
+                both = cuda_ms(lambda: fwd_bwd(k.conv1d), 3, args.repeats)
+                floor = (2 * nbytes + 3 * nbytes) / (HBM_TB_S * 1e12) * 1e3
+                _row(rows, section="conv1d", case=f"{B} x {T}, 4096 of 6176 channels, 7 docs", backend=name,
+                     fwd_ms=fwd, fwd_bwd_ms=both, floor_fwd_bwd_ms=floor, x_floor=both / floor, rel_err=errs)
+            except Exception as e:  # noqa: BLE001
+                _row(rows, section="conv1d", case=f"{B} x {T}", backend=name, error=f"{type(e).__name__}: {e}"[:2000])
+        del want, y32, leaves32, proj
+        _free()
+
+
 # ------------------------------------------------------------------ decode
 
 
@@ -276,7 +325,7 @@ def print_table(rows: list) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="ssd,attention,decode")
+    ap.add_argument("--sections", default="ssd,attention,conv1d,decode")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--flex-options", default="[]",
                     help='JSON list of FlexAttention kernel_options dicts to try on the W=1024 cases, '
@@ -295,7 +344,7 @@ def main() -> None:
             meta[mod] = f"not importable: {e}"
     print(json.dumps(meta), flush=True)
     rows: list = []
-    sections = {"ssd": bench_ssd, "attention": bench_attention, "decode": bench_decode}
+    sections = {"ssd": bench_ssd, "attention": bench_attention, "conv1d": bench_conv1d, "decode": bench_decode}
     for name in args.sections.split(","):
         t0 = time.perf_counter()
         sections[name](rows, args)
