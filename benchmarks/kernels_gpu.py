@@ -11,7 +11,7 @@ Shapes (bf16, batch 1):
   W=1024 with 4 kv heads (the presets' GQA) and W=1024 over 8 packed documents, and the cost
   of building a document block mask (once per forward, shared by the layers).
 - conv1d: the Mamba conv (4 taps, SiLU) over 4096 channels of a 6176-wide projection at
-  8 x 4096 and 1 x 32768, packed documents; causal_conv1d and triton, against the HBM floor.
+  8 x 4096 and 1 x 32768, packed documents; the causal_conv1d backend against the HBM floor.
 - decode: one SSD step (state 32 x 64 x 128) per SSD backend; one attention step (16 query
   heads, 4 kv heads) over a ring cache of 1024 slots and over a 32K global cache, per backend.
 
@@ -245,7 +245,7 @@ def bench_conv1d(rows: list, args) -> None:
         y32, _ = causal_conv1d_ref(leaves32[0][..., 2048:6144], leaves32[1], leaves32[2], seq_idx_BT=seq)
         want = [y32, *torch.autograd.grad(y32, leaves32, gy.float())]
         nbytes = B * T * 4096 * 2
-        for name in ["causal_conv1d", "triton"]:
+        for name in ["causal_conv1d"]:
             try:
                 k = resolve_kernels(KernelConfig(conv1d=name), DEV)
                 y, _ = k.conv1d(proj[..., 2048:6144], w, b, seq_idx_BT=seq)

@@ -36,7 +36,8 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size, self.conv_kernel = cfg.chunk_size, cfg.conv_kernel
         self.dt_min, self.dt_max, self.init_std = cfg.dt_min, cfg.dt_max, cfg.init_std
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
-        check_conv_shape(kernels.conv1d_name, self.conv_dim, self.conv_kernel)
+        if kernels.conv1d_name == "causal_conv1d":
+            check_conv_shape(self.conv_dim, self.conv_kernel)
         # One fused projection: [z (I) | x (I) | B (G N) | C (G N) | dt (H)]
         self.in_proj = nn.Linear(self.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, self.conv_kernel))

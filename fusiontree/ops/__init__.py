@@ -9,7 +9,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | --- | --- | --- | --- |
 | ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
-| conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels), `triton` (two Triton kernels of ours: `ops/backends/conv1d_triton.py`) | causal_conv1d, else reference | reference |
+| conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels) | causal_conv1d, else reference | reference |
 | decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks for batches of up to `DECODE_FILLED_MAX_BATCH` rows, all_slots above (and where filled_blocks cannot load) | all_slots |
 
 The conv1d decode step stays the reference (one token: elementwise work that a compiled decode
@@ -106,15 +106,6 @@ def _conv1d_causal(device: torch.device) -> dict:
     return dict(conv1d=causal_conv1d_cuda_fn, conv1d_step=causal_conv1d_step_ref)
 
 
-def _conv1d_triton(device: torch.device) -> dict:
-    if device.type != "cuda":
-        raise RuntimeError("the triton conv1d backend's kernels need a CUDA device")
-    _need_triton("the triton conv1d backend")
-    from fusiontree.ops.backends.conv1d_triton import causal_conv1d_triton_fn
-
-    return dict(conv1d=causal_conv1d_triton_fn, conv1d_step=causal_conv1d_step_ref)
-
-
 def _attention_reference(device: torch.device) -> dict:
     return dict(attention=attention_ref)
 
@@ -144,7 +135,7 @@ SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
 CONV1D_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
-    "reference": _conv1d_reference, "causal_conv1d": _conv1d_causal, "triton": _conv1d_triton}
+    "reference": _conv1d_reference, "causal_conv1d": _conv1d_causal}
 DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "all_slots": _decode_all_slots, "filled_blocks": _decode_filled_blocks}
 # `auto` for the decode attention on CUDA: filled_blocks up to this batch, all_slots above. On an

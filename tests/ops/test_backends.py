@@ -101,15 +101,6 @@ def test_causal_conv1d_is_a_cuda_backend_and_refuses_shapes_its_kernels_lack():
     HybridLanguageModel(model_preset("debug"), kernels)  # 160 channels: fine
 
 
-def test_triton_conv1d_is_a_cuda_backend_and_refuses_widths_its_kernels_lack():
-    with pytest.raises(RuntimeError, match="kernels.conv1d='triton' cannot load on cpu: .*CUDA device"):
-        resolve_kernels(KernelConfig(conv1d="triton"), "cpu")
-    kernels = dataclasses.replace(ops.reference_kernels(), conv1d_name="triton")
-    with pytest.raises(ValueError, match="kernels.conv1d=triton needs a width of 1 to 4 .*width 5.*reference"):
-        HybridLanguageModel(dataclasses.replace(model_preset("debug"), conv_kernel=5), kernels)
-    HybridLanguageModel(dataclasses.replace(model_preset("debug"), ssm_state=13), kernels)  # any channel count
-
-
 def test_flex_loads_on_cpu_when_named_with_its_mask_builder():
     k = resolve_kernels(KernelConfig(attention="flex"), "cpu")
     assert (k.attention_name, k.attention, k.attention_masks) == ("flex", attention_flex, flex_block_masks)

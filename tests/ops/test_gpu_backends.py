@@ -3,7 +3,7 @@ tolerances on awkward shapes (T = 1, 63, 1000; packed documents; initial states;
 caches in ring order), and the model's invariants with the GPU backends selected.
 
 Skipped without CUDA. On a CUDA machine every test requires the backends it is about
-(mamba_ssm, flex, causal_conv1d, triton): one that does not load is a failure that names it, never a skip, so the
+(mamba_ssm, flex, causal_conv1d): one that does not load is a failure that names it, never a skip, so the
 tests cannot end up comparing the reference with itself. With FUSIONTREE_GPU_TEST_LOG set,
 every comparison appends its errors there (to see the margins). Time: mamba-ssm autotunes its
 Triton kernels in every new process (about 90 s on an H100 for the first forward+backward,
@@ -97,12 +97,9 @@ def _conv_run(fn, C, K, T, offset, with_init, seq_idx, seed, to_fp32):
     return y, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
-CONV_BACKENDS = ["causal_conv1d", "triton"]
-
-
-def _check_conv(backend, T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
-    k = _kernels(conv1d=backend)
-    assert k.conv1d_name == backend
+def _check_conv(T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
+    k = _kernels(conv1d="causal_conv1d")
+    assert k.conv1d_name == "causal_conv1d"
     y, f, g = _conv_run(k.conv1d, C, K, T, offset, with_init, seq_idx, seed, to_fp32=False)
     y_r, f_r, g_r = _conv_run(causal_conv1d_ref, C, K, T, offset, with_init, seq_idx, seed, to_fp32=True)
     check("y", y, y_r, OUT_TOL)
@@ -112,46 +109,34 @@ def _check_conv(backend, T, K=4, C=264, offset=8, with_init=False, seq_idx=None,
         check(f"grad_{name}", g[name], g_r[name], GRAD_TOL)
 
 
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("T,with_init", [(1, False), (1, True), (2, True), (63, False), (63, True), (1000, False)])
-def test_conv1d_matches_reference(backend, T, with_init):
-    _check_conv(backend, T, with_init=with_init, seed=T)
+def test_causal_conv1d_matches_reference(T, with_init):
+    _check_conv(T, with_init=with_init, seed=T)
 
 
-# offset 3: strides causal-conv1d's kernels cannot read (copied); C = 200: a channel block cut short
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
+# offset 3: strides the kernels cannot read (copied); C = 200: not a multiple of the kernels' channel tiles
 @pytest.mark.parametrize("K,offset,C", [(2, 8, 264), (3, 8, 264), (4, 3, 264), (4, 8, 200)])
-def test_conv1d_widths_and_unaligned_inputs_match_reference(backend, K, offset, C):
-    _check_conv(backend, 300, K=K, offset=offset, C=C, with_init=True, seed=K)
+def test_causal_conv1d_widths_and_unaligned_inputs_match_reference(K, offset, C):
+    _check_conv(300, K=K, offset=offset, C=C, with_init=True, seed=K)
 
 
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
-def test_conv1d_packed_documents_match_reference(backend):
+def test_causal_conv1d_packed_documents_match_reference():
     """Documents of 100, 1, 300, ... tokens, ids that repeat and go negative (the reference
     compares ids; the kernels zero negative ones unless shifted), with an initial state (it
     belongs to the first document)."""
     seq = _packed_seq_idx(1000)
     seq[1] -= 9  # row 1: ids -2, -6, -2
-    _check_conv(backend, 1000, with_init=True, seq_idx=seq, seed=3)
-    _check_conv(backend, 1000, with_init=False, seq_idx=seq, seed=4)
-    starts = torch.zeros(2, 1000, dtype=torch.long)  # a document starts at t = 1 and 2: the
-    starts[:, 1], starts[1, 2] = 1, 1                # initial state reaches no later document
-    _check_conv(backend, 1000, with_init=True, seq_idx=starts.cumsum(1).to(DEV), seed=5)
+    _check_conv(1000, with_init=True, seq_idx=seq, seed=3)
+    _check_conv(1000, with_init=False, seq_idx=seq, seed=4)
+    starts = torch.zeros(2, 1000, dtype=torch.long)  # documents start at t = 1 (and 2 in row 1):
+    starts[:, 1], starts[1, 2] = 1, 1                # the initial state reaches no later document
+    _check_conv(1000, with_init=True, seq_idx=starts.cumsum(1).to(DEV), seed=5)
 
 
-def test_triton_conv1d_weight_gradients_are_deterministic():
-    """Per-block partial sums in a fixed order: the same inputs give bit-identical gradients."""
-    k = _kernels(conv1d="triton")
-    seq = _packed_seq_idx(1000)
-    runs = [_conv_run(k.conv1d, 264, 4, 1000, 8, False, seq, 7, to_fp32=False)[2] for _ in range(2)]
-    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
-
-
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
-def test_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph(backend):
+def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph():
     """In a compiled function the op stays in the graph (fullgraph: no break) and gives what
     it gives eagerly; a CUDA graph of forward + backward replays to the same values."""
-    k = _kernels(conv1d=backend)
+    k = _kernels(conv1d="causal_conv1d")
     g = torch.Generator().manual_seed(0)
     proj = torch.randn(2, 256, 600, generator=g).to(DEV, torch.bfloat16).requires_grad_()
     w = torch.randn(512, 4, generator=g).to(DEV, torch.bfloat16).requires_grad_()
@@ -466,10 +451,9 @@ def _model_cfg():
                                ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=384)
 
 
-def _models(dtype=torch.float32, seed=0, decode_attention="all_slots", conv1d="causal_conv1d", **cfg_overrides):
-    """The same weights with the GPU backends (mamba_ssm, flex, causal_conv1d or `conv1d`) and
-    with the references."""
-    gpu = _kernels(ssd="mamba_ssm", attention="flex", conv1d=conv1d, decode_attention=decode_attention)
+def _models(dtype=torch.float32, seed=0, decode_attention="all_slots", **cfg_overrides):
+    """The same weights with the GPU backends (mamba_ssm, flex, causal_conv1d) and with the references."""
+    gpu = _kernels(ssd="mamba_ssm", attention="flex", conv1d="causal_conv1d", decode_attention=decode_attention)
     cfg = dataclasses.replace(_model_cfg(), **cfg_overrides)
     torch.manual_seed(seed)
     model = perturb_(HybridLanguageModel(cfg, gpu), seed)
@@ -544,18 +528,16 @@ def _compare_bf16_training_step(model, twin, seed: int) -> None:
     assert compared > 10
 
 
-@pytest.mark.parametrize("conv1d", CONV_BACKENDS)
-def test_model_bf16_training_step_matches_reference_kernels(conv1d):
+def test_model_bf16_training_step_matches_reference_kernels():
     """bf16: the GPU-backend model against the same model on the reference kernels."""
-    model, twin = _models(dtype=torch.bfloat16, seed=4, conv1d=conv1d)
+    model, twin = _models(dtype=torch.bfloat16, seed=4)
     _compare_bf16_training_step(model, twin, seed=5)
 
 
-@pytest.mark.parametrize("conv1d", CONV_BACKENDS)
-def test_model_compiled_blocks_match_eager_bf16_training_step(conv1d):
+def test_model_compiled_blocks_match_eager_bf16_training_step():
     """`apply_compile` on the GPU backends (Inductor's Triton kernels around the mamba-ssm and
     FlexAttention calls) against the same model run eagerly."""
-    model, _ = _models(dtype=torch.bfloat16, seed=6, conv1d=conv1d)
+    model, _ = _models(dtype=torch.bfloat16, seed=6)
     eager = copy.deepcopy(model)
     apply_compile(model)
     _compare_bf16_training_step(model, eager, seed=7)

@@ -45,14 +45,13 @@ def require_cuda(backend: str, setting: str, **tensors: Tensor | None) -> None:
                          f"{setting} on CPU")
 
 
-def check_conv_shape(backend: str, channels: int, width: int) -> None:
-    """The shapes a conv1d backend's kernels take, or a one-line error (the reference takes all)."""
-    needs = {"causal_conv1d": ("channels divisible by 8 and a width of 2 to 4", channels % 8 == 0 and 2 <= width <= 4),
-             "triton": ("a width of 1 to 4", 1 <= width <= 4)}
-    if backend in needs and not needs[backend][1]:
-        raise ValueError(f"kernels.conv1d={backend} needs {needs[backend][0]} (got {channels} channels, width "
-                         f"{width}: the Mamba conv's channels are d_inner + 2 * ssm_groups * ssm_state per "
-                         "tensor-parallel rank); set kernels.conv1d=reference")
+def check_conv_shape(channels: int, width: int) -> None:
+    """The shapes the `causal_conv1d` conv1d backend's kernels take, or a one-line error."""
+    if channels % 8 or not 2 <= width <= 4:
+        raise ValueError(f"kernels.conv1d=causal_conv1d needs channels divisible by 8 and a width of 2 to 4 "
+                         f"(got {channels} channels, width {width}: the Mamba conv's channels are "
+                         "d_inner + 2 * ssm_groups * ssm_state per tensor-parallel rank); set "
+                         "kernels.conv1d=reference")
 
 
 _compiled: dict = {}  # (function, compile options) -> its torch.compile wrapper

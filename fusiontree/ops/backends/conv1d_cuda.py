@@ -110,7 +110,7 @@ def causal_conv1d_cuda_fn(
     require_cuda("the causal_conv1d conv1d backend runs CUDA kernels", "kernels.conv1d=reference", x=x_BTC,
                  weight=weight_CK, bias=bias_C, initial_state=initial_state_BCK, seq_idx=seq_idx_BT)
     C, K = x_BTC.shape[-1], weight_CK.shape[1]
-    check_conv_shape("causal_conv1d", C, K)
+    check_conv_shape(C, K)
     if bias_C is not None and bias_C.dtype != weight_CK.dtype:
         bias_C = bias_C.to(weight_CK.dtype)
     init = None if initial_state_BCK is None else initial_state_BCK.to(x_BTC.dtype)
