@@ -108,7 +108,7 @@ class TrainConfig:
     # CUDA: compile each Triton autotuning's candidate configs on this many threads before its
     # benchmark loop times them one by one (fusiontree/ops/backends/autotune.py); 0 or 1:
     # Triton's own loop, which compiles each candidate when it first times it; -1: 8 threads (or
-    # this node's cores shared among its ranks, if fewer) where the installed Triton has the
+    # the cores of this node shared among its ranks, if fewer) where the installed Triton has the
     # interface, else Triton's own loop with a warning. mamba-ssm's kernels autotune 19 times in
     # a first step; on an H200 8 threads cut that from 98 to 45 s (BENCHMARKS.md).
     autotune_compile_threads: int = -1

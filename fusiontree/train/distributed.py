@@ -41,6 +41,12 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def local_world_size(default: int) -> int:
+    """How many processes of this run share this node, as the launcher (torchrun, DeepSpeed's,
+    Slurm) says; `default` when none does."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=default))
+
+
 def _free_port() -> int:
     import socket
 
@@ -75,8 +81,7 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
         dev, backend = torch.device("cpu"), "gloo"
         if "OMP_NUM_THREADS" not in os.environ:
             # Share the cores among this node's processes instead of oversubscribing them.
-            local_world = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size(default=world)))
     if not dist.is_initialized():
         if backend == "gloo":
             build_deepspeed_cpu_op(announce=local == 0)

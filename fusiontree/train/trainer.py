@@ -39,7 +39,7 @@ from fusiontree.ops.backends.autotune import parallel_autotune_compile
 from fusiontree.ops.masks import effective_window
 from fusiontree.parallel.engine_state import EngineLayout
 from fusiontree.parallel.reshard import consolidated_model_state, weights_stay_on_device
-from fusiontree.train.distributed import all_reduce_max, init_distributed, shutdown
+from fusiontree.train.distributed import all_reduce_max, init_distributed, local_world_size, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
 from fusiontree.train.losses import HybridModelLoss
@@ -211,8 +211,7 @@ class Trainer:
                          threads, self.di.device.type)
             return
         if threads == -1:
-            ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-            threads = max(1, min(8, (os.cpu_count() or 1) // ranks_here))
+            threads = max(1, min(8, (os.cpu_count() or 1) // local_world_size(default=self.di.world_size)))
             try:
                 parallel_autotune_compile(threads)
             except RuntimeError as e:

@@ -196,7 +196,7 @@ def _trainer_on(device_type: str):
     from fusiontree.train.trainer import Trainer
 
     trainer = Trainer.__new__(Trainer)  # only what _init_autotune reads
-    trainer.di = NS(device=NS(type=device_type))
+    trainer.di = NS(device=NS(type=device_type), world_size=16)
     return trainer
 
 
@@ -206,13 +206,18 @@ def test_automatic_threads_take_the_cores_each_rank_of_the_node_gets(monkeypatch
     calls = []
     monkeypatch.setattr(trainer_mod, "parallel_autotune_compile", calls.append)
     monkeypatch.setattr(trainer_mod.os, "cpu_count", lambda: 32)
-    for ranks, want in (("1", 8), ("8", 4), ("64", 1)):
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    _trainer_on("cuda")._init_autotune(-1)  # no launcher says: the run's 16 ranks share the node
+    assert calls[-1] == 2
+    for name, ranks, want in (("LOCAL_WORLD_SIZE", "1", 8), ("LOCAL_SIZE", "8", 4), ("SLURM_NTASKS_PER_NODE", "64", 1)):
+        monkeypatch.setenv(name, ranks)  # torchrun's, DeepSpeed's launcher's, Slurm's
         _trainer_on("cuda")._init_autotune(-1)
         assert calls[-1] == want
+        monkeypatch.delenv(name)
     _trainer_on("cpu")._init_autotune(-1)  # no Triton autotuning on CPU: nothing patched
     _trainer_on("cuda")._init_autotune(0)
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_automatic_threads_warn_and_keep_tritons_loop_where_triton_lacks_the_interface(monkeypatch, caplog):
