@@ -25,7 +25,8 @@ A case is PRESET@SEQxMB with optional +flags; MB is the micro-batch in sequences
   +asave[N]    the same with train.async_checkpoint (written in the background; the first save
                also allocates the pinned buffers that later ones reuse, so space them for the
                steady state: a save waits for the previous one's write)
-  +profile     torch.profiler on the second-to-last step; its table goes next to the JSON
+  +profile     torch.profiler on the second-to-last step (the peer: one step after its warm-up);
+               its table goes next to the JSON
   ~KEY=VALUE   any trainer setting for this case (after the flags, repeatable), e.g.
                small@4096x4+compile+graphs~train.compile_loss=true~model.chunk_size=128
 PRESET `mamba-ref-NAME` is mamba-ssm's own MambaLMHeadModel sized like NAME, measured by
@@ -272,6 +273,9 @@ def run_peer_case(c: dict, args, work: Path, env: dict) -> dict:
     out = work / ("peer_" + _safe(spec) + ".json")
     cmd = [sys.executable, str(ROOT / "benchmarks/train_gpu.py"), "--cases", spec, "--warmup", "3",
            "--steps", "5", "--out", str(out)]
+    prof_dir = work / "peer_profiles"
+    if c["profile"]:
+        cmd += ["--profile", str(prof_dir)]
     t0 = time.time()
     log_path = work / "logs" / f"peer_{_safe(spec)}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,8 +290,13 @@ def run_peer_case(c: dict, args, work: Path, env: dict) -> dict:
     r = json.loads(out.read_text())["rows"][0]
     if "error" in r:
         return {**base, "error": r["error"]}
-    return {**base, "tokens_per_s": r["tokens_per_s"], "tokens_per_s_per_gpu": r["tokens_per_s"], "mfu": None,
-            "peak_gib": r["peak_mem_gib"], "kernels": r["kernels"], "n_layer": r.get("n_layer")}
+    row = {**base, "tokens_per_s": r["tokens_per_s"], "tokens_per_s_per_gpu": r["tokens_per_s"], "mfu": None,
+           "peak_gib": r["peak_mem_gib"], "kernels": r["kernels"], "n_layer": r.get("n_layer")}
+    if r.get("profile") and Path(r["profile"]).exists():  # next to the JSON, as the trainer cases' tables
+        dest = Path(args.out).with_name(f"profile_e2e_{_safe(spec)}.txt")
+        shutil.copyfile(r["profile"], dest)
+        row["profile"] = str(dest)
+    return row
 
 
 _done: list[dict] = []  # rows so far, written after every case (a cut run keeps its results)

@@ -42,7 +42,7 @@ from fusiontree.models.layers import cast_model
 from fusiontree.ops import resolve_kernels
 from fusiontree.train.losses import HybridModelLoss
 from fusiontree.train.mechanics import apply_activation_checkpointing, apply_compile
-from fusiontree.train.metrics import device_peak_flops
+from fusiontree.train.metrics import device_peak_flops, gpu_busy_ms, kernel_categories_table
 from _results import cuda_span_ms, git_commit, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,8 +179,13 @@ def run_case(case: str, kernels_cfg: KernelConfig, warmup: int, steps: int, dev:
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+            events = prof.events()
+            busy_ms, n_kernels = gpu_busy_ms(events)
+            table = "\n".join([f"GPU busy {busy_ms:.1f} ms, {n_kernels} kernels", *kernel_categories_table(events),
+                               prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40,
+                                                         max_name_column_width=70)])
             Path(profile_out).write_text(f"{case}\n{table}\n")
+            extra["profile"] = profile_out
             print(table, flush=True)
         last = {}
         ms = cuda_span_ms(lambda: last.update(loss=step()), steps)

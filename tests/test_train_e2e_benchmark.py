@@ -105,3 +105,36 @@ def test_overlap_flag_gives_the_trainer_a_deepspeed_json_with_overlapped_reducti
     assert ds["zero_optimization"]["overlap_comm"] is True and ds["zero_optimization"]["contiguous_gradients"] is True
     assert "overlap_comm" in bench.layout(c) and "overlap_comm" not in bench.layout(bench.parse_case("1b@32768x1+gpus2"))
     assert not (tmp_path / "runs/b").exists()  # the run directory stays the trainer's to create
+
+
+def test_a_profiled_peer_case_asks_train_gpu_for_a_profile_and_keeps_it_next_to_the_json(tmp_path):
+    """The peer (mamba-ssm's model through benchmarks/train_gpu.py) honours +profile as the
+    trainer cases do: the table lands next to the benchmark's JSON and the row names it."""
+    import json
+    from types import SimpleNamespace
+
+    bench = _bench()
+    seen = {}
+
+    def fake_train_gpu(cmd, env, timeout, stdout):  # what train_gpu.py writes for one case
+        seen["cmd"] = cmd
+        row = dict(case="peer", tokens_per_s=10.0, peak_mem_gib=1.0, kernels="mamba-ssm")
+        if "--profile" in cmd:
+            prof_dir = cmd[cmd.index("--profile") + 1]
+            os.makedirs(prof_dir, exist_ok=True)
+            row["profile"] = os.path.join(prof_dir, "profile_peer.txt")
+            with open(row["profile"], "w") as f:
+                f.write("GPU busy 1.0 ms, 3 kernels\n")
+        with open(cmd[cmd.index("--out") + 1], "w") as f:
+            json.dump({"rows": [row]}, f)
+        return 0, False
+
+    bench.run_group = fake_train_gpu
+    args = SimpleNamespace(case_timeout=60, out=str(tmp_path / "out" / "e2e.json"))
+    (tmp_path / "out").mkdir()
+    row = bench.run_peer_case(bench.parse_case("mamba-ref-1b@32768x1+fused+ckpt10+profile"), args, tmp_path, {})
+    assert "--profile" in seen["cmd"] and "+profile" not in seen["cmd"][seen["cmd"].index("--cases") + 1]
+    assert row["profile"] == str(tmp_path / "out" / "profile_e2e_mamba-ref-1b_32768x1_ckpt10_fused.txt")
+    assert open(row["profile"]).read().startswith("GPU busy 1.0 ms")
+    unprofiled = bench.run_peer_case(bench.parse_case("mamba-ref-1b@32768x1+fused"), args, tmp_path, {})
+    assert "--profile" not in seen["cmd"] and "profile" not in unprofiled
