@@ -1,4 +1,5 @@
-"""Helpers the GPU benchmark scripts share: time a span of calls, name the commit, write JSON."""
+"""Helpers the GPU benchmark scripts share: time a span of calls, name the commit, write JSON,
+know a card's memory bandwidth."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# HBM bandwidth by card name (TB/s, the vendors' figures).
+HBM_TB_PER_S = {"H200": 4.8, "H100 80GB HBM3": 3.35}
+
+
+def hbm_tb_per_s(card_name: str) -> float | None:
+    """The bandwidth of a card named like `torch.cuda.get_device_name()`, None if not known."""
+    return next((tb for key, tb in HBM_TB_PER_S.items() if key in card_name), None)
 
 
 def cuda_span_ms(fn, repeats: int) -> float:

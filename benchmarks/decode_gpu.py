@@ -71,11 +71,9 @@ from fusiontree.models.flops import count_params
 from fusiontree.models.layers import cast_model
 from fusiontree.ops import resolve_kernels
 from fusiontree.ops.backends.decode import KV_BLOCK
-from _results import cuda_span_ms, git_commit, write_results
+from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-# HBM bandwidth by card name (TB/s, the vendors' figures); other cards need --hbm-tb-per-s.
-HBM_TB_PER_S = {"H200": 4.8, "H100 80GB HBM3": 3.35}
 MODES = ("eager", "graph", "compiled_graph")
 
 
@@ -287,10 +285,10 @@ def card_bandwidth(arg: float, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name()
-    known = [tb for key, tb in HBM_TB_PER_S.items() if key in name]
-    if not known:
+    tb = hbm_tb_per_s(name)
+    if tb is None:
         raise SystemExit(f"unknown HBM bandwidth for {name!r}; pass --hbm-tb-per-s (the card's TB/s)")
-    return known[0]
+    return tb
 
 
 def parse_args() -> argparse.Namespace:

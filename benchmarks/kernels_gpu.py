@@ -41,6 +41,7 @@ from fusiontree.ops import resolve_kernels
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.backends import flex as flex_backend
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
+from _results import hbm_tb_per_s
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,16 +219,14 @@ def bench_attention(rows: list, args) -> None:
 
 # ------------------------------------------------------------------ conv1d
 
-HBM_TB_S = 4.8  # H200
-
-
 def bench_conv1d(rows: list, args) -> None:
     """The Mamba conv (4 taps, SiLU, bias) on the channels [2048, 6144) of a 6176-wide
-    projection, as `small` (8 x 4096) and `1b` (1 x 32768) see it, over packed documents; each
-    backend against the fp32 reference, with the floor: input and output read or written once
-    (forward: x, y; backward: x, dy, dx) at the H200's bandwidth."""
+    projection, as `small` (8 x 4096) and `1b` (1 x 32768) see it, over packed documents; the
+    causal_conv1d backend against the fp32 reference, with the floor: input and output read or
+    written once (forward: x, y; backward: x, dy, dx) at the card's bandwidth."""
     from fusiontree.ops.conv1d import causal_conv1d_ref
 
+    tb_per_s = hbm_tb_per_s(torch.cuda.get_device_name())
     for B, T in [(8, 4096), (1, 32768)]:
         g = torch.Generator(device=DEV).manual_seed(B)
         proj = torch.randn(B, T, 6176, device=DEV, generator=g).bfloat16().requires_grad_()
@@ -244,21 +243,24 @@ def bench_conv1d(rows: list, args) -> None:
         leaves32 = [t.detach().float().requires_grad_() for t in leaves]
         y32, _ = causal_conv1d_ref(leaves32[0][..., 2048:6144], leaves32[1], leaves32[2], seq_idx_BT=seq)
         want = [y32, *torch.autograd.grad(y32, leaves32, gy.float())]
-        nbytes = B * T * 4096 * 2
-        for name in ["causal_conv1d"]:
-            try:
-                k = resolve_kernels(KernelConfig(conv1d=name), DEV)
-                y, _ = k.conv1d(proj[..., 2048:6144], w, b, seq_idx_BT=seq)
-                got = [y, *fwd_bwd(k.conv1d)]
-                errs = dict(zip(("y", "d_proj", "d_w", "d_b"), (rel_err(a, r) for a, r in zip(got, want))))
-                with torch.no_grad():
-                    fwd = cuda_ms(lambda: k.conv1d(proj[..., 2048:6144], w, b, seq_idx_BT=seq), 3, args.repeats)
-                both = cuda_ms(lambda: fwd_bwd(k.conv1d), 3, args.repeats)
-                floor = (2 * nbytes + 3 * nbytes) / (HBM_TB_S * 1e12) * 1e3
-                _row(rows, section="conv1d", case=f"{B} x {T}, 4096 of 6176 channels, 7 docs", backend=name,
-                     fwd_ms=fwd, fwd_bwd_ms=both, floor_fwd_bwd_ms=floor, x_floor=both / floor, rel_err=errs)
-            except Exception as e:  # noqa: BLE001
-                _row(rows, section="conv1d", case=f"{B} x {T}", backend=name, error=f"{type(e).__name__}: {e}"[:2000])
+        case = f"{B} x {T}, 4096 of 6176 channels, 7 docs"
+        try:
+            conv = resolve_kernels(KernelConfig(conv1d="causal_conv1d"), DEV).conv1d
+            y, _ = conv(proj[..., 2048:6144], w, b, seq_idx_BT=seq)
+            errs = dict(zip(("y", "d_proj", "d_w", "d_b"),
+                            (rel_err(a, r) for a, r in zip([y, *fwd_bwd(conv)], want))))
+            with torch.no_grad():
+                fwd = cuda_ms(lambda: conv(proj[..., 2048:6144], w, b, seq_idx_BT=seq), 3, args.repeats)
+            both = cuda_ms(lambda: fwd_bwd(conv), 3, args.repeats)
+            nbytes = B * T * 4096 * 2
+            floor = {}  # an unknown card: no floor
+            if tb_per_s is not None:
+                floor_ms = (2 * nbytes + 3 * nbytes) / (tb_per_s * 1e12) * 1e3
+                floor = dict(floor_fwd_bwd_ms=floor_ms, x_floor=both / floor_ms)
+            _row(rows, section="conv1d", case=case, backend="causal_conv1d", fwd_ms=fwd, fwd_bwd_ms=both,
+                 rel_err=errs, **floor)
+        except Exception as e:  # noqa: BLE001
+            _row(rows, section="conv1d", case=case, backend="causal_conv1d", error=f"{type(e).__name__}: {e}"[:2000])
         del want, y32, leaves32, proj
         _free()
 
