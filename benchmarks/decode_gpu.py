@@ -3,7 +3,7 @@ decode attention path, with the bytes each token must move and the share of the 
 bandwidth that reaches.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32640] [--batches 1,8,32]
-        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--modes graph,compiled_graph]
+        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes graph,compiled_graph]
         [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json] [--profile DIR]
     python benchmarks/decode_gpu.py --dry-run [--modes graph]     # CPU, debug preset: the code paths, no timing value
 
@@ -71,6 +71,7 @@ from fusiontree.models.flops import count_params
 from fusiontree.models.layers import cast_model
 from fusiontree.ops import resolve_kernels
 from fusiontree.ops.backends.decode import KV_BLOCK
+from fusiontree.train.metrics import gpu_busy_ms, kernel_categories_table
 from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +119,14 @@ def profile_steps(out_dir: Path, tag: str, fn, n: int = PROFILE_STEPS) -> str:
             torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                       row_limit=30, max_name_column_width=90)
+    head = f"{tag}: {n} steps"
+    if cuda:
+        busy, kernels = gpu_busy_ms(prof.events())
+        head += f"; per step: GPU busy {busy / n:.3f} ms, {kernels / n:.0f} kernels\n"
+        head += "\n".join(kernel_categories_table(prof.events())) + f"\n(summed over the {n} steps)"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{tag}.txt"
-    path.write_text(f"{tag}: {n} steps\n{table}\n")
+    path.write_text(f"{head}\n{table}\n")
     return path.name
 
 
@@ -300,6 +306,7 @@ def parse_args() -> argparse.Namespace:
                     help="comma-separated decode attention paths, each measured in turn")
     ap.add_argument("--twin-flash", action="store_true",
                     help="also time the Transformer twin with SDPA's flash kernel over a fixed length (sdpa_flash)")
+    ap.add_argument("--no-twin", action="store_true", help="the preset alone (a profile, say): no twin, no ratios")
     ap.add_argument("--modes", default="graph,compiled_graph", help=f"comma-separated, of {','.join(MODES)}")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--hbm-tb-per-s", type=float, default=0.0, help="the card's HBM bandwidth (default: by name)")
@@ -379,7 +386,9 @@ def main() -> None:
         device, dtype = torch.device("cuda"), torch.bfloat16
     hbm = card_bandwidth(a.hbm_tb_per_s, device)
     timer, flash = Timer(device), FlashFixedLength()
-    cases = [(a.preset, p) for p in a.paths] + [(f"transformer-{a.preset}", p) for p in a.paths]
+    cases = [(a.preset, p) for p in a.paths]
+    if not a.no_twin:
+        cases += [(f"transformer-{a.preset}", p) for p in a.paths]
     if a.twin_flash:
         cases.append((f"transformer-{a.preset}", "sdpa_flash"))
     rows = []

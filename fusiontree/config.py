@@ -76,6 +76,10 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # AdamW's update kernels: "fused" (one kernel reads and writes each tensor once), "foreach"
+    # (multi-tensor kernels, one pass per operation of the update), or "auto": fused on CUDA,
+    # foreach on CPU. Same update, same state.
+    optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
     # auto: bf16 on GPU, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -258,6 +258,7 @@ KERNEL_CATEGORIES = [
     ("FlexAttention", r"flex_attention"),
     ("SDPA / flash attention", r"flash|fmha|attention"),
     ("SSD (mamba-ssm)", r"_chunk_|_bmm_chunk|_state_passing"),
+    ("SSM state update (decode)", r"selective_scan_update|selective_state_update"),
     ("causal-conv1d", r"causal_conv1d|conv1d"),
     ("Inductor fused kernels", r"^triton_"),
     ("copies and fills", r"Memcpy|Memset|copy_kernel|CatArrayBatchedCopy|fill"),

@@ -108,5 +108,12 @@ def lr_at(step: int, lr_peak: float, warmup_steps: int, total_steps: int, decay:
 
 def build_optimizer(model: nn.Module, cfg) -> SkippableAdamW:
     """The optimizer `cfg` (a `TrainConfig`) describes, over `model`'s parameter groups."""
+    impl = getattr(cfg, "optimizer_impl", "auto")
+    if impl not in ("auto", "fused", "foreach"):
+        raise ValueError(f"train.optimizer_impl={impl!r}; use auto, fused or foreach")
+    if impl == "auto":
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        impl = "fused" if on_cuda else "foreach"
     return SkippableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr_peak,
-                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+                          betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                          **({"fused": True} if impl == "fused" else {"foreach": True}))

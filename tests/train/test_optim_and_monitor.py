@@ -134,12 +134,12 @@ def refuse(*args, **kwargs):
 
 DeepSpeedZeroOptimizer.has_overflow = refuse
 init_distributed(device="cpu")
-for stage in (1, 2):
+for stage, fused in ((1, False), (2, False), (1, True), (2, True)):
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"zero_optimization": {"stage": stage}}, f)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
-    opt = SkippableAdamW(model.parameters(), lr=1e-2)
+    opt = SkippableAdamW(model.parameters(), lr=1e-2, **({"fused": True} if fused else {"foreach": True}))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                       config=deepspeed_config(f.name, RunConfig(), 2, 1, bf16=True))
     x = torch.randn(2, 16, dtype=torch.bfloat16)
@@ -157,15 +157,51 @@ for stage in (1, 2):
 
 
 def test_bf16_deepspeed_steps_skip_non_finite_gradients_by_the_optimizers_check_alone():
-    """Under DeepSpeed bf16 (ZeRO-1 and 2, clipping on) the optimizer's check decides the skip;
-    DeepSpeed's own per-parameter overflow check is off and must not run."""
+    """Under DeepSpeed bf16 (ZeRO-1 and 2, clipping on, foreach and fused AdamW) the optimizer's
+    check decides the skip; DeepSpeed's own per-parameter overflow check is off and must not run."""
     res = subprocess.run([sys.executable, "-c", SKIPS_UNDER_DEEPSPEED_BF16], env=env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("stage")]
     assert lines == [f"stage {s} bad {b} skipped True unchanged True" if b != "finite" else
                      f"stage {s} finite skipped False changed True"
-                     for s in (1, 2) for b in ("nan", "inf", "finite")], res.stdout
+                     for s in (1, 2, 1, 2) for b in ("nan", "inf", "finite")], res.stdout
+
+
+def _optimizer_cfg(impl):
+    from fusiontree.config import TrainConfig
+
+    return dataclasses.replace(TrainConfig(), optimizer_impl=impl, lr_peak=1e-2)
+
+
+def test_fused_and_foreach_adamw_take_the_same_steps():
+    """`train.optimizer_impl`: fused and foreach AdamW are one update (same state, same
+    parameters after steps with weight decay on both groups); auto is foreach off CUDA."""
+    from fusiontree.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    base = HybridLanguageModel(model_preset("debug"))
+    ids = torch.randint(0, 512, (2, 24))
+    runs = {}
+    for impl in ("fused", "foreach", "auto"):
+        model = HybridLanguageModel(model_preset("debug"))
+        model.load_state_dict(base.state_dict())
+        opt = build_optimizer(model, _optimizer_cfg(impl))
+        for _ in range(3):
+            opt.zero_grad()
+            model(ids).logits.float().square().mean().backward()
+            opt.step()
+        runs[impl] = (opt.defaults, [p.detach().clone() for p in model.parameters()])
+    assert runs["fused"][0]["fused"] and not runs["fused"][0]["foreach"]
+    assert runs["foreach"][0]["foreach"] and not runs["foreach"][0]["fused"]
+    assert runs["auto"][0]["foreach"]  # CPU
+    moved = max((a - b).abs().max().item() for a, b in zip(runs["fused"][1], base.parameters()))
+    assert moved > 1e-3
+    for a, b, c in zip(runs["fused"][1], runs["foreach"][1], runs["auto"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b, c)
+    with pytest.raises(ValueError, match="optimizer_impl"):
+        build_optimizer(base, _optimizer_cfg("apex"))
 
 
 def test_lr_schedules():
