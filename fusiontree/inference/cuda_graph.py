@@ -26,10 +26,12 @@ class GraphedDecoder:
 
     next_positions_B: the position of each row's next token (for left-padded prompts, the
     number of real tokens in the row). Capturing runs the step a few times to warm up
-    kernels (autotuning, workspaces) and then restores the caches, so the prefix is intact."""
+    kernels (autotuning, workspaces) and then restores the caches, so the prefix is intact.
+    pack: pack the projections that read one input into one matmul each
+    (`HybridLanguageModel.pack_projections`; False unpacks them)."""
 
     def __init__(self, model, kv: KVCache, ms: MambaStates, next_positions_B: Tensor, graph: bool = True,
-                 warmup: int = 3, compile: bool = False):
+                 warmup: int = 3, compile: bool = False, pack: bool = False):
         if kv.seen_tokens != ms.seen_tokens:
             raise ValueError(f"the caches disagree: KV cache {kv.seen_tokens} tokens, Mamba states "
                              f"{ms.seen_tokens}; pass the pair returned by the same prefill")
@@ -45,6 +47,7 @@ class GraphedDecoder:
         self.pos_B1 = next_positions_B.to(device=dev, dtype=torch.long).reshape(B, 1).clone()
         self.step_1 = torch.full((1,), kv.seen_tokens, dtype=torch.long, device=dev)
         self.compiled = compile
+        model.pack_projections(pack)
         if graph:
             self.graph, self.logits_BV = self._capture(warmup)
 

@@ -12,11 +12,14 @@ from torch import Tensor
 
 from fusiontree.models.config import ModelConfig
 from fusiontree.models.cache import AttentionLayerCache, SeqInfo
+from fusiontree.models.layers import PackedProjections
 from fusiontree.models.positions import RotaryPositionalEmbedding
 from fusiontree.ops import Kernels
 
 
-class LocalGlobalAttention(nn.Module):
+class LocalGlobalAttention(PackedProjections):
+    packable = ("wq", "wk", "wv")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, kernels: Kernels):
         super().__init__()
         self.layer_idx = layer_idx
@@ -55,9 +58,10 @@ class LocalGlobalAttention(nn.Module):
             ring=not self.is_global)
 
     def forward(self, x_BTD: Tensor, info: SeqInfo, cache: AttentionLayerCache | None = None) -> Tensor:
-        q = rearrange(self.wq(x_BTD), "b t (h e) -> b t h e", e=self.head_dim)
-        k = rearrange(self.wk(x_BTD), "b t (k e) -> b t k e", e=self.head_dim)
-        v = rearrange(self.wv(x_BTD), "b t (k e) -> b t k e", e=self.head_dim)
+        q, k, v = self.project(x_BTD)
+        q = rearrange(q, "b t (h e) -> b t h e", e=self.head_dim)
+        k = rearrange(k, "b t (k e) -> b t k e", e=self.head_dim)
+        v = rearrange(v, "b t (k e) -> b t k e", e=self.head_dim)
         q, k = self.rope(q, k, info.position_ids, info.position_ids)
         k_pos = info.key_pos
         k_all, v_all, pos_all = k, v, k_pos

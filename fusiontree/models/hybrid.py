@@ -22,7 +22,7 @@ from torch import Tensor
 from fusiontree.models.config import ModelConfig
 from fusiontree.models.block import HybridBlock, gate_stats
 from fusiontree.models.cache import KVCache, MambaStates, SeqInfo
-from fusiontree.models.layers import RMSNorm
+from fusiontree.models.layers import PackedProjections, RMSNorm
 from fusiontree.ops import Kernels, compile_once, reference_kernels
 from fusiontree.ops.masks import document_starts
 
@@ -106,6 +106,12 @@ class HybridLanguageModel(nn.Module):
                 MambaStates([m for _, m in per_layer], batch_size))
 
     # ------------------------------------------------------------------ compiled decode step
+
+    def pack_projections(self, on: bool = True) -> int:
+        """Pack (on=False: unpack) the weights of the linears that read one input (each
+        attention's q, k and v; each MLP's gate and up) for inference: one matmul each instead
+        of several without gradients (`PackedProjections`). Returns how many modules are packed."""
+        return sum(m.pack_projections(on) for m in self.modules() if isinstance(m, PackedProjections))
 
     def compile_decode(self, **compile_kwargs) -> None:
         """Compile each block of `decode_step` (static shapes, caches updated in place inside

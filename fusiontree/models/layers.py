@@ -5,6 +5,7 @@ Legend: B batch, T time, D model width, F MLP hidden width.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -69,7 +70,70 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-class SwiGLU(nn.Module):
+class PackedProjections(nn.Module):
+    """A module whose bias-free linears `packable` read the same input. `pack_projections(True)`
+    moves their weights into one buffer (each weight becomes a view of its rows, so the
+    parameters, the state dict and in-place loads are unchanged) and `project` then runs one
+    matmul over it instead of one per linear: at decode, one token's projections are each too
+    small to fill the GPU, and every launch costs about as much as the weights take to read.
+    Only without gradients (the weights' own gradients need the separate matmuls); moving or
+    casting the module, or re-pointing a weight elsewhere, drops the packing."""
+
+    packable: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.packed_weight: Tensor | None = None
+
+    def _linears(self) -> list[nn.Linear]:
+        return [getattr(self, name) for name in self.packable]
+
+    def pack_projections(self, on: bool = True) -> bool:
+        """Pack (or, on=False, unpack) the weights; returns whether they are packed."""
+        lins = self._linears()
+        if not on or any(type(lin) is not nn.Linear or lin.bias is not None for lin in lins):
+            self.packed_weight = None
+            return False
+        if self.packed_weight is None or not self._packing_intact():
+            packed = torch.cat([lin.weight.detach() for lin in lins], 0)
+            start = 0
+            for lin in lins:
+                rows = lin.weight.shape[0]
+                lin.weight.data = packed[start:start + rows]
+                start += rows
+            self.packed_weight = packed
+        return True
+
+    def _packing_intact(self) -> bool:
+        packed = self.packed_weight
+        ptr, start = packed.untyped_storage().data_ptr(), packed.storage_offset()
+        for lin in self._linears():
+            w = lin.weight
+            if (w.untyped_storage().data_ptr() != ptr or w.storage_offset() != start or w.dtype != packed.dtype
+                    or not w.is_contiguous()):
+                return False
+            start += w.numel()
+        return True
+
+    def project(self, x: Tensor) -> list[Tensor]:
+        """Each packable linear applied to `x`, in `packable` order."""
+        if self.packed_weight is not None and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling() or self._packing_intact():  # a compiled step checked it when built
+                return list(F.linear(x, self.packed_weight).split([lin.out_features for lin in self._linears()], -1))
+            logging.getLogger(__name__).warning(
+                "%s: its weights were moved out of their packed buffer; projecting them one by one "
+                "(call pack_projections() again to repack)", type(self).__name__)
+            self.packed_weight = None
+        return [lin(x) for lin in self._linears()]
+
+    def _apply(self, fn, recurse=True):
+        self.packed_weight = None  # .to(), .cuda(), casts: the weights get new storage
+        return super()._apply(fn, recurse)
+
+
+class SwiGLU(PackedProjections):
+    packable = ("w_gate", "w_up")
+
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
         self.w_gate = nn.Linear(d_model, hidden, bias=False)
@@ -77,7 +141,8 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x_BTD: Tensor) -> Tensor:
-        return self.w_down(F.silu(self.w_gate(x_BTD)) * self.w_up(x_BTD))
+        gate, up = self.project(x_BTD)
+        return self.w_down(F.silu(gate) * up)
 
     def init_weights(self, std: float, n_layers: int) -> None:
         nn.init.normal_(self.w_gate.weight, std=std)

@@ -279,3 +279,72 @@ def test_compiled_decode_steps_of_models_with_different_decode_paths_in_one_proc
         model.load_state_dict(ref.state_dict())
         model.compile_decode(backend="aot_eager", dynamic=False)
         _compiled_steps_match_eager(model, ids, 4)
+
+
+def test_packed_projections_keep_the_models_outputs_parameters_and_gradients(caplog):
+    """`pack_projections`: each attention's q/k/v and each MLP's gate/up weights become views of
+    one buffer per module (state dict, values and gradients unchanged); without gradients one
+    matmul over the buffer gives the separate matmuls' outputs; moving, casting or re-pointing a
+    weight drops the packing, loudly where it cannot be seen coming."""
+    import logging
+
+    from fusiontree.models.layers import PackedProjections
+
+    model = build("parallel-channel", seed=21)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        plain = model(ids).logits
+    packers = [m for m in model.modules() if isinstance(m, PackedProjections)]
+    assert model.pack_projections() == len(packers) == 2 * len(model.layers)
+    attn = model.layers[0].attn
+    assert attn.wk.weight.untyped_storage().data_ptr() == attn.packed_weight.untyped_storage().data_ptr()
+    assert list(model.state_dict()) == list(state) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    calls = []
+    hook = attn.wq.register_forward_hook(lambda *a: calls.append(1))  # fires only for a separate matmul
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain, rtol=1e-5, atol=1e-5)
+    assert calls == []
+    model(ids).logits.float().square().mean().backward()  # with gradients: the separate linears
+    assert calls == [1] and attn.wq.weight.grad is not None and attn.wv.weight.grad.abs().sum() > 0
+    hook.remove()
+    model.layers[0].mlp.w_up.weight.data = model.layers[0].mlp.w_up.weight.detach().clone()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain, rtol=1e-5, atol=1e-5)
+    assert "moved out of their packed buffer" in caplog.text and model.layers[0].mlp.packed_weight is None
+    assert attn.packed_weight is not None
+    model.to(torch.float64)
+    assert all(m.packed_weight is None for m in packers)
+    assert model.pack_projections(False) == 0
+
+
+def test_packed_static_decode_steps_match_the_unpacked_ones():
+    """GraphedDecoder(pack=True), eager and compiled, against the unpacked eager static step of
+    an identical model, each on its own copy of the same prefill's caches (ring buffers
+    wrapping, a left-padded row)."""
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+
+    ref, model = build("parallel-channel", seed=23), build("parallel-channel", seed=23)
+    B, T, n = 2, 9, 20
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :3] = 0
+    caches = [m.allocate_inference_cache(B, T + n) for m in (ref, model, model)]
+    separate = []
+    for m in (ref, model):
+        m.layers[0].attn.wq.register_forward_hook(lambda mod, *a, m=m: separate.append(m is model))
+    with torch.no_grad():
+        for m, (kv, ms) in zip((ref, model, model), caches):
+            first = m(**m.prepare_inputs_for_generation(ids, kv, ms, mask)).logits[:, -1]
+        plain = GraphedDecoder(ref, *caches[0], mask.sum(1), graph=False)
+        packed = GraphedDecoder(model, *caches[1], mask.sum(1), graph=False, pack=True)
+        compiled = GraphedDecoder(model, *caches[2], mask.sum(1), graph=False, pack=True, compile=True)
+        separate.clear()
+        nxt = first.argmax(-1)
+        for _ in range(n - 1):
+            a, b, c = plain.step(nxt).clone(), packed.step(nxt).clone(), compiled.step(nxt).clone()
+            torch.testing.assert_close(b, a, **TOL)
+            torch.testing.assert_close(c, a, **TOL)
+            nxt = a.argmax(-1)
+    assert ref.layers[0].attn.packed_weight is None and model.layers[0].attn.packed_weight is not None
+    assert separate == [False] * (n - 1)  # the reference's own matmuls each step; the packed model's never
