@@ -342,6 +342,7 @@ RESUME_FREE = ["out_dir", "kernels.*", "parallel.*", "generate.*", "train.log_ev
                "train.keep_checkpoints", "train.save_checkpoints", "train.async_checkpoint",
                "train.gate_stats_every_steps", "train.wandb_project", "train.profile_steps", "train.compile",
                "train.compile_backend", "train.compile_loss", "train.compile_cache_dir", "train.autotune_compile_threads",
+               "train.optimizer_impl",
                "train.cuda_graphs", "train.activation_checkpointing",
                "train.checkpoint_num_layers", "train.peak_flops_per_device", "train.device", "train.max_bad_steps",
                "train.inject_nan_steps", "data.shards_dir", "data.tokenizer", "data.num_workers",

@@ -121,6 +121,10 @@ def test_resume_lists_the_changed_keys_and_allows_the_named_ones():
     # where a run logs and saves, and its layout, change freely (and are reported)
     free = check_resume_config(saved, load_config(None, ["--train.log_every_steps=7", "--out_dir=elsewhere"]))
     assert free == ["out_dir: 'runs/default' -> 'elsewhere'", "train.log_every_steps: 10 -> 7"]
+    # a key added since the checkpoint was saved, which changes how and not what is computed
+    older = {k: {kk: vv for kk, vv in v.items() if kk != "optimizer_impl"} if isinstance(v, dict) else v
+             for k, v in saved.items()}
+    assert check_resume_config(older, load_config(None, [])) == ["train.optimizer_impl: '<absent>' -> 'auto'"]
     changed = load_config(None, ["--train.steps=50", "--train.lr_peak=0.01", "--data.micro_batch_tokens=1024"])
     with pytest.raises(ValueError, match=r"\(data.micro_batch_tokens: .*; train.lr_peak: .*; train.steps: .* -> 50\); "
                                          r".*--allow_config_change data.micro_batch_tokens,train.lr_peak,train.steps$"):
