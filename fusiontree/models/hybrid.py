@@ -247,6 +247,10 @@ class HybridLanguageModel(nn.Module):
         info = SeqInfo(position_ids=position_ids_B1, key_pos=position_ids_B1, cache_step=cache_step_1, cached=True)
         if compiled and self._compiled_decode is None:
             self.compile_decode()
+        if compiled:  # the compiled blocks take a packed buffer as it is: check it here
+            for m in self.modules():
+                if isinstance(m, PackedProjections):
+                    m.check_packing()
         x = self.embed(input_ids_B1)
         for i, layer in enumerate(self.layers):
             if compiled:  # the class forward compiled, called with its block

@@ -115,15 +115,21 @@ class PackedProjections(nn.Module):
             start += w.numel()
         return True
 
-    def project(self, x: Tensor) -> list[Tensor]:
-        """Each packable linear applied to `x`, in `packable` order."""
-        if self.packed_weight is not None and not torch.is_grad_enabled():
-            if torch.compiler.is_compiling() or self._packing_intact():  # a compiled step checked it when built
-                return list(F.linear(x, self.packed_weight).split([lin.out_features for lin in self._linears()], -1))
+    def check_packing(self) -> None:
+        """Drop a packing whose weights were moved out of the buffer since, with a warning."""
+        if self.packed_weight is not None and not self._packing_intact():
             logging.getLogger(__name__).warning(
                 "%s: its weights were moved out of their packed buffer; projecting them one by one "
                 "(call pack_projections() again to repack)", type(self).__name__)
             self.packed_weight = None
+
+    def project(self, x: Tensor) -> list[Tensor]:
+        """Each packable linear applied to `x`, in `packable` order. Compiled callers run
+        `check_packing` first, outside the compiled code (`decode_step` does)."""
+        if not torch.compiler.is_compiling():
+            self.check_packing()
+        if self.packed_weight is not None and not torch.is_grad_enabled():
+            return list(F.linear(x, self.packed_weight).split([lin.out_features for lin in self._linears()], -1))
         return [lin(x) for lin in self._linears()]
 
     def _apply(self, fn, recurse=True):

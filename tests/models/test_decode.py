@@ -348,3 +348,11 @@ def test_packed_static_decode_steps_match_the_unpacked_ones():
             nxt = a.argmax(-1)
     assert ref.layers[0].attn.packed_weight is None and model.layers[0].attn.packed_weight is not None
     assert separate == [False] * (n - 1)  # the reference's own matmuls each step; the packed model's never
+    # A weight re-pointed to new values: the compiled step must not read the stale packed buffer.
+    for m in (ref, model):
+        w = m.layers[0].mlp.w_up.weight
+        w.data = w.detach() * 2
+    with torch.no_grad():
+        a, c = plain.step(nxt).clone(), compiled.step(nxt).clone()
+    torch.testing.assert_close(c, a, **TOL)
+    assert model.layers[0].mlp.packed_weight is None and model.layers[1].mlp.packed_weight is not None
