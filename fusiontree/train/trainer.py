@@ -266,6 +266,7 @@ class Trainer:
         import deepspeed
 
         self.optimizer = build_optimizer(model, cfg.train)
+        log.info("optimizer: torch AdamW, %s", "fused" if self.optimizer.defaults.get("fused") else "multi-tensor")
         loader = self.train_loader
         ds_cfg = deepspeed_config(ds_config, cfg, loader.micro_batch_size, loader.grad_accum_steps, self.bf16)
         param_names = tuple(tuple(names_by_id[id(p)] for p in g["params"]) for g in self.optimizer.param_groups)

@@ -32,17 +32,18 @@ COMPILE = {"compile": True, "compile_backend": "aot_eager"}
 
 # Synchronous saves at ZeRO-0, background saves at ZeRO-2 (ZeRO-2 sharded optimizer files and
 # the background writer together); the random-kill test of the checkpoint module covers both
-# save modes at every moment of a save.
-@pytest.mark.parametrize("zero,async_save", [(0, False), (2, True)])
-def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shards, zero, async_save):
+# save modes at every moment of a save. The ZeRO-2 case runs torch's fused AdamW (the CUDA
+# default), whose state saves and resumes through DeepSpeed's sharded files as well.
+@pytest.mark.parametrize("zero,async_save,optimizer", [(0, False, "auto"), (2, True, "fused")])
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shards, zero, async_save, optimizer):
     """SIGKILL mid-run, then --resume auto: bitwise the uninterrupted losses. With background
     saves the kill may land while the step-6 checkpoint is still being written: then the
     resume starts from step 3, and must still give the same losses."""
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    cfg = write_config(tmp_path / "cut.yaml", train_shards, cut_dir, async_checkpoint=async_save)
+    kw = dict(async_checkpoint=async_save, optimizer_impl=optimizer)
+    cfg = write_config(tmp_path / "cut.yaml", train_shards, cut_dir, **kw)
     # The uninterrupted run goes side by side with the run that is killed: neither reads the other.
-    with Background(train_cmd(write_config(tmp_path / "full.yaml", train_shards, full_dir,
-                                           async_checkpoint=async_save), zero=zero)) as full:
+    with Background(train_cmd(write_config(tmp_path / "full.yaml", train_shards, full_dir, **kw), zero=zero)) as full:
         proc = subprocess.Popen(train_cmd(cfg, zero=zero), env=env(), cwd=ROOT, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + HANG_TIMEOUT_S
@@ -67,6 +68,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, train_shard
     res = run(train_cmd(cfg, zero=zero, extra=["--resume", "auto"]))
     _ok(res)
     assert f"resumed from {latest}" in res.stderr
+    assert f"optimizer: torch AdamW, {'fused' if optimizer == 'fused' else 'multi-tensor'}" in res.stderr
     got = losses(cut_dir)
     assert got == want  # bitwise: same floats at every step
     # and the same final state: weights, every rank's RNG, loader and gate statistics
