@@ -19,6 +19,9 @@ steps continuing them (CUDA-event mean over --steps steps after warm-up), per mo
   compiled_graph  the same with the step's blocks compiled first (`GraphedDecoder(compile=True)`)
   packed_graph    compiled_graph with the projections that read one input packed into one
                   matmul each (`GraphedDecoder(compile=True, pack=True)`: q/k/v, gate/up)
+  autotuned_graph packed_graph with the blocks compiled in torch.compile's
+                  "max-autotune-no-cudagraphs" mode (Triton matmul templates timed against
+                  cuBLAS per shape, neighbours fused into them; minutes of compile)
 
 Decode attention paths (`kernels.decode_attention`; they change the graphed modes only):
 
@@ -77,7 +80,7 @@ from fusiontree.train.metrics import gpu_busy_ms, kernel_categories_table
 from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("eager", "graph", "compiled_graph", "packed_graph")
+MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph")
 
 
 class Timer:
@@ -259,16 +262,17 @@ def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps,
         eager_step()
         row["eager_ms_per_token"] = timer.ms(eager_step, steps - 1)
 
-    def decoder(compile_step: bool, pack: bool = False) -> GraphedDecoder:
+    def decoder(mode: str) -> GraphedDecoder:
         flash.length = kv.seen_tokens + 1  # the filled count of the first replay
         return GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev), graph=graph,
-                              compile=compile_step, pack=pack)
+                              compile=mode != "graph", pack=mode in ("packed_graph", "autotuned_graph"),
+                              compile_mode="max-autotune-no-cudagraphs" if mode == "autotuned_graph" else None)
 
     if path == "sdpa_flash" and batch == 1:
-        row["first_step_max_err"] = flash_check(model, kv, ms, nxt, lambda: decoder(False))
+        row["first_step_max_err"] = flash_check(model, kv, ms, nxt, lambda: decoder("graph"))
     flash_len = 0
     for mode in (m for m in modes if m != "eager"):
-        dec = decoder(mode != "graph", pack=mode == "packed_graph")
+        dec = decoder(mode)
         flash_len = flash.length
 
         def graphed_step():
@@ -343,13 +347,13 @@ def print_table(rows: list[dict], preset: str, batches: list[int]) -> None:
                      (model, path, c, b)), None)
 
     print("| model | decode attention | context | batch | prefill ms (batch 1) | eager ms | graph ms | "
-          "compiled + graph ms | packed + compiled + graph ms | tokens/s | MB read/token (floor) | HBM | cache MiB | speed vs twin, same path "
+          "compiled + graph ms | packed ms | packed + max-autotune ms | tokens/s | MB read/token (floor) | HBM | cache MiB | speed vs twin, same path "
           "| cache vs twin |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['model']} | {r['decode_attention']} | {r['context']} | {r['batch']} |"
         if "error" in r:
-            print(f"{head} {r['error']} |" + " |" * 10)
+            print(f"{head} {r['error']} |" + " |" * 11)
             continue
         twin = find(twin_name, r["decode_attention"], r["context"], r["batch"]) if r["model"] == preset else None
         cells = [f"{r['prefill_ms_batch1']:.0f}"] + [

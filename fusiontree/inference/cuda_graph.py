@@ -28,10 +28,13 @@ class GraphedDecoder:
     number of real tokens in the row). Capturing runs the step a few times to warm up
     kernels (autotuning, workspaces) and then restores the caches, so the prefix is intact.
     pack: pack the projections that read one input into one matmul each
-    (`HybridLanguageModel.pack_projections`; False unpacks them)."""
+    (`HybridLanguageModel.pack_projections`; False unpacks them).
+    compile_mode: torch.compile's mode for the compiled blocks (None: its default;
+    "max-autotune-no-cudagraphs": Inductor times Triton matmul templates against cuBLAS for
+    each of the step's shapes and can fuse their neighbours into them, at minutes of compile)."""
 
     def __init__(self, model, kv: KVCache, ms: MambaStates, next_positions_B: Tensor, graph: bool = True,
-                 warmup: int = 3, compile: bool = False, pack: bool = False):
+                 warmup: int = 3, compile: bool = False, pack: bool = False, compile_mode: str | None = None):
         if kv.seen_tokens != ms.seen_tokens:
             raise ValueError(f"the caches disagree: KV cache {kv.seen_tokens} tokens, Mamba states "
                              f"{ms.seen_tokens}; pass the pair returned by the same prefill")
@@ -48,6 +51,9 @@ class GraphedDecoder:
         self.step_1 = torch.full((1,), kv.seen_tokens, dtype=torch.long, device=dev)
         self.compiled = compile
         model.pack_projections(pack)
+        options = {"mode": compile_mode} if compile_mode else {}
+        if compile and (model._compiled_decode is None or model.decode_options != options):
+            model.compile_decode(**options)
         if graph:
             self.graph, self.logits_BV = self._capture(warmup)
 

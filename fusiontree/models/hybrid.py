@@ -80,6 +80,7 @@ class HybridLanguageModel(nn.Module):
         self.check_inputs = True
         # The blocks of `decode_step(compiled=True)`, made by `compile_decode`.
         self._compiled_decode: list | None = None
+        self.decode_options: dict = {}
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -118,8 +119,10 @@ class HybridLanguageModel(nn.Module):
         the graph): Inductor fuses the dozens of small elementwise kernels a block launches per
         token (norm casts, RoPE, SRTE, the conv and SSM step around the backends' calls, the
         gate mix) into a few. Only `decode_step(..., compiled=True)` uses them
-        (`GraphedDecoder(compile=True)`)."""
+        (`GraphedDecoder(compile=True)`). `compile_kwargs` go to torch.compile (a `mode`, say);
+        `decode_options` says which the current blocks were compiled with."""
         self._compiled_decode = [compile_once(type(layer).forward, **compile_kwargs) for layer in self.layers]
+        self.decode_options = dict(compile_kwargs)
 
     # ------------------------------------------------------------------ forward
 

@@ -235,7 +235,7 @@ def test_decode_attention_with_a_batch_limit_takes_filled_blocks_only_up_to_it()
     assert rows == [1] * (3 * len(ref.layers))  # each step, each attention layer (windowed or global)
 
 
-def _compiled_steps_match_eager(model, ids, n: int) -> None:
+def _compiled_steps_match_eager(model, ids, n: int, **decoder_kw) -> None:
     """n - 1 greedy steps of GraphedDecoder(compile=True) against the eager static step, each on
     its own copy of the caches after the same prefill of `ids`."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
@@ -245,7 +245,7 @@ def _compiled_steps_match_eager(model, ids, n: int) -> None:
     with torch.no_grad():
         first = [model(ids, past_key_values=kv, past_mamba_states=ms).logits[:, -1] for kv, ms in caches]
         eager = GraphedDecoder(model, *caches[0], torch.full((B,), T), graph=False)
-        compiled = GraphedDecoder(model, *caches[1], torch.full((B,), T), graph=False, compile=True)
+        compiled = GraphedDecoder(model, *caches[1], torch.full((B,), T), graph=False, compile=True, **decoder_kw)
         nxt = first[0].argmax(-1)
         for _ in range(n - 1):
             a, b = compiled.step(nxt).clone(), eager.step(nxt)
@@ -356,3 +356,16 @@ def test_packed_static_decode_steps_match_the_unpacked_ones():
         a, c = plain.step(nxt).clone(), compiled.step(nxt).clone()
     torch.testing.assert_close(c, a, **TOL)
     assert model.layers[0].mlp.packed_weight is None and model.layers[1].mlp.packed_weight is not None
+
+
+def test_compiled_decode_step_takes_a_compile_mode_and_recompiles_for_another():
+    """GraphedDecoder(compile_mode=...) compiles the step's blocks in that torch.compile mode
+    (here max-autotune, on Inductor's CPU code generator), matching the eager static step; a
+    later decoder with the default mode compiles them again rather than reusing them."""
+    model = build("parallel-channel", seed=8)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(9))
+    _compiled_steps_match_eager(model, ids, 6, compile_mode="max-autotune-no-cudagraphs", pack=True)
+    assert model.decode_options == {"mode": "max-autotune-no-cudagraphs"}
+    first = model._compiled_decode
+    _compiled_steps_match_eager(model, ids, 4)
+    assert model.decode_options == {} and model._compiled_decode[0] is not first[0]
