@@ -140,8 +140,10 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
             mark("first_backward")
         if i == len(batches) - 1 and zero_stage == 0:
             # ZeRO-0 reports no norm of its own; gradients are reduced after the last backward.
-            grad_norm = torch.linalg.vector_norm(torch.stack(
-                [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]))
+            # Multi-tensor norms accumulated in fp32: a few launches, no fp32 copy of each gradient.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))) \
+                if grads else torch.zeros((), device=device)
         with record_function("fusiontree.engine_step"):
             engine.step()
         if first:
