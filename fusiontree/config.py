@@ -80,6 +80,11 @@ class TrainConfig:
     # (multi-tensor kernels, one pass per operation of the update), or "auto": fused on CUDA,
     # foreach on CPU. Same update, same state.
     optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
+    # Decide a non-finite step's skip on the device (fused AdamW only): the fused kernel skips
+    # the update itself, so the optimizer step waits for no host read of the gradients' check;
+    # the trainer learns the outcome with the step's loss. false: the decision is read on the
+    # host before the update (a sync in every optimizer step).
+    skip_on_device: bool = False
     # auto: bf16 on GPU, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -342,7 +347,7 @@ RESUME_FREE = ["out_dir", "kernels.*", "parallel.*", "generate.*", "train.log_ev
                "train.keep_checkpoints", "train.save_checkpoints", "train.async_checkpoint",
                "train.gate_stats_every_steps", "train.wandb_project", "train.profile_steps", "train.compile",
                "train.compile_backend", "train.compile_loss", "train.compile_cache_dir", "train.autotune_compile_threads",
-               "train.optimizer_impl",
+               "train.optimizer_impl", "train.skip_on_device",
                "train.cuda_graphs", "train.activation_checkpointing",
                "train.checkpoint_num_layers", "train.peak_flops_per_device", "train.device", "train.max_bad_steps",
                "train.inject_nan_steps", "data.shards_dir", "data.tokenizer", "data.num_workers",

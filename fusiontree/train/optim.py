@@ -21,6 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch import Tensor
 
 
 # DeepSpeed flattens each parameter group into one buffer and makes every parameter a view of
@@ -55,31 +56,71 @@ def misaligned_parameters(model: nn.Module) -> list[str]:
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    def __init__(self, params, group: dist.ProcessGroup | None = None, **kwargs):
+    """torch's AdamW that skips a step whose gradients are not all finite, on every rank
+    together (weights, moments and step counts unchanged).
+
+    skip_on_device (fused AdamW only): the decision stays on the device. The fused kernel reads
+    it (as it reads GradScaler's) and leaves everything as it was where it is set, so the step
+    has no host sync; `skipped_flag` hands the outcome on as a tensor, and `last_step_skipped`
+    reads it (a sync). Otherwise the decision is read on the host before the update."""
+
+    def __init__(self, params, group: dist.ProcessGroup | None = None, skip_on_device: bool = False, **kwargs):
         super().__init__(params, **kwargs)
+        if skip_on_device and not self.defaults.get("fused"):
+            raise ValueError("train.skip_on_device=true needs the fused AdamW: set train.optimizer_impl=fused "
+                             "(auto takes it on CUDA)")
+        self.skip_on_device = skip_on_device
         self.skip_next = False
-        self.last_step_skipped = False
+        self._skipped: bool | Tensor = False
         self.sync_group = group
 
-    def _grads_finite(self) -> bool:
+    @property
+    def last_step_skipped(self) -> bool:
+        s = self._skipped
+        return bool(s.item()) if isinstance(s, Tensor) else s  # a device flag: a host sync
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value: bool) -> None:
+        self._skipped = value
+
+    def skipped_flag(self, device: torch.device) -> Tensor:
+        """The last step's outcome as a float32 scalar on `device` (1: skipped), read without a sync."""
+        s = self._skipped
+        return s.to(device) if isinstance(s, Tensor) else torch.full((), float(s), device=device)  # a fill, no copy
+
+    def _nonfinite(self) -> Tensor:
+        """1.0 on the parameters' device where some rank's gradients are not all finite, else 0.0."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         # One norm over all gradients: multi-tensor kernels on CUDA (a few launches, not one
         # reduction per parameter); it is non-finite exactly when some gradient is.
-        bad = torch.zeros((), dtype=torch.float32) if not grads else \
-            (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+        bad = torch.zeros((), dtype=torch.float32, device=dev) if not grads else \
+            (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float().to(dev)
         if dist.is_available() and dist.is_initialized():
             # Deliberate collective: every rank must skip together (ZeRO ranks hold different shards).
-            dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-            bad = bad.to(dev)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.sync_group)
-        return not bool(bad.item())  # host sync: the skip decision
+        return bad
+
+    def _grads_finite(self) -> bool:
+        return not bool(self._nonfinite().item())  # host sync: the skip decision
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.skip_on_device:
+            bad = self._nonfinite()
+            if self.skip_next:
+                bad = torch.ones_like(bad)
+            self.skip_next = False
+            self._skipped = bad
+            self.found_inf = bad  # the fused kernel's own skip (torch.optim.Adam reads this attribute)
+            try:
+                return super().step(closure)
+            finally:
+                del self.found_inf
         finite = self._grads_finite()
-        self.last_step_skipped = self.skip_next or not finite
+        self._skipped = self.skip_next or not finite
         self.skip_next = False
-        if self.last_step_skipped:
+        if self._skipped:
             return None
         return super().step(closure)
 
@@ -116,4 +157,5 @@ def build_optimizer(model: nn.Module, cfg) -> SkippableAdamW:
         impl = "fused" if on_cuda else "foreach"
     return SkippableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr_peak,
                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                          skip_on_device=getattr(cfg, "skip_on_device", False),
                           **({"fused": True} if impl == "fused" else {"foreach": True}))

@@ -151,7 +151,11 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
         loss_sum += loss.detach().float()
         ce_sum += parts["ce"].float()
         tokens += ids.numel()
-    skipped = optimizer.last_step_skipped or engine.skipped_steps > ds_skipped_before
+    # On the device (no sync: with train.skip_on_device the optimizer's decision is a tensor);
+    # read with the loss at the step's end.
+    skipped = optimizer.skipped_flag(device)
+    if engine.skipped_steps > ds_skipped_before:
+        skipped = torch.ones((), device=device)
     if grad_norm is None:
         gn = engine.get_global_grad_norm()
         grad_norm = torch.tensor(float("nan") if gn is None else float(gn))
@@ -268,7 +272,9 @@ class Trainer:
         import deepspeed
 
         self.optimizer = build_optimizer(model, cfg.train)
-        log.info("optimizer: torch AdamW, %s", "fused" if self.optimizer.defaults.get("fused") else "multi-tensor")
+        log.info("optimizer: torch AdamW, %s, non-finite steps skipped by a decision read on the %s",
+                 "fused" if self.optimizer.defaults.get("fused") else "multi-tensor",
+                 "device" if self.optimizer.skip_on_device else "host")
         loader = self.train_loader
         ds_cfg = deepspeed_config(ds_config, cfg, loader.micro_batch_size, loader.grad_accum_steps, self.bf16)
         param_names = tuple(tuple(names_by_id[id(p)] for p in g["params"]) for g in self.optimizer.param_groups)
@@ -442,17 +448,18 @@ class Trainer:
         """Agree on the step's loss and on stopping, count it, move the token clock, run the hooks.
         Returns the time the step ended (`t_last`: when the previous one did)."""
         cfg, di, state = self.cfg, self.di, self.state
-        red = torch.stack([m["loss"], m["ce"]]).float()  # equal within a tensor-parallel group
+        # Loss and the skip outcome (every rank's is the same: the optimizer agreed on it).
+        red = torch.stack([m["loss"], m["ce"], m["skipped"]]).float()  # equal within a tensor-parallel group
         if dist.is_initialized() and di.world_size > 1:
             dist.all_reduce(red)
             red /= di.world_size
         stop = self.stop.agreed(di.device)
-        loss, ce = (float(x) for x in red.tolist())  # host sync: once per step, for logging
+        loss, ce, skipped = (float(x) for x in red.tolist())  # host sync: once per step, for logging
         if self.profiler is not None:
             self.profiler.stop(state.step + 1)
         tokens = m["tokens"] * self.dp_size
         state.step += 1
-        if m["skipped"] or not math.isfinite(loss):
+        if skipped > 0 or not math.isfinite(loss):
             state.skipped_steps += 1
             state.consecutive_bad += 1
             log.warning("step %d skipped: non-finite loss or gradients (loss %s); %d in a row, %d in total",

@@ -88,12 +88,22 @@ def test_deepspeed_places_every_parameter_on_a_16_byte_boundary():
     assert len(lines) == 2 and all(line.endswith("misaligned []") for line in lines), res.stdout
 
 
-def test_skippable_adamw_applies_nothing_on_non_finite_gradients():
+# The host decision (multi-tensor and fused AdamW) and the decision left on the device, where
+# the fused kernel skips the update itself.
+SKIP_MODES = [{}, {"fused": True}, {"fused": True, "skip_on_device": True}]
+
+
+@pytest.mark.parametrize("kw", SKIP_MODES)
+def test_skippable_adamw_applies_nothing_on_non_finite_gradients(kw):
     p = torch.nn.Parameter(torch.ones(3))
-    opt = SkippableAdamW([p], lr=0.1)
+    opt = SkippableAdamW([p], lr=0.1, **kw)
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
     opt.step()
-    assert opt.last_step_skipped and torch.equal(p.data, torch.ones(3)) and not opt.state[p]
+    assert opt.last_step_skipped and torch.equal(p.data, torch.ones(3))
+    assert opt.skipped_flag(torch.device("cpu")).item() == 1.0
+    # no state, or (a skip on the device) the untouched state of a first step
+    assert not opt.state[p] or (opt.state[p]["step"] == 0 and not opt.state[p]["exp_avg"].any()
+                                and not opt.state[p]["exp_avg_sq"].any())
     p.grad = torch.tensor([1.0, 1.0, 1.0])
     opt.step()
     assert not opt.last_step_skipped and (p.data < 1).all() and opt.state[p]["step"] == 1
@@ -103,11 +113,12 @@ def test_skippable_adamw_applies_nothing_on_non_finite_gradients():
     assert opt.last_step_skipped and torch.equal(p.data, before) and opt.state[p]["step"] == 1
 
 
+@pytest.mark.parametrize("kw", SKIP_MODES)
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_one_non_finite_gradient_among_many_skips_the_step(bad):
+def test_one_non_finite_gradient_among_many_skips_the_step(bad, kw):
     params = [torch.nn.Parameter(torch.ones(n, dtype=dt)) for n, dt in
               ((5, torch.float32), (1, torch.float32), (7, torch.bfloat16), (3, torch.float32))]
-    opt = SkippableAdamW(params, lr=0.1)
+    opt = SkippableAdamW(params, lr=0.1, **kw)
     for i in range(len(params)):
         for j, p in enumerate(params):
             p.grad = torch.full_like(p, 1e3)
@@ -134,12 +145,13 @@ def refuse(*args, **kwargs):
 
 DeepSpeedZeroOptimizer.has_overflow = refuse
 init_distributed(device="cpu")
-for stage, fused in ((1, False), (2, False), (1, True), (2, True)):
+modes = [{"foreach": True}, {"fused": True}, {"fused": True, "skip_on_device": True}]
+for stage, kw in [(stage, kw) for kw in modes for stage in (1, 2)]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"zero_optimization": {"stage": stage}}, f)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
-    opt = SkippableAdamW(model.parameters(), lr=1e-2, **({"fused": True} if fused else {"foreach": True}))
+    opt = SkippableAdamW(model.parameters(), lr=1e-2, **kw)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                       config=deepspeed_config(f.name, RunConfig(), 2, 1, bf16=True))
     x = torch.randn(2, 16, dtype=torch.bfloat16)
@@ -157,15 +169,44 @@ for stage, fused in ((1, False), (2, False), (1, True), (2, True)):
 
 
 def test_bf16_deepspeed_steps_skip_non_finite_gradients_by_the_optimizers_check_alone():
-    """Under DeepSpeed bf16 (ZeRO-1 and 2, clipping on, foreach and fused AdamW) the optimizer's
-    check decides the skip; DeepSpeed's own per-parameter overflow check is off and must not run."""
+    """Under DeepSpeed bf16 (ZeRO-1 and 2, clipping on; multi-tensor AdamW, fused AdamW, and fused
+    AdamW skipping on the device) the optimizer's check decides the skip; DeepSpeed's own
+    per-parameter overflow check is off and must not run."""
     res = subprocess.run([sys.executable, "-c", SKIPS_UNDER_DEEPSPEED_BF16], env=env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("stage")]
     assert lines == [f"stage {s} bad {b} skipped True unchanged True" if b != "finite" else
                      f"stage {s} finite skipped False changed True"
-                     for s in (1, 2, 1, 2) for b in ("nan", "inf", "finite")], res.stdout
+                     for s in (1, 2) * 3 for b in ("nan", "inf", "finite")], res.stdout
+
+
+def test_skipping_on_the_device_needs_the_fused_adamw():
+    with pytest.raises(ValueError, match="skip_on_device=true needs the fused AdamW"):
+        SkippableAdamW([torch.nn.Parameter(torch.ones(2))], foreach=True, skip_on_device=True)
+
+
+def test_a_skip_on_the_device_takes_the_host_decisions_steps():
+    """Fused AdamW with the decision on the device against the host decision: bitwise the same
+    weights, moments and step counts through finite, skipped and forced-skip (skip_next) steps."""
+    grads = [torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, float("nan"), 0.0]), torch.tensor([0.3, 0.2, -0.1]),
+             "skip_next", torch.tensor([1.0, 1.0, float("inf")]), torch.tensor([-0.4, 0.1, 0.9])]
+    runs = []
+    for on_device in (False, True):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = SkippableAdamW([p], lr=0.1, weight_decay=0.1, fused=True, skip_on_device=on_device)
+        skipped = []
+        for g in grads:
+            if isinstance(g, str):
+                opt.skip_next, g = True, torch.tensor([2.0, 2.0, 2.0])
+            p.grad = g.clone()
+            opt.step()
+            skipped.append(opt.last_step_skipped)
+        runs.append((skipped, p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    assert runs[0][0] == runs[1][0] == [False, True, False, True, True, False]
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert runs[1][2]["step"] == 3
 
 
 def _optimizer_cfg(impl):

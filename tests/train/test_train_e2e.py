@@ -177,9 +177,12 @@ def test_torchrun_launch_with_zero3_and_activation_checkpointing(tmp_path, train
         assert abs(got[s] - want[s]) < 1e-4, (s, got[s], want[s])
 
 
-def test_nan_step_is_skipped_counted_and_training_continues(tmp_path, train_shards):
+# The host decision, and the decision left on the device (fused AdamW skips the update itself).
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer_impl": "fused", "skip_on_device": True}])
+def test_nan_step_is_skipped_counted_and_training_continues(tmp_path, train_shards, optimizer):
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", train_shards, out, steps=5, inject_nan_steps=[3], checkpoint_every_steps=1)
+    cfg = write_config(tmp_path / "c.yaml", train_shards, out, steps=5, inject_nan_steps=[3], checkpoint_every_steps=1,
+                       **optimizer)
     res = run(train_cmd(cfg, nproc=2, zero=2))
     _ok(res)
     rows = {r["step"]: r for r in metrics(out) if "loss" in r}  # strict JSON: the NaN loss is null
