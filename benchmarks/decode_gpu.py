@@ -126,9 +126,10 @@ def profile_steps(out_dir: Path, tag: str, fn, n: int = PROFILE_STEPS) -> str:
                                       row_limit=30, max_name_column_width=90)
     head = f"{tag}: {n} steps"
     if cuda:
-        busy, kernels = gpu_busy_ms(prof.events())
+        events = prof.events()
+        busy, kernels = gpu_busy_ms(events)
         head += f"; per step: GPU busy {busy / n:.3f} ms, {kernels / n:.0f} kernels\n"
-        head += "\n".join(kernel_categories_table(prof.events())) + f"\n(summed over the {n} steps)"
+        head += "\n".join(kernel_categories_table(events)) + f"\n(summed over the {n} steps)"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{tag}.txt"
     path.write_text(f"{head}\n{table}\n")

@@ -149,7 +149,7 @@ def lr_at(step: int, lr_peak: float, warmup_steps: int, total_steps: int, decay:
 
 def build_optimizer(model: nn.Module, cfg) -> SkippableAdamW:
     """The optimizer `cfg` (a `TrainConfig`) describes, over `model`'s parameter groups."""
-    impl = getattr(cfg, "optimizer_impl", "auto")
+    impl = cfg.optimizer_impl
     if impl not in ("auto", "fused", "foreach"):
         raise ValueError(f"train.optimizer_impl={impl!r}; use auto, fused or foreach")
     if impl == "auto":
@@ -157,5 +157,5 @@ def build_optimizer(model: nn.Module, cfg) -> SkippableAdamW:
         impl = "fused" if on_cuda else "foreach"
     return SkippableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr_peak,
                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                          skip_on_device=getattr(cfg, "skip_on_device", False),
+                          skip_on_device=cfg.skip_on_device,
                           **({"fused": True} if impl == "fused" else {"foreach": True}))
