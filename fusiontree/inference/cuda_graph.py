@@ -50,7 +50,7 @@ class GraphedDecoder:
         self.pos_B1 = next_positions_B.to(device=dev, dtype=torch.long).reshape(B, 1).clone()
         self.step_1 = torch.full((1,), kv.seen_tokens, dtype=torch.long, device=dev)
         self.compiled = compile
-        model.pack_projections(pack)
+        self.packed_modules = model.pack_projections(pack)  # how many modules project packed
         options = {"mode": compile_mode} if compile_mode else {}
         if compile and (model._compiled_decode is None or model.decode_options != options):
             model.compile_decode(**options)

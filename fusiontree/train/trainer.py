@@ -157,8 +157,8 @@ def train_step(engine, optimizer: SkippableAdamW, batches, loss_fn: HybridModelL
     if engine.skipped_steps > ds_skipped_before:
         skipped = torch.ones((), device=device)
     if grad_norm is None:
-        gn = engine.get_global_grad_norm()
-        grad_norm = torch.tensor(float("nan") if gn is None else float(gn))
+        gn = engine.get_global_grad_norm()  # a device tensor under ZeRO-1/2: kept there (no sync)
+        grad_norm = gn if isinstance(gn, torch.Tensor) else torch.tensor(float("nan") if gn is None else float(gn))
     n = len(batches)
     return {"loss": loss_sum / n, "ce": ce_sum / n, "tokens": tokens, "skipped": skipped,
             "grad_norm": grad_norm.float().to(device)}

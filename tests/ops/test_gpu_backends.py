@@ -544,13 +544,14 @@ def test_model_compiled_blocks_match_eager_bf16_training_step():
 
 
 @pytest.mark.parametrize("decode_attention", ["all_slots", "filled_blocks"])
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled,pack", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled, decode_attention):
+def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled, pack, decode_attention):
     """GraphedDecoder's replayed CUDA graph against the same static step run eagerly (same
-    kernels: equal to round-off; compiled blocks: to the compiled-vs-eager tolerance) and
-    against the ordinary cached forward, on a left-padded batch whose ring buffers wrap twice.
-    The caches of the static steps have 600 slots more than the steps fill (empty key blocks)."""
+    kernels: equal to round-off; compiled blocks, packed projections or not: to the
+    compiled-vs-eager tolerance) and against the ordinary cached forward, on a left-padded batch
+    whose ring buffers wrap twice. The caches of the static steps have 600 slots more than the
+    steps fill (empty key blocks)."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
     model, _ = _models(dtype=dtype, seed=8, decode_attention=decode_attention)
@@ -563,7 +564,8 @@ def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled, decode_at
     with torch.no_grad():
         for kv, ms in caches:
             first = model(**model.prepare_inputs_for_generation(prompt, kv, ms, mask)).logits[:, -1]
-        graphed = GraphedDecoder(model, *caches[0], mask.sum(1), graph=True, compile=compiled)
+        graphed = GraphedDecoder(model, *caches[0], mask.sum(1), graph=True, compile=compiled, pack=pack)
+        assert (graphed.packed_modules > 0) == pack
         eager = GraphedDecoder(model, *caches[1], mask.sum(1), graph=False)
         kv, ms = caches[2]
         tokens, logits = prompt, first
