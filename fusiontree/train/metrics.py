@@ -211,6 +211,7 @@ class StepProfiler:
             busy_ms, kernels = gpu_busy_ms(events)
             lines.append(f"GPU busy {busy_ms:.1f} ms ({busy_ms / wall_ms:.1%} of the wall time), {kernels} kernels")
             lines += kernel_categories_table(events)
+            lines += device_idle_table(events)
         phases: dict[str, list[float]] = {}
         for e in events:
             if e.name.startswith("fusiontree.") and e.device_type == torch.autograd.DeviceType.CPU:
@@ -236,20 +237,72 @@ def _device_work(events) -> list:
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
+def _busy_intervals(events) -> tuple[list[tuple[float, float]], int]:
+    """The union of the device events' intervals (us, sorted, disjoint), and how many events."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in _device_work(events)
+                   if e.time_range.end > e.time_range.start)
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged], len(spans)
+
+
 def gpu_busy_ms(events) -> tuple[float, int]:
     """The time at least one kernel (or copy) ran on the device, and how many ran: the union of
     the device events' intervals."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in _device_work(events)
-                   if e.time_range.end > e.time_range.start)
-    busy, end = 0.0, -math.inf
-    for a, b in spans:
-        if a > end:
-            busy += b - a
-            end = b
-        elif b > end:
-            busy += b - end
-            end = b
-    return busy / 1e3, len(spans)
+    merged, n = _busy_intervals(events)
+    return sum(b - a for a, b in merged) / 1e3, n
+
+
+def device_idle_table(events, queued_gap_us: float = 10.0, launch_us: float = 20.0, top: int = 6) -> list[str]:
+    """Where the device stood idle between its first and last kernel, and why. Gaps shorter than
+    `queued_gap_us` are the device's own spacing between kernels the host had already queued
+    (they grow with the kernel count, not with host work). A longer gap is the device waiting for
+    the host: it goes to the trainer's phase (the innermost `fusiontree.*` span on the host) that
+    was running `launch_us` before the gap ended, which launched the work that ended it ("between
+    phases" outside them). The largest gaps are listed with the innermost host operation running
+    then (a synchronization, say)."""
+    merged, _ = _busy_intervals(events)
+    gaps = [(a2 - b1, a2) for (_, b1), (a2, _) in zip(merged, merged[1:])]
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+            and e.time_range.end > e.time_range.start]
+    phases = [e for e in host if e.name.startswith("fusiontree.")]
+
+    def innermost(spans, t):
+        inside = [e for e in spans if e.time_range.start <= t <= e.time_range.end]
+        return min(inside, key=lambda e: e.time_range.end - e.time_range.start).name if inside else None
+
+    short = [g for g, _ in gaps if g < queued_gap_us]
+    long = [(g, end) for g, end in gaps if g >= queued_gap_us]
+    by_phase: dict[str, list[float]] = {}
+    for g, end in long:
+        by_phase.setdefault(innermost(phases, end - launch_us) or "between phases", []).append(g)
+    lead = merged[0][0] - min(e.time_range.start for e in host) if merged and host else 0.0
+    lines = [f"device idle before its first kernel (the step's start on the host): {max(lead, 0.0) / 1e3:.1f} ms",
+             f"device idle between its first and last kernel: {sum(g for g, _ in gaps) / 1e3:.1f} ms",
+             f"  gaps under {queued_gap_us:g} us between queued kernels | {sum(short) / 1e3:.1f} ms | {len(short)}",
+             f"  gaps of {queued_gap_us:g} us or more, waiting for the host, by the phase that ended them:"]
+    for name, gs in sorted(by_phase.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"    {name} | {sum(gs) / 1e3:.1f} ms | {len(gs)}")
+    ops = [e for e in host if not e.name.startswith("fusiontree.")]
+    for g, end in sorted(long, reverse=True)[:top]:
+        lines.append(f"  gap {g / 1e3:.2f} ms ending in {innermost(phases, end - launch_us) or 'between phases'}, "
+                     f"host mostly in {_longest_overlap(ops, end - g, end) or '-'}")
+    return lines
+
+
+def _longest_overlap(spans, a: float, b: float) -> str | None:
+    """The name of the span that covers most of [a, b] (the shorter one on a tie)."""
+    best, key = None, (0.0, 0.0)
+    for e in spans:
+        cover = min(b, e.time_range.end) - max(a, e.time_range.start)
+        k = (cover, -(e.time_range.end - e.time_range.start))
+        if cover > 0 and k > key:
+            best, key = e.name, k
+    return best
 
 
 # Kernel families by name, first match wins: what a profile of the hybrid's step is read by.

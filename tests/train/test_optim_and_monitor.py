@@ -335,3 +335,33 @@ def test_profile_groups_every_kernel_by_family_and_ignores_range_spans():
     assert rows["other"] == ["0.5", "11.1%", "2"]
     assert rows["other: mystery_kernel"] == ["0.5", "2"]
     assert "fusiontree.forward" not in "".join(lines)
+
+
+def test_device_idle_goes_to_the_host_phase_that_ended_each_gap():
+    from types import SimpleNamespace as NS
+
+    from fusiontree.train.metrics import device_idle_table
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, a, b, dev=cuda):
+        return NS(name=name, device_type=dev, time_range=NS(start=a, end=b), is_user_annotation=False)
+
+    events = [ev("fusiontree.forward", 0, 3000, cpu), ev("fusiontree.engine_step", 5000, 9000, cpu),
+              ev("aten::item", 5100, 7500, cpu), ev("cudaStreamSynchronize", 5200, 7400, cpu),
+              ev("k1", 500, 1000), ev("k2", 1004, 2000),   # 4 us apart: queued
+              ev("k3", 2500, 2600),                          # 500 us: the forward's host work
+              ev("k4", 7600, 8000),                          # 5 ms: ended by the engine step
+              ev("k5", 9500, 9600)]                          # 1.5 ms: outside every phase
+    lines = device_idle_table(events)
+    text = "\n".join(lines)
+    assert lines[0].endswith(": 0.5 ms")  # the host's first event at 0, the first kernel at 500 us
+    assert lines[1].endswith(": 7.0 ms")  # 0.004 + 0.5 + 5.0 + 1.5
+    assert "between queued kernels | 0.0 ms | 1" in text
+    rows = {ln.split(" | ")[0].strip(): ln.split(" | ")[1:] for ln in lines if ln.startswith("    ")}
+    assert rows == {"fusiontree.engine_step": ["5.0 ms", "1"], "between phases": ["1.5 ms", "1"],
+                    "fusiontree.forward": ["0.5 ms", "1"]}
+    # what the host did during the gap: the operation covering most of it (aten::item's sync)
+    assert "gap 5.00 ms ending in fusiontree.engine_step, host mostly in aten::item" in text
+    assert "gap 1.50 ms ending in between phases, host mostly in -" in text
+    assert device_idle_table([])[1].endswith(": 0.0 ms")
