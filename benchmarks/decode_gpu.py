@@ -3,7 +3,7 @@ decode attention path, with the bytes each token must move and the share of the 
 bandwidth that reaches.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32640] [--batches 1,8,32]
-        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes graph,compiled_graph]
+        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes compiled_graph,packed_graph]
         [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json] [--profile DIR]
     python benchmarks/decode_gpu.py --dry-run [--modes graph]     # CPU, debug preset: the code paths, no timing value
 
@@ -15,10 +15,12 @@ steps continuing them (CUDA-event mean over --steps steps after warm-up), per mo
 
   eager           the cached forward, one per token (host-bound; the attention backend reads
                   the filled cache, which the host slices)
-  graph           `GraphedDecoder`: one CUDA graph replay per token (static shapes)
-  compiled_graph  the same with the step's blocks compiled first (`GraphedDecoder(compile=True)`)
+  graph           `GraphedDecoder(pack=False)`: one CUDA graph replay per token (static shapes)
+  compiled_graph  the same with the step's blocks compiled first (`GraphedDecoder(compile=True,
+                  pack=False)`)
   packed_graph    compiled_graph with the projections that read one input packed into one
-                  matmul each (`GraphedDecoder(compile=True, pack=True)`: q/k/v, gate/up)
+                  matmul each (`GraphedDecoder(compile=True)`, packing by default: q/k/v, gate/up);
+                  what `generate(cuda_graph=True)` runs
   autotuned_graph packed_graph with the blocks compiled in torch.compile's
                   "max-autotune-no-cudagraphs" mode (Triton matmul templates timed against
                   cuBLAS per shape, neighbours fused into them; minutes of compile)
@@ -314,7 +316,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--twin-flash", action="store_true",
                     help="also time the Transformer twin with SDPA's flash kernel over a fixed length (sdpa_flash)")
     ap.add_argument("--no-twin", action="store_true", help="the preset alone (a profile, say): no twin, no ratios")
-    ap.add_argument("--modes", default="graph,compiled_graph", help=f"comma-separated, of {','.join(MODES)}")
+    ap.add_argument("--modes", default="compiled_graph,packed_graph", help=f"comma-separated, of {','.join(MODES)}")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--hbm-tb-per-s", type=float, default=0.0, help="the card's HBM bandwidth (default: by name)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, debug preset, tiny shapes: check the script")

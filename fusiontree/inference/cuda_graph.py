@@ -28,13 +28,16 @@ class GraphedDecoder:
     number of real tokens in the row). Capturing runs the step a few times to warm up
     kernels (autotuning, workspaces) and then restores the caches, so the prefix is intact.
     pack: pack the projections that read one input into one matmul each
-    (`HybridLanguageModel.pack_projections`; False unpacks them).
+    (`HybridLanguageModel.pack_projections`; False unpacks them). On by default: on an H200 it
+    took a token of `1b` at 32K from 2.68 to 2.40 ms and of `small` at 4K from 1.38 to 1.21 ms.
+    The first packing moves the weights into one buffer per module, so a graph captured before
+    it with pack=False reads their old storage: capture unpacked graphs after packed ones.
     compile_mode: torch.compile's mode for the compiled blocks (None: its default;
     "max-autotune-no-cudagraphs": Inductor times Triton matmul templates against cuBLAS for
     each of the step's shapes and can fuse their neighbours into them, at minutes of compile)."""
 
     def __init__(self, model, kv: KVCache, ms: MambaStates, next_positions_B: Tensor, graph: bool = True,
-                 warmup: int = 3, compile: bool = False, pack: bool = False, compile_mode: str | None = None):
+                 warmup: int = 3, compile: bool = False, pack: bool = True, compile_mode: str | None = None):
         if kv.seen_tokens != ms.seen_tokens:
             raise ValueError(f"the caches disagree: KV cache {kv.seen_tokens} tokens, Mamba states "
                              f"{ms.seen_tokens}; pass the pair returned by the same prefill")

@@ -77,7 +77,9 @@ class PackedProjections(nn.Module):
     matmul over it instead of one per linear: at decode, one token's projections are each too
     small to fill the GPU, and every launch costs about as much as the weights take to read.
     Only without gradients (the weights' own gradients need the separate matmuls); moving or
-    casting the module, or re-pointing a weight elsewhere, drops the packing."""
+    casting the module, or re-pointing a weight elsewhere, drops the packing. Weights that are
+    views into storage shared with other tensors (an optimizer's flat buffer, say: DeepSpeed's
+    ZeRO keeps its bf16 parameters so) are not packed, since packing would cut them loose from it."""
 
     packable: tuple[str, ...] = ()
 
@@ -94,15 +96,38 @@ class PackedProjections(nn.Module):
         if not on or any(type(lin) is not nn.Linear or lin.bias is not None for lin in lins):
             self.packed_weight = None
             return False
-        if self.packed_weight is None or not self._packing_intact():
-            packed = torch.cat([lin.weight.detach() for lin in lins], 0)
-            start = 0
-            for lin in lins:
-                rows = lin.weight.shape[0]
-                lin.weight.data = packed[start:start + rows]
-                start += rows
-            self.packed_weight = packed
+        if self.packed_weight is not None and self._packing_intact():
+            return True
+        self.packed_weight = self._buffer_in_place()  # packed before (and unpacked since): reuse it
+        if self.packed_weight is not None:
+            return True
+        if not all(_owns_storage(lin.weight) for lin in lins):
+            logging.getLogger(__name__).warning(
+                "%s: its weights are views into storage shared with other tensors (an optimizer's flat "
+                "buffer, say); projecting them one by one, since packing would cut them loose from it",
+                type(self).__name__)
+            return False
+        packed = torch.cat([lin.weight.detach() for lin in lins], 0)
+        start = 0
+        for lin in lins:
+            rows = lin.weight.shape[0]
+            lin.weight.data = packed[start:start + rows]
+            start += rows
+        self.packed_weight = packed
         return True
+
+    def _buffer_in_place(self) -> Tensor | None:
+        """The weights as one [rows, in] tensor when they already lie in order, back to back,
+        in a storage of their own (a packing undone by pack_projections(False)); else None."""
+        lins = self._linears()
+        w0 = lins[0].weight
+        rows = sum(lin.weight.shape[0] for lin in lins)
+        if w0.storage_offset() != 0 or w0.untyped_storage().nbytes() != rows * w0.shape[1] * w0.element_size():
+            return None
+        self.packed_weight = w0.detach().new_empty(0).set_(w0.untyped_storage(), 0, (rows, w0.shape[1]))
+        packed, intact = self.packed_weight, self._packing_intact()
+        self.packed_weight = None
+        return packed if intact else None
 
     def _packing_intact(self) -> bool:
         packed = self.packed_weight
@@ -135,6 +160,11 @@ class PackedProjections(nn.Module):
     def _apply(self, fn, recurse=True):
         self.packed_weight = None  # .to(), .cuda(), casts: the weights get new storage
         return super()._apply(fn, recurse)
+
+
+def _owns_storage(w: Tensor) -> bool:
+    """Whether `w` is its storage, whole: no other tensor's elements lie in it."""
+    return w.is_contiguous() and w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
 
 
 class SwiGLU(PackedProjections):

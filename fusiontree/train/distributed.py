@@ -179,14 +179,6 @@ def _unlink_deepspeed_shm_buffer(rank: int) -> None:
     deepspeed_shm_buffer(rank).unlink(missing_ok=True)
 
 
-def all_reduce_max(flag: float, device: torch.device) -> float:
-    """Agree on a value across ranks (a deliberate sync: used for stop/skip decisions)."""
-    t = torch.tensor([flag], dtype=torch.float32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def shutdown() -> None:
     """End the process group cleanly so that exits are not flaky."""
     if dist.is_initialized():

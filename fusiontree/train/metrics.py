@@ -264,7 +264,7 @@ def device_idle_table(events, queued_gap_us: float = 10.0, launch_us: float = 20
     the host: it goes to the trainer's phase (the innermost `fusiontree.*` span on the host) that
     was running `launch_us` before the gap ended, which launched the work that ended it ("between
     phases" outside them). The largest gaps are listed with the innermost host operation running
-    then (a synchronization, say)."""
+    then (a synchronization, say) and the kernels on either side."""
     merged, _ = _busy_intervals(events)
     gaps = [(a2 - b1, a2) for (_, b1), (a2, _) in zip(merged, merged[1:])]
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
@@ -288,9 +288,13 @@ def device_idle_table(events, queued_gap_us: float = 10.0, launch_us: float = 20
     for name, gs in sorted(by_phase.items(), key=lambda kv: -sum(kv[1])):
         lines.append(f"    {name} | {sum(gs) / 1e3:.1f} ms | {len(gs)}")
     ops = [e for e in host if not e.name.startswith("fusiontree.")]
+    work = _device_work(events)
     for g, end in sorted(long, reverse=True)[:top]:
+        after = next((e.name for e in work if e.time_range.end == end - g), "-")
+        first = next((e.name for e in work if e.time_range.start == end), "-")
         lines.append(f"  gap {g / 1e3:.2f} ms ending in {innermost(phases, end - launch_us) or 'between phases'}, "
-                     f"host mostly in {_longest_overlap(ops, end - g, end) or '-'}")
+                     f"host mostly in {_longest_overlap(ops, end - g, end) or '-'}; "
+                     f"after {after[:60]}, before {first[:60]}")
     return lines
 
 

@@ -39,7 +39,7 @@ from fusiontree.ops.backends.autotune import parallel_autotune_compile
 from fusiontree.ops.masks import effective_window
 from fusiontree.parallel.engine_state import EngineLayout
 from fusiontree.parallel.reshard import consolidated_model_state, weights_stay_on_device
-from fusiontree.train.distributed import all_reduce_max, init_distributed, local_world_size, shutdown
+from fusiontree.train.distributed import init_distributed, local_world_size, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
 from fusiontree.train.losses import HybridModelLoss
@@ -87,7 +87,8 @@ def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accu
 
 
 class StopSignal:
-    """Remembers a SIGUSR1 / SIGTERM; `agreed()` says whether any rank got one."""
+    """Remembers a SIGUSR1 / SIGTERM; `flag()` is this rank's as a device tensor, which the
+    trainer reduces across ranks with the step's loss (one collective and one sync per step)."""
 
     def __init__(self):
         self.got = 0
@@ -97,8 +98,8 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self.got = signum
 
-    def agreed(self, device: torch.device) -> bool:
-        return all_reduce_max(float(self.got > 0), device) > 0  # deliberate sync: once per step
+    def flag(self, device: torch.device) -> torch.Tensor:
+        return torch.full((), float(self.got > 0), dtype=torch.float32, device=device)  # a fill, no host copy
 
 
 # ------------------------------------------------------------------------------ the step
@@ -448,13 +449,14 @@ class Trainer:
         """Agree on the step's loss and on stopping, count it, move the token clock, run the hooks.
         Returns the time the step ended (`t_last`: when the previous one did)."""
         cfg, di, state = self.cfg, self.di, self.state
-        # Loss and the skip outcome (every rank's is the same: the optimizer agreed on it).
-        red = torch.stack([m["loss"], m["ce"], m["skipped"]]).float()  # equal within a tensor-parallel group
+        # Loss, the skip outcome (every rank's is the same: the optimizer agreed on it) and the
+        # stop signal (any rank's stops all of them: its mean is then above 0), in one reduction.
+        red = torch.stack([m["loss"], m["ce"], m["skipped"], self.stop.flag(di.device)]).float()
         if dist.is_initialized() and di.world_size > 1:
             dist.all_reduce(red)
             red /= di.world_size
-        stop = self.stop.agreed(di.device)
-        loss, ce, skipped = (float(x) for x in red.tolist())  # host sync: once per step, for logging
+        loss, ce, skipped, stop_share = red.tolist()  # host sync: once per step
+        stop = stop_share > 0
         if self.profiler is not None:
             self.profiler.stop(state.step + 1)
         tokens = m["tokens"] * self.dp_size

@@ -114,6 +114,7 @@ def test_static_decode_step_matches_the_cached_forward_every_step(variant):
         first = model(**model.prepare_inputs_for_generation(ids, kv, ms, mask)).logits[:, -1]
         model(**model.prepare_inputs_for_generation(ids, kv2, ms2, mask))
         decoder = GraphedDecoder(model, kv2, ms2, mask.sum(1), graph=False)
+        assert decoder.packed_modules > 0  # packed projections are the default
         tokens, logits = ids, first
         for _ in range(n - 1):
             nxt = logits.argmax(-1)
@@ -336,7 +337,7 @@ def test_packed_static_decode_steps_match_the_unpacked_ones():
     with torch.no_grad():
         for m, (kv, ms) in zip((ref, model, model), caches):
             first = m(**m.prepare_inputs_for_generation(ids, kv, ms, mask)).logits[:, -1]
-        plain = GraphedDecoder(ref, *caches[0], mask.sum(1), graph=False)
+        plain = GraphedDecoder(ref, *caches[0], mask.sum(1), graph=False, pack=False)
         packed = GraphedDecoder(model, *caches[1], mask.sum(1), graph=False, pack=True)
         compiled = GraphedDecoder(model, *caches[2], mask.sum(1), graph=False, pack=True, compile=True)
         separate.clear()
@@ -369,3 +370,31 @@ def test_compiled_decode_step_takes_a_compile_mode_and_recompiles_for_another():
     first = model._compiled_decode
     _compiled_steps_match_eager(model, ids, 4)
     assert model.decode_options == {} and model._compiled_decode[0] is not first[0]
+
+
+def test_packing_leaves_weights_that_share_a_flat_buffer_alone(caplog):
+    """Weights that are views into a flat buffer shared with other tensors (as DeepSpeed's ZeRO
+    keeps its bf16 parameters) are not packed: packing would re-point them and cut them loose
+    from the buffer their optimizer updates. A packing undone by pack_projections(False) is
+    taken up again in place, without a copy."""
+    import logging
+
+    model = build("parallel-channel", seed=31)
+    mlp = model.layers[0].mlp
+    flat = torch.cat([p.detach().reshape(-1) for p in mlp.parameters()] + [torch.zeros(5)])
+    start = 0
+    for p in mlp.parameters():
+        p.data = flat[start:start + p.numel()].view_as(p)
+        start += p.numel()
+    with caplog.at_level(logging.WARNING):
+        assert model.pack_projections() == 2 * len(model.layers) - 1
+    assert "views into storage shared with other tensors" in caplog.text and mlp.packed_weight is None
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in mlp.parameters())
+    with torch.no_grad():
+        flat.zero_()  # the optimizer's update reaches the weights: they still are the buffer's views
+    assert all(p.abs().sum() == 0 for p in mlp.parameters())
+    attn = model.layers[0].attn
+    buf = attn.packed_weight
+    assert model.pack_projections(False) == 0 and attn.packed_weight is None
+    assert model.pack_projections() == 2 * len(model.layers) - 1
+    assert attn.packed_weight.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()

@@ -566,7 +566,7 @@ def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled, pack, dec
             first = model(**model.prepare_inputs_for_generation(prompt, kv, ms, mask)).logits[:, -1]
         graphed = GraphedDecoder(model, *caches[0], mask.sum(1), graph=True, compile=compiled, pack=pack)
         assert (graphed.packed_modules > 0) == pack
-        eager = GraphedDecoder(model, *caches[1], mask.sum(1), graph=False)
+        eager = GraphedDecoder(model, *caches[1], mask.sum(1), graph=False, pack=pack)
         kv, ms = caches[2]
         tokens, logits = prompt, first
         for _ in range(n - 1):

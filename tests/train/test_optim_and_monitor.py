@@ -362,6 +362,6 @@ def test_device_idle_goes_to_the_host_phase_that_ended_each_gap():
     assert rows == {"fusiontree.engine_step": ["5.0 ms", "1"], "between phases": ["1.5 ms", "1"],
                     "fusiontree.forward": ["0.5 ms", "1"]}
     # what the host did during the gap: the operation covering most of it (aten::item's sync)
-    assert "gap 5.00 ms ending in fusiontree.engine_step, host mostly in aten::item" in text
-    assert "gap 1.50 ms ending in between phases, host mostly in -" in text
+    assert "gap 5.00 ms ending in fusiontree.engine_step, host mostly in aten::item; after k3, before k4" in text
+    assert "gap 1.50 ms ending in between phases, host mostly in -; after k4, before k5" in text
     assert device_idle_table([])[1].endswith(": 0.0 ms")
