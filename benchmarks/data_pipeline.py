@@ -52,7 +52,8 @@ from fusiontree.config import CurriculumStage, DataConfig, LossConfig
 from fusiontree.models.config import model_preset
 from fusiontree.data import build_train_loader
 from fusiontree.data.build import BuildArgs, build_shards
-from fusiontree.data.corpus import cpu_count, default_units, read_unit
+from fusiontree.data.corpus import default_units, read_unit
+from fusiontree.host import cpu_count
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -63,6 +63,8 @@ from pathlib import Path
 
 from _results import git_commit, write_results
 
+from fusiontree.host import cpu_count
+
 ROOT = Path(__file__).resolve().parents[1]
 
 FLAG = re.compile(r"^(compile|graphs|ckpt\d*|gpus\d+|tp\d+|z[0-3]|overlap|acc\d+|a?save\d*|profile|fused)$")
@@ -387,7 +389,7 @@ def main() -> None:
     ap.add_argument("--shards", default="", help="existing shards (default: build under --work)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--corpus", nargs="*", default=[], help="directories of text or code beside the standard library")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=cpu_count(), help="shard-building processes (default: the CPUs this process may use)")
     ap.add_argument("--case-timeout", type=int, default=900)
     ap.add_argument("--commit", default="")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_e2e_gpu.json"))

@@ -31,7 +31,7 @@ import sys
 
 from fusiontree.cli import run_main
 from fusiontree.data.build import DEFAULT_SEQ_LENGTHS, BuildArgs, build_shards, format_summary, load_mixture, parse_source
-from fusiontree.data.corpus import cpu_count
+from fusiontree.host import cpu_count
 
 
 def _int_list(text: str) -> list[int]:

@@ -55,6 +55,7 @@ import yaml
 from fusiontree.checkpoint import CheckpointManager, checkpoint_step
 from fusiontree.config import dataclass_from_dict, merge_dicts, read_yaml
 from fusiontree.eval.report import markdown_table, summary_row
+from fusiontree.host import cpu_count
 from fusiontree.eval.tasks import EvalOptions, expand_tasks
 
 log = logging.getLogger("fusiontree.ablate")
@@ -202,7 +203,7 @@ def build_data(spec: DataBuild) -> Path:
     if not spec.inputs and not spec.passkey:
         raise ValueError("data_build needs inputs (files, dirs, stdlib:REL, site:REL) or passkey documents")
     inputs = [str(_input_path(s)) for s in spec.inputs]
-    workers = min(2, os.cpu_count() or 1)
+    workers = min(2, cpu_count())
     work = out.parent / f"{out.name}.work"
     work.mkdir(parents=True, exist_ok=True)
     if spec.passkey:
@@ -489,7 +490,7 @@ def run_ablation(path: str | Path, only: list[str] | None = None) -> dict:
         base = merge_dicts(base, {"data": {"shards_dir": str(shards)}})
     base_yaml = ab.out_dir / "base_config.yaml"
     base_yaml.write_text(yaml.safe_dump(base, sort_keys=False))
-    cores = os.cpu_count() or 1
+    cores = cpu_count()
     threads = max(1, cores // ab.jobs)
     runs = train_all(ab, base_yaml, threads)
     t_train = time.perf_counter() - t_start

@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 
 from fusiontree.config import RunConfig, load_config
+from fusiontree.host import cpu_count
 from fusiontree.models import HybridLanguageModel
 from fusiontree.ops import reference_kernels, resolve_kernels
 
@@ -220,7 +221,7 @@ def _fast_pinning() -> None:
         _pinning_set = True
         if any("pinned_" in os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
             return
-        threads = 1 << max(0, min(8, os.cpu_count() or 1).bit_length() - 1)  # a power of two, <= 8
+        threads = 1 << max(0, min(8, cpu_count()).bit_length() - 1)  # a power of two, <= 8
         torch.cuda.memory._set_allocator_settings(
             f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{threads}")
 

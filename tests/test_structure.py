@@ -11,7 +11,8 @@ PACKAGE = ROOT / "fusiontree"
 
 # Bottom to top: a module may import its own layer (without a cycle) and the layers below.
 LAYERS = [
-    ["fusiontree.models.config", "fusiontree.models.splits", "fusiontree.config"],  # the config tree
+    ["fusiontree.models.config", "fusiontree.models.splits", "fusiontree.config",
+     "fusiontree.host"],  # the config tree, and what the machine gives the process
     ["fusiontree.ops"],
     ["fusiontree.data"],
     ["fusiontree.models"],

@@ -65,6 +65,7 @@ import numpy as np
 
 from fusiontree.data import corpus
 from fusiontree.data.corpus import ReadResult, Unit
+from fusiontree.host import cpu_count
 from fusiontree.data.packing import PackStats, pack_documents
 from fusiontree.data.shards import FORMAT, MANIFEST, SPLITS, ShardWriter, token_dtype_for, write_manifest
 from fusiontree.data.tokenizer import (KINDS, Tokenizer, load_tokenizer_file, sentencepiece_tokenizer,
@@ -144,7 +145,7 @@ class BuildArgs:
     # Wanted share of the tokens per bucket, in the order of seq_lengths (empty: equal shares).
     bucket_shares: list[float] = field(default_factory=list)
     val_fraction: float = 0.02
-    workers: int = field(default_factory=corpus.cpu_count)
+    workers: int = field(default_factory=cpu_count)
     shard_size: int = 1024  # samples per shard
     seed: int = 1234
     text_field: str = "text"  # jsonl key / parquet and arrow column holding the text

@@ -567,6 +567,3 @@ def split_of(group: str, seed: int, val_fraction: float) -> str:
 def total_bytes(units: list[Unit]) -> int:
     return sum(u.size for u in units)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

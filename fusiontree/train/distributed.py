@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fusiontree.host import cpu_count
+
 log = logging.getLogger("fusiontree.train")
 
 
@@ -81,7 +83,7 @@ def init_distributed(local_rank_arg: int | None = None, device: str = "auto",
         dev, backend = torch.device("cpu"), "gloo"
         if "OMP_NUM_THREADS" not in os.environ:
             # Share the cores among this node's processes instead of oversubscribing them.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size(default=world)))
+            torch.set_num_threads(max(1, cpu_count() // local_world_size(default=world)))
     if not dist.is_initialized():
         if backend == "gloo":
             build_deepspeed_cpu_op(announce=local == 0)

@@ -177,7 +177,8 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> None:
 class StepProfiler:
     """torch.profiler around chosen optimizer steps; each writes `<out_dir>/step_<N>.txt`: the
     step's wall time against the time the GPU was busy (the union of its kernels' intervals;
-    the difference is time the device waited for the host), the trainer's phases (forward,
+    the difference is time the device waited for the host, split by `device_idle_table` into
+    the spacing of queued kernels and waits for the host by phase), the trainer's phases (forward,
     loss, backward, engine step) by host time, and the top operators by GPU time on CUDA (CPU
     time otherwise) and by host time."""
 

@@ -39,6 +39,7 @@ from fusiontree.ops.backends.autotune import parallel_autotune_compile
 from fusiontree.ops.masks import effective_window
 from fusiontree.parallel.engine_state import EngineLayout
 from fusiontree.parallel.reshard import consolidated_model_state, weights_stay_on_device
+from fusiontree.host import cpu_count
 from fusiontree.train.distributed import init_distributed, local_world_size, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
@@ -218,7 +219,7 @@ class Trainer:
                          threads, self.di.device.type)
             return
         if threads == -1:
-            threads = max(1, min(8, (os.cpu_count() or 1) // local_world_size(default=self.di.world_size)))
+            threads = max(1, min(8, cpu_count() // local_world_size(default=self.di.world_size)))
             try:
                 parallel_autotune_compile(threads)
             except RuntimeError as e:

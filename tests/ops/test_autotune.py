@@ -205,7 +205,7 @@ def test_automatic_threads_take_the_cores_each_rank_of_the_node_gets(monkeypatch
 
     calls = []
     monkeypatch.setattr(trainer_mod, "parallel_autotune_compile", calls.append)
-    monkeypatch.setattr(trainer_mod.os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(trainer_mod, "cpu_count", lambda: 32)
     for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     _trainer_on("cuda")._init_autotune(-1)  # no launcher says: the run's 16 ranks share the node
