@@ -28,6 +28,7 @@ import torch
 from _results import git_commit, write_results
 from fusiontree.config import load_config
 from fusiontree.hf.checkpoints import write_weights_checkpoint
+from fusiontree.host import cpu_count
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.config import model_preset
 
@@ -47,7 +48,7 @@ def tokenizer_for(vocab_size: int, work: Path) -> Path:
         lines.extend(f.read_text(errors="replace").splitlines())
         if len(lines) > 600_000:
             break
-    path.write_bytes(train_tokenizer(lines, vocab_size, num_threads=os.cpu_count() or 1, seed=0))
+    path.write_bytes(train_tokenizer(lines, vocab_size, num_threads=cpu_count(), seed=0))
     return path
 
 

@@ -55,8 +55,8 @@ import yaml
 from fusiontree.checkpoint import CheckpointManager, checkpoint_step
 from fusiontree.config import dataclass_from_dict, merge_dicts, read_yaml
 from fusiontree.eval.report import markdown_table, summary_row
-from fusiontree.host import cpu_count
 from fusiontree.eval.tasks import EvalOptions, expand_tasks
+from fusiontree.host import cpu_count
 
 log = logging.getLogger("fusiontree.ablate")
 ROOT = Path(__file__).resolve().parents[1]

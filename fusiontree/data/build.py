@@ -65,11 +65,11 @@ import numpy as np
 
 from fusiontree.data import corpus
 from fusiontree.data.corpus import ReadResult, Unit
-from fusiontree.host import cpu_count
 from fusiontree.data.packing import PackStats, pack_documents
 from fusiontree.data.shards import FORMAT, MANIFEST, SPLITS, ShardWriter, token_dtype_for, write_manifest
 from fusiontree.data.tokenizer import (KINDS, Tokenizer, load_tokenizer_file, sentencepiece_tokenizer,
                                        tokenizer_from_spec, train_tokenizer)
+from fusiontree.host import cpu_count
 
 DEFAULT_SEQ_LENGTHS = [512, 1024, 2048, 4096]
 TOKENIZER_FILE = KINDS["sentencepiece"]  # the file of a tokenizer trained here

@@ -96,7 +96,7 @@ class PackedProjections(nn.Module):
         if not on or any(type(lin) is not nn.Linear or lin.bias is not None for lin in lins):
             self.packed_weight = None
             return False
-        if self.packed_weight is not None and self._packing_intact():
+        if self.packed_weight is not None and self._intact(self.packed_weight):
             return True
         self.packed_weight = self._buffer_in_place()  # packed before (and unpacked since): reuse it
         if self.packed_weight is not None:
@@ -124,13 +124,11 @@ class PackedProjections(nn.Module):
         rows = sum(lin.weight.shape[0] for lin in lins)
         if w0.storage_offset() != 0 or w0.untyped_storage().nbytes() != rows * w0.shape[1] * w0.element_size():
             return None
-        self.packed_weight = w0.detach().new_empty(0).set_(w0.untyped_storage(), 0, (rows, w0.shape[1]))
-        packed, intact = self.packed_weight, self._packing_intact()
-        self.packed_weight = None
-        return packed if intact else None
+        packed = w0.detach().new_empty(0).set_(w0.untyped_storage(), 0, (rows, w0.shape[1]))
+        return packed if self._intact(packed) else None
 
-    def _packing_intact(self) -> bool:
-        packed = self.packed_weight
+    def _intact(self, packed: Tensor) -> bool:
+        """Whether the weights are `packed`'s rows, in order."""
         ptr, start = packed.untyped_storage().data_ptr(), packed.storage_offset()
         for lin in self._linears():
             w = lin.weight
@@ -142,7 +140,7 @@ class PackedProjections(nn.Module):
 
     def check_packing(self) -> None:
         """Drop a packing whose weights were moved out of the buffer since, with a warning."""
-        if self.packed_weight is not None and not self._packing_intact():
+        if self.packed_weight is not None and not self._intact(self.packed_weight):
             logging.getLogger(__name__).warning(
                 "%s: its weights were moved out of their packed buffer; projecting them one by one "
                 "(call pack_projections() again to repack)", type(self).__name__)

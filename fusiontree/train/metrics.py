@@ -277,10 +277,11 @@ def device_idle_table(events, queued_gap_us: float = 10.0, launch_us: float = 20
         return min(inside, key=lambda e: e.time_range.end - e.time_range.start).name if inside else None
 
     short = [g for g, _ in gaps if g < queued_gap_us]
-    long = [(g, end) for g, end in gaps if g >= queued_gap_us]
+    # (gap, its end, the phase that ended it) for the gaps the host caused
+    long = [(g, end, innermost(phases, end - launch_us) or "between phases") for g, end in gaps if g >= queued_gap_us]
     by_phase: dict[str, list[float]] = {}
-    for g, end in long:
-        by_phase.setdefault(innermost(phases, end - launch_us) or "between phases", []).append(g)
+    for g, _, phase in long:
+        by_phase.setdefault(phase, []).append(g)
     lead = merged[0][0] - min(e.time_range.start for e in host) if merged and host else 0.0
     lines = [f"device idle before its first kernel (the step's start on the host): {max(lead, 0.0) / 1e3:.1f} ms",
              f"device idle between its first and last kernel: {sum(g for g, _ in gaps) / 1e3:.1f} ms",
@@ -290,10 +291,10 @@ def device_idle_table(events, queued_gap_us: float = 10.0, launch_us: float = 20
         lines.append(f"    {name} | {sum(gs) / 1e3:.1f} ms | {len(gs)}")
     ops = [e for e in host if not e.name.startswith("fusiontree.")]
     work = _device_work(events)
-    for g, end in sorted(long, reverse=True)[:top]:
+    for g, end, phase in sorted(long, reverse=True)[:top]:
         after = next((e.name for e in work if e.time_range.end == end - g), "-")
         first = next((e.name for e in work if e.time_range.start == end), "-")
-        lines.append(f"  gap {g / 1e3:.2f} ms ending in {innermost(phases, end - launch_us) or 'between phases'}, "
+        lines.append(f"  gap {g / 1e3:.2f} ms ending in {phase}, "
                      f"host mostly in {_longest_overlap(ops, end - g, end) or '-'}; "
                      f"after {after[:60]}, before {first[:60]}")
     return lines

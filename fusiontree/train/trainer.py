@@ -31,6 +31,7 @@ from torch.profiler import record_function
 from fusiontree.checkpoint import CONFIG_FILE, CheckpointManager, load_model_weights
 from fusiontree.config import RunConfig, check_resume_config, config_to_dict, dump_config, read_yaml
 from fusiontree.data import build_train_loader, build_val_loaders
+from fusiontree.host import cpu_count
 from fusiontree.inference import generate
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.flops import flops_per_token as model_flops_per_token
@@ -39,7 +40,6 @@ from fusiontree.ops.backends.autotune import parallel_autotune_compile
 from fusiontree.ops.masks import effective_window
 from fusiontree.parallel.engine_state import EngineLayout
 from fusiontree.parallel.reshard import consolidated_model_state, weights_stay_on_device
-from fusiontree.host import cpu_count
 from fusiontree.train.distributed import init_distributed, local_world_size, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
