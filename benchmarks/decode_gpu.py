@@ -24,6 +24,10 @@ steps continuing them (CUDA-event mean over --steps steps after warm-up), per mo
   autotuned_graph packed_graph with the blocks compiled in torch.compile's
                   "max-autotune-no-cudagraphs" mode (Triton matmul templates timed against
                   cuBLAS per shape, neighbours fused into them; minutes of compile)
+  tuned_graph     packed_graph with Inductor's coordinate-descent tuning
+                  (`GraphedDecoder(compile_options={"coordinate_descent_tuning": True})`):
+                  one-row matmuls (batch 1) become reductions that Inductor tunes and fuses
+                  with their neighbours, and every Triton kernel's tiles are tuned
 
 Decode attention paths (`kernels.decode_attention`; they change the graphed modes only):
 
@@ -82,7 +86,8 @@ from fusiontree.train.metrics import gpu_busy_ms, kernel_categories_table
 from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph")
+MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph", "tuned_graph")
+TUNED = {"coordinate_descent_tuning": True}  # tuned_graph's Inductor options
 
 
 class Timer:
@@ -268,8 +273,9 @@ def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps,
     def decoder(mode: str) -> GraphedDecoder:
         flash.length = kv.seen_tokens + 1  # the filled count of the first replay
         return GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev), graph=graph,
-                              compile=mode != "graph", pack=mode in ("packed_graph", "autotuned_graph"),
-                              compile_mode="max-autotune-no-cudagraphs" if mode == "autotuned_graph" else None)
+                              compile=mode != "graph", pack=mode in ("packed_graph", "autotuned_graph", "tuned_graph"),
+                              compile_mode="max-autotune-no-cudagraphs" if mode == "autotuned_graph" else None,
+                              compile_options=TUNED if mode == "tuned_graph" else None)
 
     if path == "sdpa_flash" and batch == 1:
         row["first_step_max_err"] = flash_check(model, kv, ms, nxt, lambda: decoder("graph"))
@@ -350,13 +356,13 @@ def print_table(rows: list[dict], preset: str, batches: list[int]) -> None:
                      (model, path, c, b)), None)
 
     print("| model | decode attention | context | batch | prefill ms (batch 1) | eager ms | graph ms | "
-          "compiled + graph ms | packed ms | packed + max-autotune ms | tokens/s | MB read/token (floor) | HBM | cache MiB | speed vs twin, same path "
+          "compiled + graph ms | packed ms | packed + max-autotune ms | packed + tuned ms | tokens/s | MB read/token (floor) | HBM | cache MiB | speed vs twin, same path "
           "| cache vs twin |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['model']} | {r['decode_attention']} | {r['context']} | {r['batch']} |"
         if "error" in r:
-            print(f"{head} {r['error']} |" + " |" * 11)
+            print(f"{head} {r['error']} |" + " |" * 12)
             continue
         twin = find(twin_name, r["decode_attention"], r["context"], r["batch"]) if r["model"] == preset else None
         cells = [f"{r['prefill_ms_batch1']:.0f}"] + [

@@ -6,6 +6,9 @@ tokens, and one decode step.
 Shapes (bf16, batch 1):
 - ssd: L=32768, 32 heads x 64, state 128, 1 group, chunk 256; dt and A fp32 as the model
   passes them; every SSD backend that loads (mamba_ssm is the anchor) and the reference.
+  --ssd-shape BxT, --ssd-groups, --ssd-chunks (a list: one row per chunk length) and
+  --ssd-backends change it: `--ssd-shape 8x4096 --ssd-groups 8 --ssd-chunks 64,128,256
+  --ssd-backends mamba_ssm` is `small`'s training micro-batch at each chunk length.
 - attention: L=32768, 16 heads x 64 (one kv head per head, the usual baseline shape):
   the flex backend at W = 512, 1024, 2048, and its global path (SDPA, full causal); then
   W=1024 with 4 kv heads (the presets' GQA) and W=1024 over 8 packed documents, and the cost
@@ -83,34 +86,35 @@ def _row(rows: list, **kw) -> None:
 # ------------------------------------------------------------------ SSD
 
 
-def ssd_inputs(T, H=32, P=64, G=1, N=128, seed=0):
+def ssd_inputs(T, H=32, P=64, G=1, N=128, seed=0, rows=1):
     g = torch.Generator(device=DEV).manual_seed(seed)
     return dict(
-        x=torch.randn(1, T, H, P, device=DEV, generator=g).bfloat16(),
-        dt=torch.rand(1, T, H, device=DEV, generator=g) * 0.1 + 0.001,
+        x=torch.randn(rows, T, H, P, device=DEV, generator=g).bfloat16(),
+        dt=torch.rand(rows, T, H, device=DEV, generator=g) * 0.1 + 0.001,
         A=-(torch.rand(H, device=DEV, generator=g) * 15 + 1),
-        B=torch.randn(1, T, G, N, device=DEV, generator=g).bfloat16(),
-        C=torch.randn(1, T, G, N, device=DEV, generator=g).bfloat16(),
+        B=torch.randn(rows, T, G, N, device=DEV, generator=g).bfloat16(),
+        C=torch.randn(rows, T, G, N, device=DEV, generator=g).bfloat16(),
         D=torch.ones(H, device=DEV),
-        gy=torch.randn(1, T, H, P, device=DEV, generator=g).bfloat16(),
+        gy=torch.randn(rows, T, H, P, device=DEV, generator=g).bfloat16(),
     )
 
 
 SSD_ARGS = ["x", "dt", "A", "B", "C", "D"]
 
 
-def ssd_fwd_bwd(fn, inp, fp32=False):
+def ssd_fwd_bwd(fn, inp, fp32=False, chunk=256):
     leaves = [(inp[n].float() if fp32 else inp[n]).detach().requires_grad_() for n in SSD_ARGS]
-    y, _ = fn(*leaves, chunk_size=256)
+    y, _ = fn(*leaves, chunk_size=chunk)
     grads = torch.autograd.grad(y, leaves, grad_outputs=inp["gy"].to(y.dtype))
     return y, grads
 
 
 def bench_ssd(rows: list, args) -> None:
-    inp = ssd_inputs(L)
+    rows_, T = (int(v) for v in args.ssd_shape.split("x"))
+    inp = ssd_inputs(T, G=args.ssd_groups, rows=rows_)
     y_ref, g_ref = ssd_fwd_bwd(ssd_chunked_ref, inp, fp32=True)
     y_ref, g_ref = y_ref.detach(), [g.detach() for g in g_ref]
-    for name in ["mamba_ssm", "reference"]:
+    for name, chunk in [(b, int(c)) for b in args.ssd_backends.split(",") for c in args.ssd_chunks.split(",")]:
         try:
             k = resolve_kernels(KernelConfig(ssd=name), DEV)
         except RuntimeError as e:
@@ -119,14 +123,15 @@ def bench_ssd(rows: list, args) -> None:
         torch.cuda.reset_peak_memory_stats()
         try:
             t0 = time.perf_counter()
-            y, g = ssd_fwd_bwd(k.ssd_chunked, inp)  # first call: compiles / autotunes
+            y, g = ssd_fwd_bwd(k.ssd_chunked, inp, chunk=chunk)  # first call: compiles / autotunes
             first_s = time.perf_counter() - t0
             errs = dict(y=rel_err(y, y_ref), **{f"grad_{n}": rel_err(a, b) for n, a, b in zip(SSD_ARGS, g, g_ref)})
             del y, g
             reps = 3 if name == "reference" else args.repeats
-            fwd = cuda_ms(lambda: k.ssd_chunked(*(inp[n] for n in SSD_ARGS), chunk_size=256), 2, reps)
-            fwd_bwd = cuda_ms(lambda: ssd_fwd_bwd(k.ssd_chunked, inp), 2, reps)
-            _row(rows, section="ssd", backend=name, L=L, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+            fwd = cuda_ms(lambda: k.ssd_chunked(*(inp[n] for n in SSD_ARGS), chunk_size=chunk), 2, reps)
+            fwd_bwd = cuda_ms(lambda: ssd_fwd_bwd(k.ssd_chunked, inp, chunk=chunk), 2, reps)
+            _row(rows, section="ssd", backend=name, case=f"{args.ssd_shape}, G={args.ssd_groups}, chunk {chunk}",
+                 L=T, rows=rows_, groups=args.ssd_groups, chunk=chunk, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
                  first_call_s=first_s, rel_err=errs, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
         except Exception as e:  # noqa: BLE001 - a failed backend is a result to report, not a crash
             _row(rows, section="ssd", backend=name, error=f"{type(e).__name__}: {e}"[:2000])
@@ -329,6 +334,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="ssd,attention,conv1d,decode")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--ssd-shape", default=f"1x{L}", help="ssd section: ROWSxT (default 1x32768)")
+    ap.add_argument("--ssd-groups", type=int, default=1, help="ssd section: B/C groups of the 32 heads")
+    ap.add_argument("--ssd-chunks", default="256", help="ssd section: comma-separated chunk lengths")
+    ap.add_argument("--ssd-backends", default="mamba_ssm,reference", help="ssd section: backends to time")
     ap.add_argument("--flex-options", default="[]",
                     help='JSON list of FlexAttention kernel_options dicts to try on the W=1024 cases, '
                          'e.g. \'[{"BLOCK_M": 64, "BLOCK_N": 64}, {"num_stages": 2}]\'')

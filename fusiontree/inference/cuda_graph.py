@@ -34,10 +34,14 @@ class GraphedDecoder:
     it with pack=False reads their old storage: capture unpacked graphs after packed ones.
     compile_mode: torch.compile's mode for the compiled blocks (None: its default;
     "max-autotune-no-cudagraphs": Inductor times Triton matmul templates against cuBLAS for
-    each of the step's shapes and can fuse their neighbours into them, at minutes of compile)."""
+    each of the step's shapes and can fuse their neighbours into them, at minutes of compile).
+    compile_options: Inductor options for the compiled blocks instead of a mode; for example
+    {"coordinate_descent_tuning": True}, under which Inductor turns one-row matmuls (batch 1)
+    into reductions it tunes and fuses with their neighbours, and tunes every kernel's tiles."""
 
     def __init__(self, model, kv: KVCache, ms: MambaStates, next_positions_B: Tensor, graph: bool = True,
-                 warmup: int = 3, compile: bool = False, pack: bool = True, compile_mode: str | None = None):
+                 warmup: int = 3, compile: bool = False, pack: bool = True, compile_mode: str | None = None,
+                 compile_options: dict | None = None):
         if kv.seen_tokens != ms.seen_tokens:
             raise ValueError(f"the caches disagree: KV cache {kv.seen_tokens} tokens, Mamba states "
                              f"{ms.seen_tokens}; pass the pair returned by the same prefill")
@@ -54,7 +58,12 @@ class GraphedDecoder:
         self.step_1 = torch.full((1,), kv.seen_tokens, dtype=torch.long, device=dev)
         self.compiled = compile
         self.packed_modules = model.pack_projections(pack)  # how many modules project packed
+        if compile_mode and compile_options:
+            raise ValueError("torch.compile takes a mode or Inductor options, not both; pass compile_mode "
+                             "or compile_options")
         options = {"mode": compile_mode} if compile_mode else {}
+        if compile_options:
+            options["options"] = dict(compile_options)
         if compile and (model._compiled_decode is None or model.decode_options != options):
             model.compile_decode(**options)
         if graph:

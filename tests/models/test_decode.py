@@ -362,7 +362,10 @@ def test_packed_static_decode_steps_match_the_unpacked_ones():
 def test_compiled_decode_step_takes_a_compile_mode_and_recompiles_for_another():
     """GraphedDecoder(compile_mode=...) compiles the step's blocks in that torch.compile mode
     (here max-autotune, on Inductor's CPU code generator), matching the eager static step; a
-    later decoder with the default mode compiles them again rather than reusing them."""
+    later decoder with the default mode compiles them again rather than reusing them, and so
+    does one with Inductor options. A mode and options together are refused."""
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+
     model = build("parallel-channel", seed=8)
     ids = torch.randint(0, model.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(9))
     _compiled_steps_match_eager(model, ids, 6, compile_mode="max-autotune-no-cudagraphs", pack=True)
@@ -370,6 +373,14 @@ def test_compiled_decode_step_takes_a_compile_mode_and_recompiles_for_another():
     first = model._compiled_decode
     _compiled_steps_match_eager(model, ids, 4)
     assert model.decode_options == {} and model._compiled_decode[0] is not first[0]
+    plain = model._compiled_decode
+    tuned = {"coordinate_descent_tuning": True}
+    _compiled_steps_match_eager(model, ids, 4, compile_options=tuned)
+    assert model.decode_options == {"options": tuned} and model._compiled_decode[0] is not plain[0]
+    kv, ms = model.allocate_inference_cache(1, 8)
+    with pytest.raises(ValueError, match="a mode or Inductor options, not both"):
+        GraphedDecoder(model, kv, ms, torch.zeros(1), graph=False, compile=True,
+                       compile_mode="max-autotune-no-cudagraphs", compile_options=tuned)
 
 
 def test_packing_leaves_weights_that_share_a_flat_buffer_alone(caplog):

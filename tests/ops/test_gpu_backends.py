@@ -552,19 +552,33 @@ def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled, pack, dec
     compiled-vs-eager tolerance) and against the ordinary cached forward, on a left-padded batch
     whose ring buffers wrap twice. The caches of the static steps have 600 slots more than the
     steps fill (empty key blocks)."""
+    _check_graphed_decode(dtype, decode_attention, 2, compile=compiled, pack=pack)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_model_tuned_cuda_graph_decode_matches_eager_decode(batch):
+    """The graphed step compiled with Inductor's coordinate-descent tuning (at batch 1 its
+    one-row matmuls become tuned reductions) against the eager static step and the cached
+    forward, as above, in bf16."""
+    _check_graphed_decode(torch.bfloat16, "filled_blocks", batch, compile=True, pack=True,
+                          compile_options={"coordinate_descent_tuning": True})
+
+
+def _check_graphed_decode(dtype, decode_attention: str, batch: int, **decoder_kw) -> None:
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
+    compiled, pack = decoder_kw["compile"], decoder_kw["pack"]
     model, _ = _models(dtype=dtype, seed=8, decode_attention=decode_attention)
     g = torch.Generator().manual_seed(9)
-    prompt = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=g).to(DEV)
+    prompt = torch.randint(0, model.cfg.vocab_size, (batch, 300), generator=g).to(DEV)
     mask = torch.ones_like(prompt)
     mask[0, :37] = 0
     n = 2 * model.cfg.window + 5
-    caches = [model.allocate_inference_cache(2, 300 + n + (600 if i < 2 else 0)) for i in range(3)]
+    caches = [model.allocate_inference_cache(batch, 300 + n + (600 if i < 2 else 0)) for i in range(3)]
     with torch.no_grad():
         for kv, ms in caches:
             first = model(**model.prepare_inputs_for_generation(prompt, kv, ms, mask)).logits[:, -1]
-        graphed = GraphedDecoder(model, *caches[0], mask.sum(1), graph=True, compile=compiled, pack=pack)
+        graphed = GraphedDecoder(model, *caches[0], mask.sum(1), graph=True, **decoder_kw)
         assert (graphed.packed_modules > 0) == pack
         eager = GraphedDecoder(model, *caches[1], mask.sum(1), graph=False, pack=pack)
         kv, ms = caches[2]

@@ -57,11 +57,18 @@ def check_conv_shape(channels: int, width: int) -> None:
 _compiled: dict = {}  # (function, compile options) -> its torch.compile wrapper
 
 
+def _frozen(value):
+    """A hashable form of compile options (Inductor's `options` is a dict inside them)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
 def compile_once(fn, **compile_kwargs):
     """`torch.compile(fn, **compile_kwargs)`, built once per function and options (the backends'
     compiled kernels), after raising the recompile limit and putting einops calls in the graph
     whole (`einops_calls_in_graph`)."""
-    key = (fn, tuple(sorted(compile_kwargs.items())))
+    key = (fn, _frozen(compile_kwargs))
     if key not in _compiled:
         raise_recompile_limit()
         einops_calls_in_graph()
