@@ -13,6 +13,9 @@ Shapes (bf16, batch 1):
   the flex backend at W = 512, 1024, 2048, and its global path (SDPA, full causal); then
   W=1024 with 4 kv heads (the presets' GQA) and W=1024 over 8 packed documents, and the cost
   of building a document block mask (once per forward, shared by the layers).
+  --attention-varlen instead times the presets' GQA shapes (16 query and 4 kv heads; window
+  1024 and causal; one document or 8 packed) through FlexAttention and through torch's varlen
+  flash attention (`varlen_flash`) side by side.
 - conv1d: the Mamba conv (4 taps, SiLU) over 4096 channels of a 6176-wide projection at
   8 x 4096 and 1 x 32768, packed documents; the causal_conv1d backend against the HBM floor.
 - decode: one SSD step (state 32 x 64 x 128) per SSD backend; one attention step (16 query
@@ -200,9 +203,35 @@ def _attention_case(rows: list, args, flex, label, K, W, docs, causal_ms, **extr
     return fwd_bwd
 
 
+def varlen_flash(q, k, v, q_pos, k_pos, window=None, q_seq_BT=None, k_seq_BS=None):
+    """torch's variable-length flash attention (FlashAttention-2 inside torch) over the same
+    rows: every document of every row one sequence (cu_seqlens built here, on the host), the
+    window as its left reach. A candidate measured beside FlexAttention, not a backend."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, T = q.shape[:2]
+    seq = torch.zeros(B, T, dtype=torch.int32, device=q.device) if q_seq_BT is None else q_seq_BT
+    starts = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    starts[:, 1:] = seq[:, 1:] != seq[:, :-1]
+    begin = starts.flatten().nonzero().flatten()
+    cu = torch.cat([begin, begin.new_tensor([B * T])]).int()
+    longest = int((cu[1:] - cu[:-1]).max())
+    o = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
+                    window_size=(-1, 0) if window is None else (window - 1, 0))
+    return o.view(q.shape)
+
+
 def bench_attention(rows: list, args) -> None:
     flex = resolve_kernels(KernelConfig(attention="flex"), DEV).attention
     causal_ms = _attention_case(rows, args, flex, "causal (SDPA)", 16, None, None, None)
+    if args.attention_varlen:  # the presets' shapes through FlexAttention and torch's varlen flash
+        for label, K, W, docs in [("window, GQA 16q/4kv", 4, 1024, None),
+                                  ("window, GQA 16q/4kv, 8 packed docs", 4, 1024, 8),
+                                  ("causal, GQA 16q/4kv, 8 packed docs", 4, None, 8),
+                                  ("causal, GQA 16q/4kv", 4, None, None)]:
+            _attention_case(rows, args, flex, label, K, W, docs, causal_ms)
+            _attention_case(rows, args, varlen_flash, f"{label} [varlen flash]", K, W, docs, causal_ms)
+        return
     for label, K, W, docs in [("window", 16, 512, None), ("window", 16, 1024, None), ("window", 16, 2048, None),
                               ("window, GQA 16q/4kv", 4, 1024, None), ("window, 8 packed docs", 16, 1024, 8)]:
         _attention_case(rows, args, flex, label, K, W, docs, causal_ms)
@@ -334,6 +363,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="ssd,attention,conv1d,decode")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--attention-varlen", action="store_true",
+                    help="attention section: the presets' GQA shapes (window 1024 and causal, with and without 8 packed "
+                         "documents) through FlexAttention and torch's varlen flash attention, side by side")
     ap.add_argument("--ssd-shape", default=f"1x{L}", help="ssd section: ROWSxT (default 1x32768)")
     ap.add_argument("--ssd-groups", type=int, default=1, help="ssd section: B/C groups of the 32 heads")
     ap.add_argument("--ssd-chunks", default="256", help="ssd section: comma-separated chunk lengths")
