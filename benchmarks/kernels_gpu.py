@@ -134,7 +134,7 @@ def bench_ssd(rows: list, args) -> None:
             fwd = cuda_ms(lambda: k.ssd_chunked(*(inp[n] for n in SSD_ARGS), chunk_size=chunk), 2, reps)
             fwd_bwd = cuda_ms(lambda: ssd_fwd_bwd(k.ssd_chunked, inp, chunk=chunk), 2, reps)
             _row(rows, section="ssd", backend=name, case=f"{args.ssd_shape}, G={args.ssd_groups}, chunk {chunk}",
-                 L=T, rows=rows_, groups=args.ssd_groups, chunk=chunk, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
+                 L=T, batch=rows_, groups=args.ssd_groups, chunk=chunk, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
                  first_call_s=first_s, rel_err=errs, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
         except Exception as e:  # noqa: BLE001 - a failed backend is a result to report, not a crash
             _row(rows, section="ssd", backend=name, error=f"{type(e).__name__}: {e}"[:2000])
