@@ -3,7 +3,7 @@ decode attention path, with the bytes each token must move and the share of the 
 bandwidth that reaches.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32640] [--batches 1,8,32]
-        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes compiled_graph,packed_graph]
+        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes packed_graph,tuned_graph]
         [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json] [--profile DIR]
     python benchmarks/decode_gpu.py --dry-run [--modes graph]     # CPU, debug preset: the code paths, no timing value
 
@@ -16,18 +16,18 @@ steps continuing them (CUDA-event mean over --steps steps after warm-up), per mo
   eager           the cached forward, one per token (host-bound; the attention backend reads
                   the filled cache, which the host slices)
   graph           `GraphedDecoder(pack=False)`: one CUDA graph replay per token (static shapes)
-  compiled_graph  the same with the step's blocks compiled first (`GraphedDecoder(compile=True,
-                  pack=False)`)
+  compiled_graph  the same with the step's blocks compiled first, Inductor's default options
+                  (`GraphedDecoder(compile=True, pack=False, compile_options={})`)
   packed_graph    compiled_graph with the projections that read one input packed into one
-                  matmul each (`GraphedDecoder(compile=True)`, packing by default: q/k/v, gate/up);
-                  what `generate(cuda_graph=True)` runs
+                  matmul each (packing is the default: q/k/v, gate/up)
   autotuned_graph packed_graph with the blocks compiled in torch.compile's
                   "max-autotune-no-cudagraphs" mode (Triton matmul templates timed against
                   cuBLAS per shape, neighbours fused into them; minutes of compile)
   tuned_graph     packed_graph with Inductor's coordinate-descent tuning
-                  (`GraphedDecoder(compile_options={"coordinate_descent_tuning": True})`):
-                  one-row matmuls (batch 1) become reductions that Inductor tunes and fuses
-                  with their neighbours, and every Triton kernel's tiles are tuned
+                  (`GraphedDecoder(compile=True)`, its default options): one-row matmuls
+                  (batch 1) become reductions that Inductor tunes and fuses with their
+                  neighbours, and every Triton kernel's tiles are tuned; what
+                  `generate(cuda_graph=True)` runs
 
 Decode attention paths (`kernels.decode_attention`; they change the graphed modes only):
 
@@ -87,7 +87,6 @@ from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph", "tuned_graph")
-TUNED = {"coordinate_descent_tuning": True}  # tuned_graph's Inductor options
 
 
 class Timer:
@@ -275,7 +274,7 @@ def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps,
         return GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev), graph=graph,
                               compile=mode != "graph", pack=mode in ("packed_graph", "autotuned_graph", "tuned_graph"),
                               compile_mode="max-autotune-no-cudagraphs" if mode == "autotuned_graph" else None,
-                              compile_options=TUNED if mode == "tuned_graph" else None)
+                              compile_options={"tuned_graph": None, "autotuned_graph": None}.get(mode, {}))
 
     if path == "sdpa_flash" and batch == 1:
         row["first_step_max_err"] = flash_check(model, kv, ms, nxt, lambda: decoder("graph"))
@@ -322,7 +321,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--twin-flash", action="store_true",
                     help="also time the Transformer twin with SDPA's flash kernel over a fixed length (sdpa_flash)")
     ap.add_argument("--no-twin", action="store_true", help="the preset alone (a profile, say): no twin, no ratios")
-    ap.add_argument("--modes", default="compiled_graph,packed_graph", help=f"comma-separated, of {','.join(MODES)}")
+    ap.add_argument("--modes", default="packed_graph,tuned_graph", help=f"comma-separated, of {','.join(MODES)}")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--hbm-tb-per-s", type=float, default=0.0, help="the card's HBM bandwidth (default: by name)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, debug preset, tiny shapes: check the script")

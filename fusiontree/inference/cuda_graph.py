@@ -21,6 +21,10 @@ from torch import Tensor
 from fusiontree.models.cache import KVCache, MambaStates
 
 
+# Inductor options of the compiled decode step unless a mode or other options are given.
+TUNED = {"coordinate_descent_tuning": True}
+
+
 class GraphedDecoder:
     """Decode with `model.decode_step` into caches that already hold a prefix.
 
@@ -32,12 +36,14 @@ class GraphedDecoder:
     took a token of `1b` at 32K from 2.68 to 2.40 ms and of `small` at 4K from 1.38 to 1.21 ms.
     The first packing moves the weights into one buffer per module, so a graph captured before
     it with pack=False reads their old storage: capture unpacked graphs after packed ones.
-    compile_mode: torch.compile's mode for the compiled blocks (None: its default;
+    compile_mode: torch.compile's mode for the compiled blocks (None: none, see compile_options;
     "max-autotune-no-cudagraphs": Inductor times Triton matmul templates against cuBLAS for
     each of the step's shapes and can fuse their neighbours into them, at minutes of compile).
-    compile_options: Inductor options for the compiled blocks instead of a mode; for example
-    {"coordinate_descent_tuning": True}, under which Inductor turns one-row matmuls (batch 1)
-    into reductions it tunes and fuses with their neighbours, and tunes every kernel's tiles."""
+    compile_options: Inductor options for the compiled blocks instead of a mode. None (with no
+    mode) takes `TUNED`: coordinate-descent tuning, under which Inductor turns one-row matmuls
+    (batch 1) into reductions it tunes and fuses with their neighbours, and tunes every kernel's
+    tiles; on an H200 it took a token of `1b` at 32K from 2.39 to 2.09 ms and of `small` at 4K
+    from 1.22 to 1.06 ms. {} compiles with Inductor's defaults."""
 
     def __init__(self, model, kv: KVCache, ms: MambaStates, next_positions_B: Tensor, graph: bool = True,
                  warmup: int = 3, compile: bool = False, pack: bool = True, compile_mode: str | None = None,
@@ -61,6 +67,8 @@ class GraphedDecoder:
         if compile_mode and compile_options:
             raise ValueError("torch.compile takes a mode or Inductor options, not both; pass compile_mode "
                              "or compile_options")
+        if compile_options is None and not compile_mode:
+            compile_options = TUNED
         options = {"mode": compile_mode} if compile_mode else {}
         if compile_options:
             options["options"] = dict(compile_options)
