@@ -87,6 +87,8 @@ from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph", "tuned_graph")
+# Each graphed mode's Inductor options (None: GraphedDecoder's default; --inductor-options sets tuned_graph's).
+MODE_OPTIONS: dict = {"tuned_graph": None, "autotuned_graph": None}
 
 
 class Timer:
@@ -274,7 +276,7 @@ def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps,
         return GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev), graph=graph,
                               compile=mode != "graph", pack=mode in ("packed_graph", "autotuned_graph", "tuned_graph"),
                               compile_mode="max-autotune-no-cudagraphs" if mode == "autotuned_graph" else None,
-                              compile_options={"tuned_graph": None, "autotuned_graph": None}.get(mode, {}))
+                              compile_options=MODE_OPTIONS.get(mode, {}))
 
     if path == "sdpa_flash" and batch == 1:
         row["first_step_max_err"] = flash_check(model, kv, ms, nxt, lambda: decoder("graph"))
@@ -322,6 +324,9 @@ def parse_args() -> argparse.Namespace:
                     help="also time the Transformer twin with SDPA's flash kernel over a fixed length (sdpa_flash)")
     ap.add_argument("--no-twin", action="store_true", help="the preset alone (a profile, say): no twin, no ratios")
     ap.add_argument("--modes", default="packed_graph,tuned_graph", help=f"comma-separated, of {','.join(MODES)}")
+    ap.add_argument("--inductor-options", default="",
+                    help='JSON Inductor options for tuned_graph instead of GraphedDecoder.TUNED, e.g. '
+                         '\'{"coordinate_descent_tuning": true, "combo_kernels": true}\'')
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--hbm-tb-per-s", type=float, default=0.0, help="the card's HBM bandwidth (default: by name)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, debug preset, tiny shapes: check the script")
@@ -399,6 +404,8 @@ def main() -> None:
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
     hbm = card_bandwidth(a.hbm_tb_per_s, device)
+    if a.inductor_options:
+        MODE_OPTIONS["tuned_graph"] = json.loads(a.inductor_options)
     timer, flash = Timer(device), FlashFixedLength()
     cases = [(a.preset, p) for p in a.paths]
     if not a.no_twin:
