@@ -28,6 +28,8 @@ steps continuing them (CUDA-event mean over --steps steps after warm-up), per mo
                   (batch 1) become reductions that Inductor tunes and fuses with their
                   neighbours, and every Triton kernel's tiles are tuned; what
                   `generate(cuda_graph=True)` runs
+  combo_graph     tuned_graph with Inductor's combo kernels as well (`combo_kernels`:
+                  independent kernels of a graph launched as one)
 
 Decode attention paths (`kernels.decode_attention`; they change the graphed modes only):
 
@@ -86,9 +88,10 @@ from fusiontree.train.metrics import gpu_busy_ms, kernel_categories_table
 from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph", "tuned_graph")
+MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph", "tuned_graph", "combo_graph")
 # Each graphed mode's Inductor options (None: GraphedDecoder's default; --inductor-options sets tuned_graph's).
-MODE_OPTIONS: dict = {"tuned_graph": None, "autotuned_graph": None}
+MODE_OPTIONS: dict = {"tuned_graph": None, "autotuned_graph": None,
+                      "combo_graph": {"coordinate_descent_tuning": True, "combo_kernels": True}}
 
 
 class Timer:
@@ -274,7 +277,7 @@ def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps,
     def decoder(mode: str) -> GraphedDecoder:
         flash.length = kv.seen_tokens + 1  # the filled count of the first replay
         return GraphedDecoder(model, kv, ms, torch.full((batch,), kv.seen_tokens, device=dev), graph=graph,
-                              compile=mode != "graph", pack=mode in ("packed_graph", "autotuned_graph", "tuned_graph"),
+                              compile=mode != "graph", pack=mode not in ("graph", "compiled_graph"),
                               compile_mode="max-autotune-no-cudagraphs" if mode == "autotuned_graph" else None,
                               compile_options=MODE_OPTIONS.get(mode, {}))
 
@@ -360,13 +363,13 @@ def print_table(rows: list[dict], preset: str, batches: list[int]) -> None:
                      (model, path, c, b)), None)
 
     print("| model | decode attention | context | batch | prefill ms (batch 1) | eager ms | graph ms | "
-          "compiled + graph ms | packed ms | packed + max-autotune ms | packed + tuned ms | tokens/s | MB read/token (floor) | HBM | cache MiB | speed vs twin, same path "
+          "compiled + graph ms | packed ms | packed + max-autotune ms | packed + tuned ms | tuned + combo ms | tokens/s | MB read/token (floor) | HBM | cache MiB | speed vs twin, same path "
           "| cache vs twin |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['model']} | {r['decode_attention']} | {r['context']} | {r['batch']} |"
         if "error" in r:
-            print(f"{head} {r['error']} |" + " |" * 12)
+            print(f"{head} {r['error']} |" + " |" * 13)
             continue
         twin = find(twin_name, r["decode_attention"], r["context"], r["batch"]) if r["model"] == preset else None
         cells = [f"{r['prefill_ms_batch1']:.0f}"] + [

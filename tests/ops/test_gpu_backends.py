@@ -555,13 +555,15 @@ def test_model_cuda_graph_decode_matches_eager_decode(dtype, compiled, pack, dec
     _check_graphed_decode(dtype, decode_attention, 2, compile=compiled, pack=pack)
 
 
+@pytest.mark.parametrize("combo", [False, True])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_model_tuned_cuda_graph_decode_matches_eager_decode(batch):
+def test_model_tuned_cuda_graph_decode_matches_eager_decode(batch, combo):
     """The graphed step compiled with Inductor's coordinate-descent tuning (at batch 1 its
-    one-row matmuls become tuned reductions) against the eager static step and the cached
+    one-row matmuls become tuned reductions), and with Inductor's combo kernels on top
+    (independent kernels launched as one), against the eager static step and the cached
     forward, as above, in bf16."""
-    _check_graphed_decode(torch.bfloat16, "filled_blocks", batch, compile=True, pack=True,
-                          compile_options={"coordinate_descent_tuning": True})
+    options = {"coordinate_descent_tuning": True, **({"combo_kernels": True} if combo else {})}
+    _check_graphed_decode(torch.bfloat16, "filled_blocks", batch, compile=True, pack=True, compile_options=options)
 
 
 def _check_graphed_decode(dtype, decode_attention: str, batch: int, **decoder_kw) -> None:
