@@ -57,8 +57,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
     (`fusiontree.inference.cuda_graph.GraphedDecoder`; needs use_cache and a CUDA model).
     compile_decode: with cuda_graph, compile the blocks of the step before capturing it (the
     graph then replays fewer, fused kernels, tuned by Inductor's coordinate descent:
-    `GraphedDecoder.TUNED`; `1b` at 32K on an H200: 2.1 ms per token against 2.7 uncompiled
-    and unpacked, BENCHMARKS.md). False saves the compile time of the first call."""
+    `GraphedDecoder.TUNED`; `1b` at 32K on an H200: 2.09 ms per token, against 2.39 with
+    Inductor's default options, BENCHMARKS.md). False saves the compile time of the first call."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cuda_graph and not use_cache:
