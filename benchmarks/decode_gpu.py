@@ -51,6 +51,9 @@ up to whole key blocks (filled_blocks), L (sdpa_flash), counted at the middle of
 steps. `floor` counts the filled slots only. HBM fraction = bytes / best graphed time / the
 card's bandwidth (--hbm-tb-per-s; known cards: H200 4.8, H100 SXM 3.35 TB/s).
 
+Each graphed mode's row also has `<mode>_build_s`: the seconds to build its decoder; on a GPU
+that is the compile on first use of its options and shapes, the warm-up steps and the capture.
+
 --profile DIR: after timing each graphed mode, torch's profiler records 8 more steps (the
 kernels a graph replay runs) and DIR/<model>_<path>_<context>_b<batch>_<mode>.txt gets the top
 30 kernels by device time; the row names its file (`<mode>_profile`).
@@ -285,7 +288,9 @@ def measure_batch(model, path, kv1, ms1, first_B1, batch, max_len, modes, steps,
         row["first_step_max_err"] = flash_check(model, kv, ms, nxt, lambda: decoder("graph"))
     flash_len = 0
     for mode in (m for m in modes if m != "eager"):
-        dec = decoder(mode)
+        t0 = time.perf_counter()
+        dec = decoder(mode)  # compiles (first use of these options and shapes) and captures
+        row[f"{mode}_build_s"] = time.perf_counter() - t0
         flash_len = flash.length
 
         def graphed_step():
