@@ -46,6 +46,7 @@ from fusiontree.models.hybrid import positions_from_seq_idx
 from fusiontree.ops import resolve_kernels
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.backends import flex as flex_backend
+from fusiontree.ops.masks import document_starts
 from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
 from _results import hbm_tb_per_s
 
@@ -211,9 +212,7 @@ def varlen_flash(q, k, v, q_pos, k_pos, window=None, q_seq_BT=None, k_seq_BS=Non
 
     B, T = q.shape[:2]
     seq = torch.zeros(B, T, dtype=torch.int32, device=q.device) if q_seq_BT is None else q_seq_BT
-    starts = torch.ones(B, T, dtype=torch.bool, device=q.device)
-    starts[:, 1:] = seq[:, 1:] != seq[:, :-1]
-    begin = starts.flatten().nonzero().flatten()
+    begin = document_starts(seq, first=True).flatten().nonzero().flatten()
     cu = torch.cat([begin, begin.new_tensor([B * T])]).int()
     longest = int((cu[1:] - cu[:-1]).max())
     o = varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
