@@ -352,6 +352,13 @@ def parse_args() -> argparse.Namespace:
     bad = [m for m in a.modes if m not in MODES] + [p for p in a.paths if p not in ("all_slots", "filled_blocks")]
     if bad:
         raise SystemExit(f"unknown mode or decode attention path {bad}: modes {MODES}, paths all_slots, filled_blocks")
+    try:
+        a.inductor_options = json.loads(a.inductor_options) if a.inductor_options else None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--inductor-options is not valid JSON ({e}); pass an object such as "
+                         '\'{"coordinate_descent_tuning": true}\'') from None
+    if a.inductor_options is not None and not isinstance(a.inductor_options, dict):
+        raise SystemExit(f"--inductor-options must be a JSON object of Inductor options, got {a.inductor_options!r}")
     a.out = a.out or str(ROOT / f"benchmarks/results/decode_gpu{'_dry_run' if dry else ''}.json")
     return a
 
@@ -412,8 +419,8 @@ def main() -> None:
     else:
         device, dtype = torch.device("cuda"), torch.bfloat16
     hbm = card_bandwidth(a.hbm_tb_per_s, device)
-    if a.inductor_options:
-        MODE_OPTIONS["tuned_graph"] = json.loads(a.inductor_options)
+    if a.inductor_options is not None:
+        MODE_OPTIONS["tuned_graph"] = a.inductor_options
     timer, flash = Timer(device), FlashFixedLength()
     cases = [(a.preset, p) for p in a.paths]
     if not a.no_twin:

@@ -114,7 +114,7 @@ def ssd_fwd_bwd(fn, inp, fp32=False, chunk=256):
 
 
 def bench_ssd(rows: list, args) -> None:
-    rows_, T = (int(v) for v in args.ssd_shape.split("x"))
+    rows_, T = args.ssd_rows, args.ssd_len
     inp = ssd_inputs(T, G=args.ssd_groups, rows=rows_)
     y_ref, g_ref = ssd_fwd_bwd(ssd_chunked_ref, inp, fp32=True)
     y_ref, g_ref = y_ref.detach(), [g.detach() for g in g_ref]
@@ -375,6 +375,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels_gpu.json"))
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args()
+    try:
+        args.ssd_rows, args.ssd_len = (int(v) for v in args.ssd_shape.split("x"))
+    except ValueError:
+        raise SystemExit(f"--ssd-shape {args.ssd_shape!r}: expected ROWSxT, e.g. 8x4096") from None
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels_gpu.py needs a CUDA device")
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, python=platform.python_version(),
