@@ -3,7 +3,7 @@ decode attention path, with the bytes each token must move and the share of the 
 bandwidth that reaches.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32640] [--batches 1,8,32]
-        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes packed_graph,tuned_graph]
+        [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes tuned_graph,combo_graph]
         [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json] [--profile DIR]
     python benchmarks/decode_gpu.py --dry-run [--modes graph]     # CPU, debug preset: the code paths, no timing value
 
@@ -23,13 +23,12 @@ steps continuing them (CUDA-event mean over --steps steps after warm-up), per mo
   autotuned_graph packed_graph with the blocks compiled in torch.compile's
                   "max-autotune-no-cudagraphs" mode (Triton matmul templates timed against
                   cuBLAS per shape, neighbours fused into them; minutes of compile)
-  tuned_graph     packed_graph with Inductor's coordinate-descent tuning
-                  (`GraphedDecoder(compile=True)`, its default options): one-row matmuls
+  tuned_graph     packed_graph with Inductor's coordinate-descent tuning: one-row matmuls
                   (batch 1) become reductions that Inductor tunes and fuses with their
-                  neighbours, and every Triton kernel's tiles are tuned; what
-                  `generate(cuda_graph=True)` runs
+                  neighbours, and every Triton kernel's tiles are tuned
   combo_graph     tuned_graph with Inductor's combo kernels as well (`combo_kernels`:
-                  independent kernels of a graph launched as one)
+                  independent kernels of a graph launched as one): `GraphedDecoder(compile=True)`
+                  with its default options, what `generate(cuda_graph=True)` runs
 
 Decode attention paths (`kernels.decode_attention`; they change the graphed modes only):
 
@@ -93,8 +92,8 @@ from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("eager", "graph", "compiled_graph", "packed_graph", "autotuned_graph", "tuned_graph", "combo_graph")
 # Each graphed mode's Inductor options (None: GraphedDecoder's default; --inductor-options sets tuned_graph's).
-MODE_OPTIONS: dict = {"tuned_graph": None, "autotuned_graph": None,
-                      "combo_graph": {"coordinate_descent_tuning": True, "combo_kernels": True}}
+MODE_OPTIONS: dict = {"tuned_graph": {"coordinate_descent_tuning": True}, "autotuned_graph": None,
+                      "combo_graph": None}
 
 
 class Timer:
@@ -331,9 +330,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--twin-flash", action="store_true",
                     help="also time the Transformer twin with SDPA's flash kernel over a fixed length (sdpa_flash)")
     ap.add_argument("--no-twin", action="store_true", help="the preset alone (a profile, say): no twin, no ratios")
-    ap.add_argument("--modes", default="packed_graph,tuned_graph", help=f"comma-separated, of {','.join(MODES)}")
+    ap.add_argument("--modes", default="tuned_graph,combo_graph", help=f"comma-separated, of {','.join(MODES)}")
     ap.add_argument("--inductor-options", default="",
-                    help='JSON Inductor options for tuned_graph instead of GraphedDecoder.TUNED, e.g. '
+                    help='JSON Inductor options for tuned_graph instead of coordinate-descent tuning alone, e.g. '
                          '\'{"coordinate_descent_tuning": true, "combo_kernels": true}\'')
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--hbm-tb-per-s", type=float, default=0.0, help="the card's HBM bandwidth (default: by name)")

@@ -56,9 +56,10 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
     cuda_graph: after the prefill, replay each decode step from one captured CUDA graph
     (`fusiontree.inference.cuda_graph.GraphedDecoder`; needs use_cache and a CUDA model).
     compile_decode: with cuda_graph, compile the blocks of the step before capturing it (the
-    graph then replays fewer, fused kernels, tuned by Inductor's coordinate descent:
-    `GraphedDecoder.TUNED`; `1b` at 32K on an H200: 2.09 ms per token, against 2.39 with
-    Inductor's default options, BENCHMARKS.md). False saves the compile time of the first call."""
+    graph then replays fewer, fused kernels, tuned by Inductor's coordinate descent and launched
+    as combo kernels: `GraphedDecoder.TUNED`; `1b` at 32K on an H200: 1.78 ms per token, against
+    2.39 with Inductor's default options in an earlier run, BENCHMARKS.md). False saves the
+    compile time of the first call."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if cuda_graph and not use_cache:

@@ -363,8 +363,8 @@ def test_compiled_decode_step_takes_a_compile_mode_and_recompiles_for_another():
     """GraphedDecoder(compile_mode=...) compiles the step's blocks in that torch.compile mode
     (here max-autotune, on Inductor's CPU code generator), matching the eager static step; a
     later decoder with Inductor's default options compiles them again rather than reusing them,
-    and so does one with the decoder's default (coordinate-descent tuning). A mode and options
-    together are refused."""
+    and so does one with the decoder's default (coordinate-descent tuning, combo kernels). A
+    mode and options together are refused."""
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
     model = build("parallel-channel", seed=8)
@@ -375,8 +375,8 @@ def test_compiled_decode_step_takes_a_compile_mode_and_recompiles_for_another():
     _compiled_steps_match_eager(model, ids, 4, compile_options={})
     assert model.decode_options == {} and model._compiled_decode[0] is not first[0]
     plain = model._compiled_decode
-    tuned = {"coordinate_descent_tuning": True}
-    _compiled_steps_match_eager(model, ids, 4)  # the default: coordinate-descent tuning
+    tuned = {"coordinate_descent_tuning": True, "combo_kernels": True}
+    _compiled_steps_match_eager(model, ids, 4)  # the default: coordinate-descent tuning, combo kernels
     assert model.decode_options == {"options": tuned} and model._compiled_decode[0] is not plain[0]
     kv, ms = model.allocate_inference_cache(1, 8)
     with pytest.raises(ValueError, match="a mode or Inductor options, not both"):

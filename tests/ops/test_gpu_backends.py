@@ -566,6 +566,28 @@ def test_model_tuned_cuda_graph_decode_matches_eager_decode(batch, combo):
     _check_graphed_decode(torch.bfloat16, "filled_blocks", batch, compile=True, pack=True, compile_options=options)
 
 
+def test_compiled_decode_blocks_have_no_graph_breaks():
+    """On CUDA the compiled decode step's blocks are one graph each: the mamba-ssm decode step
+    (a custom op that updates the state in place) and FlexAttention's decoding path (traced)
+    stay inside, so Inductor fuses the work around them. Checked at batch 1 (the
+    filled_blocks path) through the GraphedDecoder that `generate(cuda_graph=True)` builds."""
+    from torch._dynamo.utils import counters
+
+    from fusiontree.inference.cuda_graph import GraphedDecoder
+
+    model, _ = _models(dtype=torch.bfloat16, seed=12, decode_attention="filled_blocks")
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(13)).to(DEV)
+    kv, ms = model.allocate_inference_cache(1, 50)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        model(prompt, past_key_values=kv, past_mamba_states=ms, use_cache=True)
+        counters.clear()
+        GraphedDecoder(model, kv, ms, torch.full((1,), 40), graph=False, compile=True).step(prompt[:, -1])
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def _check_graphed_decode(dtype, decode_attention: str, batch: int, **decoder_kw) -> None:
     from fusiontree.inference.cuda_graph import GraphedDecoder
 

@@ -67,9 +67,6 @@ def filled_block_mask(q_pos_B1: Tensor, k_pos_BS: Tensor, filled_1: Tensor, wind
                                     mask_mod=mask_mod, seq_lengths=(1, S), compute_q_blocks=False)
 
 
-# Opaque to an enclosing torch.compile (the decode step's blocks compiled one by one): the
-# BlockMask is built eagerly from the step's tensors, FlexAttention is compiled here, separately.
-@torch.compiler.disable
 def decode_attention_filled_blocks(
     q_B1HD: Tensor,
     k_BSKD: Tensor,
@@ -82,7 +79,28 @@ def decode_attention_filled_blocks(
     compiled: bool | None = None,
 ) -> Tensor:
     """Same contract as `decode_attention_ref`; returns o_B1HD. `compiled`: run FlexAttention
-    compiled, which skips the blocks past `filled_1` (default: on CUDA only)."""
+    compiled, which skips the blocks past `filled_1` (default: on CUDA only).
+
+    Inside an enclosing torch.compile (the compiled decode step's blocks) on CUDA, the BlockMask
+    and FlexAttention are traced into that graph: one compiled graph per block, its
+    neighbours fused around the decoding kernel. On CPU, Inductor's FlexAttention template takes
+    no neighbours, so there it stays a separate compiled call."""
+    if q_B1HD.is_cuda or not torch.compiler.is_compiling():
+        return _filled_blocks(q_B1HD, k_BSKD, v_BSKD, q_pos_B1, k_pos_BS, filled_1, window, scale, compiled)
+    return _filled_blocks_opaque(q_B1HD, k_BSKD, v_BSKD, q_pos_B1, k_pos_BS, filled_1, window, scale, compiled)
+
+
+def _filled_blocks(
+    q_B1HD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKD: Tensor,
+    q_pos_B1: Tensor,
+    k_pos_BS: Tensor,
+    filled_1: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    compiled: bool | None = None,
+) -> Tensor:
     if q_B1HD.ndim != 4 or q_B1HD.shape[1] != 1 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
         raise ValueError(f"decode attention expects q [B, 1, H, D] and k, v [B, S, K, D], got q "
                          f"{tuple(q_B1HD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
@@ -98,9 +116,15 @@ def decode_attention_filled_blocks(
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    compiled = q_B1HD.is_cuda if compiled is None else compiled
-    fn = compile_once(flex_attention) if compiled else flex_attention
+    if torch.compiler.is_compiling():  # traced into the enclosing graph
+        fn = flex_attention
+    else:
+        compiled = q_B1HD.is_cuda if compiled is None else compiled
+        fn = compile_once(flex_attention) if compiled else flex_attention
     block_mask = filled_block_mask(q_pos_B1, k_pos_BS, filled_1, window)
     o = fn(q_B1HD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2), block_mask=block_mask,
            scale=scale, enable_gqa=K != H)
     return o.transpose(1, 2)
+
+
+_filled_blocks_opaque = torch.compiler.disable(_filled_blocks)

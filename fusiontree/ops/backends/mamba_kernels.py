@@ -62,7 +62,6 @@ def _zeros_H(H: int, device: torch.device) -> Tensor:
     return _zero_bias[key]
 
 
-@torch.compiler.disable  # opaque to a compiled decode step, like the chunked scan above
 def ssd_step_mamba(
     state_BHPN: Tensor,
     x_BHP: Tensor,
@@ -72,7 +71,10 @@ def ssd_step_mamba(
     C_BGN: Tensor,
     D_H: Tensor | None = None,
 ) -> Tensor:
-    """One decode step: updates `state_BHPN` (fp32) in place, returns y_BHP in x's dtype."""
+    """One decode step: updates `state_BHPN` (fp32) in place, returns y_BHP in x's dtype.
+
+    The kernel is a custom op that mutates the state, so a compiled decode step holds it inside
+    its graph: the block stays one graph and Inductor fuses the work on both sides of it."""
     _require_cuda(state=state_BHPN, x=x_BHP, dt=dt_BH, A=A_H, B=B_BGN, C=C_BGN, D=D_H)
     if state_BHPN.dtype != torch.float32:
         raise ValueError(f"the SSM decode state must be fp32, got {state_BHPN.dtype}; allocate it "
@@ -81,13 +83,24 @@ def ssd_step_mamba(
                                        for t in (x_BHP, dt_BH, A_H, B_BGN, C_BGN, D_H)):
         raise ValueError("mamba-ssm's selective_state_update has no backward; decode under "
                          "torch.no_grad() (or use kernels.ssd=reference to differentiate a decode step)")
+    return _ssd_step_op(state_BHPN, x_BHP, dt_BH, A_H.float(), B_BGN, C_BGN, D_H)
+
+
+@torch.library.custom_op("fusiontree::ssd_step_mamba", mutates_args=("state_BHPN",), device_types="cuda")
+def _ssd_step_op(state_BHPN: Tensor, x_BHP: Tensor, dt_BH: Tensor, A_H: Tensor, B_BGN: Tensor, C_BGN: Tensor,
+                 D_H: Tensor | None) -> Tensor:
     Bsz, H, P, N = state_BHPN.shape
     # Stride-0 views of the per-head A, dt and bias: mamba-ssm then takes its tied-head-dim
     # path (one exp per head instead of one per state entry). Its check reads the bias's
     # strides, so a zero bias is passed rather than None.
-    A = A_H.float()[:, None, None].expand(H, P, N)
+    A = A_H[:, None, None].expand(H, P, N)
     dt = dt_BH[..., None].expand(Bsz, H, P)
     dt_bias = _zeros_H(H, state_BHPN.device)[:, None].expand(H, P)
     D = None if D_H is None else D_H[:, None].expand(H, P)
     return selective_state_update(state_BHPN, x_BHP, dt, A, B_BGN, C_BGN, D=D, dt_bias=dt_bias,
                                   dt_softplus=False)
+
+
+@_ssd_step_op.register_fake
+def _(state_BHPN, x_BHP, dt_BH, A_H, B_BGN, C_BGN, D_H):
+    return torch.empty_like(x_BHP)
