@@ -17,7 +17,8 @@ step fuses). `train.compile` fuses the reference conv1d, the norms, RoPE, the ga
 by compiling each block (`fusiontree.train.mechanics.apply_compile`); the `mamba_ssm` and `flex`
 backends' training kernels stay opaque inside those compiled blocks, and `causal_conv1d` is a
 custom op in their graphs. In the compiled decode step on CUDA a block is one graph: the
-`mamba_ssm` decode step is a custom op and `filled_blocks` traces into it. `compile_once` and `raise_recompile_limit` are the one way
+`mamba_ssm` decode step is a custom op, and `filled_blocks` and the `flex` backend's cached
+regime (`all_slots`) trace into it. `compile_once` and `raise_recompile_limit` are the one way
 the package calls torch.compile.
 flash-attn is not a backend: the GPU machine it would be tested on does not have it, and an
 untested backend would break the rule that every backend is checked against the reference.

@@ -282,6 +282,28 @@ def test_compiled_decode_steps_of_models_with_different_decode_paths_in_one_proc
         _compiled_steps_match_eager(model, ids, 4)
 
 
+def test_compiled_decode_blocks_trace_the_flex_backends_cached_attention():
+    """With the flex attention backend, the cached regime of a decode step (more keys than
+    queries, `all_slots`) is traced into each compiled block rather than breaking it in two: no
+    graph break, and the compiled step equals the eager one."""
+    from torch._dynamo.utils import counters
+
+    from fusiontree.config import KernelConfig
+    from fusiontree.models import HybridLanguageModel
+    from fusiontree.ops import resolve_kernels
+
+    ref = build("parallel-channel", seed=16)
+    kernels = resolve_kernels(KernelConfig(attention="flex", decode_attention="all_slots"), "cpu")
+    model = HybridLanguageModel(ref.cfg, kernels).eval()
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, ref.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(17))
+    torch._dynamo.reset()
+    counters.clear()
+    _compiled_steps_match_eager(model, ids, 6, compile_options={})
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_packed_projections_keep_the_models_outputs_parameters_and_gradients(caplog):
     """`pack_projections`: each attention's q/k/v and each MLP's gate/up weights become views of
     one buffer per module (state dict, values and gradients unchanged); without gradients one

@@ -566,16 +566,18 @@ def test_model_tuned_cuda_graph_decode_matches_eager_decode(batch, combo):
     _check_graphed_decode(torch.bfloat16, "filled_blocks", batch, compile=True, pack=True, compile_options=options)
 
 
-def test_compiled_decode_blocks_have_no_graph_breaks():
+@pytest.mark.parametrize("decode_attention", ["all_slots", "filled_blocks"])
+def test_compiled_decode_blocks_have_no_graph_breaks(decode_attention):
     """On CUDA the compiled decode step's blocks are one graph each: the mamba-ssm decode step
-    (a custom op that updates the state in place) and FlexAttention's decoding path (traced)
-    stay inside, so Inductor fuses the work around them. Checked at batch 1 (the
-    filled_blocks path) through the GraphedDecoder that `generate(cuda_graph=True)` builds."""
+    (a custom op that updates the state in place) and the decode attention (FlexAttention's
+    decoding path, or the flex backend's masked SDPA over every slot; both traced) stay inside,
+    so Inductor fuses the work around them. Checked at batch 1 through the GraphedDecoder that
+    `generate(cuda_graph=True)` builds."""
     from torch._dynamo.utils import counters
 
     from fusiontree.inference.cuda_graph import GraphedDecoder
 
-    model, _ = _models(dtype=torch.bfloat16, seed=12, decode_attention="filled_blocks")
+    model, _ = _models(dtype=torch.bfloat16, seed=12, decode_attention=decode_attention)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(13)).to(DEV)
     kv, ms = model.allocate_inference_cache(1, 50)
     torch._dynamo.reset()

@@ -171,10 +171,6 @@ def _masked_sdpa(q, k, v, q_pos, k_pos, window, q_seq, k_seq, scale) -> Tensor:
     return o * seen_BT[:, :, None, None].to(o.dtype)
 
 
-# Opaque to an enclosing torch.compile (a model compiled block by block): it chooses its path
-# from tensor identity (padding) and host-side shapes; FlexAttention itself is compiled here,
-# separately.
-@torch.compiler.disable
 def attention_flex(
     q_BTHD: Tensor,
     k_BSKD: Tensor,
@@ -188,11 +184,26 @@ def attention_flex(
     block_masks: dict[int, BlockMask] | None = None,
 ) -> Tensor:
     """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD.
-    `block_masks`: this forward's masks from `flex_block_masks` (built here when absent)."""
+    `block_masks`: this forward's masks from `flex_block_masks` (built here when absent).
+
+    Under an enclosing torch.compile (a model compiled block by block) the cached regime (more
+    keys than queries: a decode step) is plain PyTorch and is traced into the enclosing graph;
+    every other regime is opaque to it (`_attention_flex_opaque`): it chooses its path from
+    tensor identity (padding) and host-side shapes, and compiles FlexAttention separately."""
+    _check_inputs(q_BTHD, k_BSKD, v_BSKD, window, q_seq_BT, k_seq_BS)
+    scale = 1.0 / math.sqrt(q_BTHD.shape[3]) if scale is None else scale
+    if torch.compiler.is_compiling() and k_BSKD.shape[1] > q_BTHD.shape[1]:
+        return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
+    return _attention_flex_opaque(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS,
+                                  scale, block_masks)
+
+
+def _check_inputs(q_BTHD: Tensor, k_BSKD: Tensor, v_BSKD: Tensor, window: int | None, q_seq_BT: Tensor | None,
+                  k_seq_BS: Tensor | None) -> None:
     if q_BTHD.ndim != 4 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
         raise ValueError(f"attention expects q [B, T, H, D] and k, v [B, S, K, D], got q "
                          f"{tuple(q_BTHD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
-    Bsz, T, H, D = q_BTHD.shape
+    T, H, D = q_BTHD.shape[1:]
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     if S < T or H % K or k_BSKD.shape[3] != D:
         raise ValueError(f"need S >= T keys (cache + the queries' own), H % K == 0 and equal head "
@@ -201,8 +212,23 @@ def attention_flex(
         raise ValueError("pass both q_seq_BT and k_seq_BS (document masks) or neither")
     if window is not None and window < 1:
         raise ValueError(f"window={window} must be >= 1 (it counts the query itself), or None for global")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
 
+
+@torch.compiler.disable
+def _attention_flex_opaque(
+    q_BTHD: Tensor,
+    k_BSKD: Tensor,
+    v_BSKD: Tensor,
+    q_pos_BT: Tensor,
+    k_pos_BS: Tensor,
+    window: int | None,
+    q_seq_BT: Tensor | None,
+    k_seq_BS: Tensor | None,
+    scale: float,
+    block_masks: dict[int, BlockMask] | None,
+) -> Tensor:
+    T, H = q_BTHD.shape[1:3]
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     if S > T or T < _FLEX_MIN_T:
         return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
 
