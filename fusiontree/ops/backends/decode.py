@@ -85,22 +85,8 @@ def decode_attention_filled_blocks(
     and FlexAttention are traced into that graph: one compiled graph per block, its
     neighbours fused around the decoding kernel. On CPU, Inductor's FlexAttention template takes
     no neighbours, so there it stays a separate compiled call."""
-    if q_B1HD.is_cuda or not torch.compiler.is_compiling():
-        return _filled_blocks(q_B1HD, k_BSKD, v_BSKD, q_pos_B1, k_pos_BS, filled_1, window, scale, compiled)
-    return _filled_blocks_opaque(q_B1HD, k_BSKD, v_BSKD, q_pos_B1, k_pos_BS, filled_1, window, scale, compiled)
-
-
-def _filled_blocks(
-    q_B1HD: Tensor,
-    k_BSKD: Tensor,
-    v_BSKD: Tensor,
-    q_pos_B1: Tensor,
-    k_pos_BS: Tensor,
-    filled_1: Tensor,
-    window: int | None = None,
-    scale: float | None = None,
-    compiled: bool | None = None,
-) -> Tensor:
+    if not q_B1HD.is_cuda and torch.compiler.is_compiling():
+        return _filled_blocks_opaque(q_B1HD, k_BSKD, v_BSKD, q_pos_B1, k_pos_BS, filled_1, window, scale, compiled)
     if q_B1HD.ndim != 4 or q_B1HD.shape[1] != 1 or k_BSKD.ndim != 4 or v_BSKD.shape != k_BSKD.shape:
         raise ValueError(f"decode attention expects q [B, 1, H, D] and k, v [B, S, K, D], got q "
                          f"{tuple(q_B1HD.shape)}, k {tuple(k_BSKD.shape)}, v {tuple(v_BSKD.shape)}")
@@ -127,4 +113,4 @@ def _filled_blocks(
     return o.transpose(1, 2)
 
 
-_filled_blocks_opaque = torch.compiler.disable(_filled_blocks)
+_filled_blocks_opaque = torch.compiler.disable(decode_attention_filled_blocks)
