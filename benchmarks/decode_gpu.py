@@ -4,6 +4,7 @@ bandwidth that reaches.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32640] [--batches 1,8,32]
         [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes tuned_graph,combo_graph]
+        [--inductor-options JSON] [--decode-kernel-options JSON]
         [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json] [--profile DIR]
     python benchmarks/decode_gpu.py --dry-run [--modes graph]     # CPU, debug preset: the code paths, no timing value
 
@@ -85,6 +86,7 @@ from fusiontree.models.config import model_preset
 from fusiontree.models.flops import count_params
 from fusiontree.models.layers import cast_model
 from fusiontree.ops import resolve_kernels
+from fusiontree.ops.backends import decode as decode_backend
 from fusiontree.ops.backends.decode import KV_BLOCK
 from fusiontree.train.metrics import gpu_busy_ms, kernel_categories_table
 from _results import cuda_span_ms, git_commit, hbm_tb_per_s, write_results
@@ -334,6 +336,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--inductor-options", default="",
                     help='JSON Inductor options for tuned_graph instead of coordinate-descent tuning alone, e.g. '
                          '\'{"coordinate_descent_tuning": true, "combo_kernels": true}\'')
+    ap.add_argument("--decode-kernel-options", default="",
+                    help="JSON FlexAttention kernel options for the filled_blocks decoding kernel, every mode of the "
+                         'run, e.g. \'{"SPLIT_KV": 8}\' (default: FlexAttention\'s own choice)')
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--hbm-tb-per-s", type=float, default=0.0, help="the card's HBM bandwidth (default: by name)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, debug preset, tiny shapes: check the script")
@@ -351,15 +356,21 @@ def parse_args() -> argparse.Namespace:
     bad = [m for m in a.modes if m not in MODES] + [p for p in a.paths if p not in ("all_slots", "filled_blocks")]
     if bad:
         raise SystemExit(f"unknown mode or decode attention path {bad}: modes {MODES}, paths all_slots, filled_blocks")
-    try:
-        a.inductor_options = json.loads(a.inductor_options) if a.inductor_options else None
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--inductor-options is not valid JSON ({e}); pass an object such as "
-                         '\'{"coordinate_descent_tuning": true}\'') from None
-    if a.inductor_options is not None and not isinstance(a.inductor_options, dict):
-        raise SystemExit(f"--inductor-options must be a JSON object of Inductor options, got {a.inductor_options!r}")
+    a.inductor_options = json_object("--inductor-options", a.inductor_options, '{"coordinate_descent_tuning": true}')
+    a.decode_kernel_options = json_object("--decode-kernel-options", a.decode_kernel_options, '{"SPLIT_KV": 4}')
     a.out = a.out or str(ROOT / f"benchmarks/results/decode_gpu{'_dry_run' if dry else ''}.json")
     return a
+
+
+def json_object(flag: str, text: str, example: str) -> dict | None:
+    """The JSON object a flag was given (None for an empty flag), or a one-line exit."""
+    try:
+        value = json.loads(text) if text else None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{flag} is not valid JSON ({e}); pass an object such as '{example}'") from None
+    if value is not None and not isinstance(value, dict):
+        raise SystemExit(f"{flag} must be a JSON object such as '{example}', got {text!r}")
+    return value
 
 
 def print_table(rows: list[dict], preset: str, batches: list[int]) -> None:
@@ -420,6 +431,8 @@ def main() -> None:
     hbm = card_bandwidth(a.hbm_tb_per_s, device)
     if a.inductor_options is not None:
         MODE_OPTIONS["tuned_graph"] = a.inductor_options
+    if a.decode_kernel_options is not None:
+        decode_backend.DECODE_KERNEL_OPTIONS.update(a.decode_kernel_options)
     timer, flash = Timer(device), FlashFixedLength()
     cases = [(a.preset, p) for p in a.paths]
     if not a.no_twin:

@@ -31,3 +31,28 @@ def test_decode_benchmark_dry_run_covers_every_path(tmp_path):
         assert r["graph_profile"] == f"{r['model']}_{r['decode_attention']}_40_b{r['batch']}_graph.txt"
         assert "Self CPU" in text and "8 steps" in text
     assert "| debug | filled_blocks | 40 | 2 |" in res.stdout and "Tokens/s at batch 2 over batch 1" in res.stdout
+
+
+def test_decode_benchmark_refuses_bad_option_objects_in_one_line(tmp_path):
+    """--inductor-options and --decode-kernel-options take JSON objects; anything else stops the
+    script before any work with a one-line error naming the flag and an example."""
+    script = str(ROOT / "benchmarks/decode_gpu.py")
+    for flag, value in (("--inductor-options", "{coordinate"), ("--decode-kernel-options", "[4]")):
+        res = subprocess.run([sys.executable, script, "--dry-run", flag, value, "--out", str(tmp_path / "x.json")],
+                             env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert res.returncode != 0
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(flag) and "such as" in last, res.stderr[-2000:]
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_decode_benchmark_dry_run_with_decode_kernel_options(tmp_path):
+    out = tmp_path / "decode.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/decode_gpu.py"), "--dry-run", "--no-twin",
+                          "--decode-attention", "filled_blocks", "--modes", "graph", "--contexts", "40",
+                          "--batches", "1", "--steps", "2", "--decode-kernel-options", '{"SPLIT_KV": 2}',
+                          "--out", str(out)], env=env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "--decode-kernel-options" in data["meta"]["command"]
+    assert [r["decode_attention"] for r in data["rows"]] == ["filled_blocks"]

@@ -111,3 +111,25 @@ def test_filled_blocks_rejects_bad_shapes():
         decode_attention_filled_blocks(q[:, :, :3], k, v, q_pos, k_pos, filled)
     with pytest.raises(ValueError, match="window=0"):
         decode_attention_filled_blocks(q, k, v, q_pos, k_pos, filled, window=0)
+
+
+def test_filled_blocks_hands_flex_attention_the_decode_kernel_options(monkeypatch):
+    """DECODE_KERNEL_OPTIONS (what `decode_gpu.py --decode-kernel-options` sets) reach
+    FlexAttention's call; empty, FlexAttention chooses."""
+    from fusiontree.ops.backends import decode as decode_backend
+
+    seen = []
+    real = decode_backend.flex_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_backend, "flex_attention", spy)
+    q, k, v, q_pos, k_pos, filled, _ = decode_case(37, 300, False, PADS, seed=5)
+    want = decode_attention_ref(q, k, v, q_pos, k_pos, filled)
+    for options in ({}, {"SPLIT_KV": 2}):
+        monkeypatch.setattr(decode_backend, "DECODE_KERNEL_OPTIONS", dict(options))
+        got = decode_attention_filled_blocks(q, k, v, q_pos, k_pos, filled, compiled=False)
+        torch.testing.assert_close(got, want, **TOL)
+    assert seen == [None, {"SPLIT_KV": 2}]

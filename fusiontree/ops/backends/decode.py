@@ -43,6 +43,9 @@ from fusiontree.ops.masks import visible
 # Slots per key block: FlexAttention's default sparse block, a multiple of every tile its
 # decoding kernel picks.
 KV_BLOCK = 128
+# FlexAttention kernel options of the decoding kernel (empty: FlexAttention's own choice, such
+# as its split of the keys, SPLIT_KV); `benchmarks/decode_gpu.py --decode-kernel-options` sets them.
+DECODE_KERNEL_OPTIONS: dict = {}
 
 
 @lru_cache(maxsize=32)
@@ -109,7 +112,7 @@ def decode_attention_filled_blocks(
         fn = compile_once(flex_attention) if compiled else flex_attention
     block_mask = filled_block_mask(q_pos_B1, k_pos_BS, filled_1, window)
     o = fn(q_B1HD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2), block_mask=block_mask,
-           scale=scale, enable_gqa=K != H)
+           scale=scale, enable_gqa=K != H, kernel_options=dict(DECODE_KERNEL_OPTIONS) or None)
     return o.transpose(1, 2)
 
 
