@@ -300,6 +300,20 @@ def test_ssd_decode_steps_continue_a_prefill():
     check("step_state", s1, s2, OUT_TOL)
 
 
+def test_ssd_step_custom_op_passes_torch_opcheck():
+    """The decode step's custom op (state mutated in place, a fake kernel for tracing) passes
+    torch.library.opcheck: schema and mutation annotations, the fake's shapes and dtypes, and
+    its behaviour under functionalization and AOT tracing."""
+    from fusiontree.ops.backends.mamba_kernels import _ssd_step_op
+
+    inp = _ssd_inputs(2, 3, seed=13)
+    state = torch.randn(inp["h0"].shape, device=DEV, dtype=torch.float32)
+    args = (state, inp["x"][:, 1], inp["dt"][:, 1].float(), inp["A"].float(), inp["B"][:, 1], inp["C"][:, 1],
+            inp["D"])
+    torch.library.opcheck(_ssd_step_op, args, test_utils=("test_schema", "test_faketensor",
+                                                          "test_aot_dispatch_dynamic"))
+
+
 def test_mamba_ssm_rejects_cpu_tensors_and_differentiable_decode():
     k = _kernels(ssd="mamba_ssm")
     inp = _ssd_inputs(1, 8, seed=0)
