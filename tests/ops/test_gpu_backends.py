@@ -595,7 +595,6 @@ def test_compiled_decode_blocks_have_no_graph_breaks(decode_attention):
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(13)).to(DEV)
     kv, ms = model.allocate_inference_cache(1, 50)
     torch._dynamo.reset()
-    counters.clear()
     with torch.no_grad():
         model(prompt, past_key_values=kv, past_mamba_states=ms, use_cache=True)
         counters.clear()

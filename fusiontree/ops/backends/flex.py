@@ -186,13 +186,13 @@ def attention_flex(
     """Same contract as `attention_ref` (the last T keys are the queries' own); returns o_BTHD.
     `block_masks`: this forward's masks from `flex_block_masks` (built here when absent).
 
-    Under an enclosing torch.compile (a model compiled block by block) the cached regime (more
-    keys than queries: a decode step) is plain PyTorch and is traced into the enclosing graph;
-    every other regime is opaque to it (`_attention_flex_opaque`): it chooses its path from
+    The cached regime (more keys than queries: a decode step) is plain PyTorch chosen by shapes
+    alone, so an enclosing torch.compile (a model compiled block by block) traces it into its
+    graph; every other regime is opaque to it (`_attention_flex_opaque`): it chooses its path from
     tensor identity (padding) and host-side shapes, and compiles FlexAttention separately."""
     _check_inputs(q_BTHD, k_BSKD, v_BSKD, window, q_seq_BT, k_seq_BS)
     scale = 1.0 / math.sqrt(q_BTHD.shape[3]) if scale is None else scale
-    if torch.compiler.is_compiling() and k_BSKD.shape[1] > q_BTHD.shape[1]:
+    if k_BSKD.shape[1] > q_BTHD.shape[1]:
         return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
     return _attention_flex_opaque(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS,
                                   scale, block_masks)
@@ -228,8 +228,8 @@ def _attention_flex_opaque(
     block_masks: dict[int, BlockMask] | None,
 ) -> Tensor:
     T, H = q_BTHD.shape[1:3]
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    if S > T or T < _FLEX_MIN_T:
+    K = k_BSKD.shape[2]
+    if T < _FLEX_MIN_T:
         return _masked_sdpa(q_BTHD, k_BSKD, v_BSKD, q_pos_BT, k_pos_BS, window, q_seq_BT, k_seq_BS, scale)
 
     padded = k_pos_BS is not q_pos_BT
