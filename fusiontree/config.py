@@ -121,6 +121,11 @@ class TrainConfig:
     # interface, else Triton's own loop with a warning. mamba-ssm's kernels autotune 19 times in
     # a first step; on an H200 8 threads cut that from 98 to 45 s (BENCHMARKS.md).
     autotune_compile_threads: int = -1
+    # CUDA, compiled blocks, a compile cache and mamba-ssm's SSD: run the SSD kernels' autotuning
+    # in a separate process (one per node) while the trainer builds and compiles its model, and
+    # read the choices from the cache at the first step (fusiontree/train/autotune_warmup.py);
+    # false: the first step autotunes after the compile, one after the other.
+    autotune_warmup: bool = True
     # Optimizer steps (1-based) to run under torch.profiler; each writes a table of the top
     # operators by GPU (or CPU) time to <out_dir>/profile/step_<N>.txt.
     profile_steps: list[int] = field(default_factory=list)
@@ -347,6 +352,7 @@ RESUME_FREE = ["out_dir", "kernels.*", "parallel.*", "generate.*", "train.log_ev
                "train.keep_checkpoints", "train.save_checkpoints", "train.async_checkpoint",
                "train.gate_stats_every_steps", "train.wandb_project", "train.profile_steps", "train.compile",
                "train.compile_backend", "train.compile_loss", "train.compile_cache_dir", "train.autotune_compile_threads",
+               "train.autotune_warmup",
                "train.optimizer_impl", "train.skip_on_device",
                "train.cuda_graphs", "train.activation_checkpointing",
                "train.checkpoint_num_layers", "train.peak_flops_per_device", "train.device", "train.max_bad_steps",

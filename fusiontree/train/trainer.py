@@ -40,6 +40,7 @@ from fusiontree.ops.backends.autotune import parallel_autotune_compile
 from fusiontree.ops.masks import effective_window
 from fusiontree.parallel.engine_state import EngineLayout
 from fusiontree.parallel.reshard import consolidated_model_state, weights_stay_on_device
+from fusiontree.train import autotune_warmup
 from fusiontree.train.distributed import init_distributed, local_world_size, shutdown
 from fusiontree.train.gate_monitor import GateMonitor
 from fusiontree.train.hooks import CheckpointHook, EvalHook, GateMonitorHook, Hooks, MetricsHook, TrainContext
@@ -182,6 +183,7 @@ class Trainer:
         # take their time to set up.
         self.resume_from = self._resume_checkpoint(resume, allow_config_change)
         self._init_data()
+        self._start_autotune_warmup()
         self.clock.mark("data")
         self._init_model(ds_config, init_from)
         self.clock.mark("model_and_engine")
@@ -209,26 +211,48 @@ class Trainer:
             log.info("resolved config:\n%s", dump_config(cfg))
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         seed_everything(cfg.seed)
-        self._init_autotune(cfg.train.autotune_compile_threads)
+        self.autotune_threads = self._init_autotune(cfg.train.autotune_compile_threads)
 
-    def _init_autotune(self, threads: int) -> None:
-        """Triton's autotunings compile their candidates on `threads` threads (-1: automatic)."""
+    def _init_autotune(self, threads: int) -> int:
+        """Triton's autotunings compile their candidates on `threads` threads (-1: automatic).
+        Returns the threads in use (1: Triton's own loop)."""
         if self.di.device.type != "cuda":
             if threads > 1:
                 log.info("train.autotune_compile_threads=%d has no effect on %s (no Triton autotuning)",
                          threads, self.di.device.type)
-            return
+            return 1
         if threads == -1:
             threads = max(1, min(8, cpu_count() // local_world_size(default=self.di.world_size)))
             try:
                 parallel_autotune_compile(threads)
             except RuntimeError as e:
                 log.warning("Triton autotuning compiles its candidates one by one: %s", e)
-                return
+                return 1
         elif threads > 1:
             parallel_autotune_compile(threads)
         if threads > 1:
             log.info("Triton autotuning compiles its candidates on %d threads", threads)
+        return max(threads, 1)
+
+    def _start_autotune_warmup(self) -> None:
+        """The SSD kernels' autotuning in a process of its own (local rank 0's), beside the model's
+        build and compile; every rank's first SSD call waits for it (fusiontree.train.autotune_warmup)."""
+        cfg, di = self.cfg, self.di
+        reason = autotune_warmup.off_reason(cfg, di.device.type)
+        if reason is not None:
+            if di.device.type == "cuda":
+                log.info("mamba-ssm's kernels autotune in the first step: %s", reason)
+            return
+        loader = self.train_loader
+        spec = autotune_warmup.make_spec(cfg, str(di.device), loader.micro_batch_size, loader.seq_len,
+                                         cfg.train.precision != "fp32", self.autotune_threads)
+        marker = autotune_warmup.marker_path(cfg.train.compile_cache_dir, spec)
+        log_file = self.run_dir / "logs" / "autotune_warmup.log" if di.local_rank == 0 else None
+        proc = autotune_warmup.start(spec, marker, log_file) if log_file is not None else None
+        autotune_warmup.expect(marker, proc, log_file)
+        if di.is_main:
+            log.info("mamba-ssm's kernels autotune in a process of their own at %d x %d tokens (log: %s)",
+                     loader.micro_batch_size, loader.seq_len, log_file)
 
     def _init_data(self) -> None:
         """Tokenizer, the curriculum loader of this data-parallel rank, validation loaders. The
@@ -482,6 +506,7 @@ class Trainer:
         if not self.clock.done:  # the first step of this process
             self.clock.finish()
             self.ctx.metrics.update(self.clock.metrics())
+            self.ctx.metrics.update({f"startup/{k}": v for k, v in autotune_warmup.outcome.items()})
             log.info(self.clock.summary())
             if cfg.train.compile:
                 compiled = compile_seconds()

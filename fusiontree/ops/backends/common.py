@@ -13,6 +13,21 @@ from torch import Tensor
 from fusiontree.ops.masks import document_starts
 
 
+# Work that a backend's first kernel call must wait for (an autotuning process that fills the
+# cache the kernels read: fusiontree.train.autotune_warmup); each runs once, then is dropped.
+_before_first_call: list = []
+
+
+def before_first_kernel_call(fn) -> None:
+    """Run `fn()` once, at the next call of a backend that autotunes (the SSD's chunked scan)."""
+    _before_first_call.append(fn)
+
+
+def run_before_first_kernel_call() -> None:
+    while _before_first_call:
+        _before_first_call.pop(0)()
+
+
 def raise_recompile_limit() -> None:
     """Raise torch's limit of 8 compiled entries per function to 64. Blocks compile once per
     structure (local / global / pruned), grad mode and curriculum length; FlexAttention once per

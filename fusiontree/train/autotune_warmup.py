@@ -1,0 +1,195 @@
+"""mamba-ssm's kernel autotuning, run beside the compile instead of after it.
+
+In a cold start the first forward first compiles the blocks with Inductor (tens of seconds of
+host work while the GPU idles) and only then reaches mamba-ssm's SSD kernels, whose Triton
+autotuner compiles and times every candidate config of each kernel, forward and backward
+(tens of seconds more). With a compile cache (`train.compile_cache_dir`, which turns on
+Triton's autotuning cache) the trainer starts a separate process, one per node, as soon as it
+knows its first micro-batch's shape: the process runs one Mamba mixer of the run's model
+forward and backward at that shape, as DeepSpeed's bf16 engine holds it, and Triton files each
+choice in the cache. Before its first SSD call a trainer waits for that process
+(`fusiontree.ops.backends.common.before_first_kernel_call`) and then reads every choice from
+the cache instead of timing the candidates itself. The kernels' autotuning keys hold neither
+batch nor length, so later lengths of a curriculum reuse the choices, as they did before.
+
+Should the process fail or outlast its deadline, the trainer says so and autotunes in its
+first step as it did without it.
+
+Run as `python -m fusiontree.train.autotune_warmup --spec JSON --marker PATH`; the marker is
+written last, success or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+log = logging.getLogger("fusiontree.train")
+
+DOCUMENTS_PER_ROW = 4  # packed rows, as the trainer's: the kernels take their seq_idx path
+WAIT_S = 600.0
+# This process's view, once its first SSD call has waited: autotune_ahead_s (the process's
+# own time, if it finished), autotune_wait_s (how long the first call waited for it).
+outcome: dict[str, float] = {}
+
+
+def off_reason(cfg, device_type: str) -> str | None:
+    """Why a run autotunes in its first step itself rather than beside the compile, or None."""
+    t = cfg.train
+    if not t.autotune_warmup:
+        return "train.autotune_warmup=false"
+    if device_type != "cuda":
+        return "no CUDA device (no Triton autotuning)"
+    if not t.compile:
+        return "train.compile=false: the first forward reaches the kernels within seconds, nothing to overlap"
+    if not t.compile_cache_dir:
+        return "no train.compile_cache_dir, whose autotuning cache would carry the choices to the trainer"
+    if cfg.model.mixer == "attention":
+        return "the model has no Mamba branch"
+    if cfg.kernels.ssd not in ("auto", "mamba_ssm") or importlib.util.find_spec("mamba_ssm") is None:
+        return "the SSD backend is not mamba-ssm's"
+    if cfg.parallel.tensor_parallel > 1:
+        return "tensor parallelism splits the mixer's heads, which some autotuning keys hold"
+    return None
+
+
+def make_spec(cfg, device: str, batch: int, seq_len: int, bf16: bool, threads: int) -> dict:
+    from fusiontree.config import config_to_dict
+
+    return {"model": config_to_dict(cfg.model), "kernels": config_to_dict(cfg.kernels), "device": device,
+            "batch": batch, "seq_len": seq_len, "dtype": "bfloat16" if bf16 else "float32", "threads": threads}
+
+
+def marker_path(cache_dir: str, spec: dict) -> Path:
+    """Where the process reports (one file per spec, in the shared cache: every rank of the
+    node finds it)."""
+    key = hashlib.sha256(json.dumps({**spec, "device": ""}, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir).expanduser().resolve() / "autotune_warmup" / f"{key}.json"
+
+
+def start(spec: dict, marker: Path, log_file: Path) -> subprocess.Popen:
+    """Start the process (it inherits this one's environment: the cache variables included)."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    with open(log_file, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "fusiontree.train.autotune_warmup", "--spec",
+                                 json.dumps(spec), "--marker", str(marker)], stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait(marker: Path, proc: subprocess.Popen | None, timeout_s: float = WAIT_S, poll_s: float = 0.1) -> dict:
+    """Block until the process has reported in `marker` (and, if it is ours, ended). Returns its
+    report, or {"ok": False, "error": ...} when it did not report in time (it is then stopped)."""
+    t0 = time.time()
+    while not marker.is_file() or (proc is not None and proc.poll() is None):
+        if proc is not None and proc.poll() is not None and not marker.is_file():
+            return {"ok": False, "error": f"the process ended with code {proc.returncode} and no report"}
+        if time.time() - t0 > timeout_s:
+            if proc is not None:
+                proc.kill()
+            return {"ok": False, "error": f"no report within {timeout_s:.0f} s"}
+        time.sleep(poll_s)
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        return {"ok": False, "error": f"unreadable report {marker}: {e}"}
+
+
+def expect(marker: Path, proc: subprocess.Popen | None, log_file: Path | None, timeout_s: float = WAIT_S) -> None:
+    """Make this process's first SSD kernel call wait for the autotuning process."""
+    from fusiontree.ops.backends.common import before_first_kernel_call
+
+    def _wait() -> None:
+        t0 = time.time()
+        report = wait(marker, proc, timeout_s)
+        waited = time.time() - t0
+        outcome["autotune_wait_s"] = waited
+        if report.get("ok"):
+            outcome["autotune_ahead_s"] = report.get("seconds", float("nan"))
+            log.info("kernel autotuning ran beside the compile in %.1f s; the first SSD call waited %.1f s for it",
+                     report.get("seconds", float("nan")), waited)
+        else:
+            log.warning("the autotuning process did not finish (%s; its log: %s); the kernels autotune in this "
+                        "process instead", report.get("error"), log_file or "on local rank 0")
+
+    before_first_kernel_call(_wait)
+
+
+def run(spec: dict) -> None:
+    """One Mamba mixer of the run's model, forward and backward on packed rows of the first
+    micro-batch's shape, parameters in the engine's dtype."""
+    import torch
+
+    from fusiontree.config import KernelConfig, dataclass_from_dict
+    from fusiontree.models.config import ModelConfig
+    from fusiontree.ops import resolve_kernels
+    from fusiontree.ops.backends.autotune import parallel_autotune_compile
+
+    device = torch.device(spec["device"])
+    kernels = resolve_kernels(dataclass_from_dict(KernelConfig, spec["kernels"]), device)
+    if kernels.ssd_name != "mamba_ssm":
+        raise RuntimeError(f"the SSD backend resolved to {kernels.ssd_name}, not mamba_ssm: nothing to autotune")
+    torch.cuda.set_device(device)
+    if spec["threads"] > 1:
+        parallel_autotune_compile(spec["threads"])
+    mixer_forward_backward(dataclass_from_dict(ModelConfig, spec["model"]), kernels, spec["batch"], spec["seq_len"],
+                           getattr(torch, spec["dtype"]), device)
+    torch.cuda.synchronize(device)
+
+
+def mixer_forward_backward(cfg, kernels, batch: int, seq_len: int, dtype, device):
+    """A fresh Mamba mixer of `cfg` with every parameter in `dtype` (as DeepSpeed's bf16 engine
+    holds them), forward and backward on `batch` packed rows of `seq_len` tokens. Returns the
+    mixer (its parameters hold their gradients)."""
+    import torch
+
+    from fusiontree.models.cache import SeqInfo
+    from fusiontree.models.hybrid import positions_from_seq_idx
+    from fusiontree.models.mamba2 import Mamba2Mixer
+
+    with torch.device(device):
+        mixer = Mamba2Mixer(cfg, 0, kernels)
+        mixer.init_weights()
+    for p in mixer.parameters():
+        p.data = p.data.to(dtype)
+    doc = torch.arange(seq_len, device=device) * DOCUMENTS_PER_ROW // seq_len
+    seq_idx = doc.to(torch.int32).expand(batch, seq_len).contiguous()
+    pos = positions_from_seq_idx(seq_idx)
+    u = torch.randn(batch, seq_len, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+    y = mixer(u, SeqInfo(position_ids=pos, key_pos=pos, seq_idx=seq_idx))
+    y.float().square().mean().backward()
+    return mixer
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", required=True, help="JSON: model, kernels, device, batch, seq_len, dtype, threads")
+    ap.add_argument("--marker", required=True, help="where to write the report (JSON), last")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    try:
+        run(json.loads(args.spec))
+        report = {"ok": True}
+    except Exception as e:  # reported to the trainer, which then autotunes itself
+        traceback.print_exc()
+        report = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    report["seconds"] = time.time() - t0
+    marker = Path(args.marker)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, marker)
+    print(json.dumps(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

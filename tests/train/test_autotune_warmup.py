@@ -1,0 +1,137 @@
+"""The SSD kernels' autotuning in a process beside the trainer's compile
+(fusiontree.train.autotune_warmup): when it applies, how the trainer waits for it, what a failed or
+late process leaves (the trainer autotunes itself), and on a GPU that the trainer then times no
+candidate itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fusiontree.config import RunConfig
+from fusiontree.ops.backends import common
+from fusiontree.train import autotune_warmup as warmup
+
+CUDA_CFG = {"compile": True, "compile_cache_dir": "/tmp/cache"}
+
+
+def _cfg(**train) -> RunConfig:
+    cfg = RunConfig()
+    cfg.train = dataclasses.replace(cfg.train, **{**CUDA_CFG, **train})
+    return cfg
+
+
+def test_it_runs_only_where_it_has_a_compile_to_overlap_and_a_cache_to_fill(monkeypatch):
+    monkeypatch.setattr(warmup.importlib.util, "find_spec", lambda name: object())
+    assert warmup.off_reason(_cfg(), "cuda") is None
+    assert "autotune_warmup=false" in warmup.off_reason(_cfg(autotune_warmup=False), "cuda")
+    assert "no CUDA" in warmup.off_reason(_cfg(), "cpu")
+    assert "train.compile=false" in warmup.off_reason(_cfg(compile=False), "cuda")
+    assert "compile_cache_dir" in warmup.off_reason(_cfg(compile_cache_dir=""), "cuda")
+    twin = _cfg()
+    twin.model = dataclasses.replace(twin.model, mixer="attention")
+    assert "no Mamba branch" in warmup.off_reason(twin, "cuda")
+    ref = _cfg()
+    ref.kernels = dataclasses.replace(ref.kernels, ssd="reference")
+    assert "not mamba-ssm" in warmup.off_reason(ref, "cuda")
+    tp = _cfg()
+    tp.parallel = dataclasses.replace(tp.parallel, tensor_parallel=2)
+    assert "tensor parallelism" in warmup.off_reason(tp, "cuda")
+    monkeypatch.setattr(warmup.importlib.util, "find_spec", lambda name: None)
+    assert "not mamba-ssm" in warmup.off_reason(_cfg(), "cuda")
+
+
+def test_every_rank_of_a_node_finds_one_report(tmp_path):
+    cfg = _cfg()
+    a = warmup.make_spec(cfg, "cuda:0", 8, 4096, True, 8)
+    b = warmup.make_spec(cfg, "cuda:3", 8, 4096, True, 8)
+    assert warmup.marker_path(str(tmp_path), a) == warmup.marker_path(str(tmp_path), b)
+    assert warmup.marker_path(str(tmp_path), a) != warmup.marker_path(str(tmp_path), {**a, "seq_len": 8192})
+
+
+def test_the_mixer_it_runs_is_the_models_in_the_engines_dtype_on_packed_rows():
+    from fusiontree.models.config import model_preset
+    from fusiontree.ops import resolve_kernels
+    from fusiontree.config import KernelConfig
+
+    kernels = resolve_kernels(KernelConfig(ssd="reference", conv1d="reference"), "cpu")
+    cfg = model_preset("debug")
+    mixer = warmup.mixer_forward_backward(cfg, kernels, 2, 64, torch.bfloat16, torch.device("cpu"))
+    assert mixer.in_proj.weight.shape[0] == 2 * cfg.ssm_d_inner + 2 * cfg.ssm_groups * cfg.ssm_state + cfg.ssm_heads
+    for name, p in mixer.named_parameters():
+        assert p.dtype == torch.bfloat16, name  # DeepSpeed's bf16 engine casts every parameter
+        assert p.grad is not None and torch.isfinite(p.grad.float()).all(), name
+
+
+def test_a_failed_process_is_reported_and_the_first_kernel_call_goes_on(tmp_path, caplog):
+    """On CPU the SSD resolves to the reference: the process reports that it had nothing to
+    autotune, and the waiting first call logs it and returns."""
+    spec = warmup.make_spec(_cfg(), "cpu", 2, 64, False, 1)
+    spec["kernels"]["ssd"] = "reference"
+    marker, log_file = tmp_path / "cache" / "m.json", tmp_path / "warmup.log"
+    proc = warmup.start(spec, marker, log_file)
+    warmup.expect(marker, proc, log_file, timeout_s=120)
+    assert common._before_first_call
+    with caplog.at_level(logging.WARNING, logger="fusiontree.train"):
+        common.run_before_first_kernel_call()
+    assert not common._before_first_call and proc.returncode == 1
+    assert "resolved to reference, not mamba_ssm" in caplog.text and str(log_file) in caplog.text
+    assert "Traceback" in log_file.read_text()
+
+
+def test_a_process_that_reports_nothing_or_too_late_is_not_waited_for_forever(tmp_path):
+    marker = tmp_path / "m.json"
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert warmup.wait(marker, dead, timeout_s=60) == {
+        "ok": False, "error": "the process ended with code 3 and no report"}
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    report = warmup.wait(marker, slow, timeout_s=0.5)
+    assert report["ok"] is False and report["error"].startswith("no report within")
+    assert slow.wait(timeout=10) != 0  # stopped
+    # another rank's view: no process of its own, the report appears
+    marker.write_text('{"ok": true, "seconds": 1.5}')
+    assert warmup.wait(marker, None, timeout_s=5) == {"ok": True, "seconds": 1.5}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="Triton autotuning needs a CUDA device, and this machine has none (run it on a GPU)")
+def test_after_the_process_the_trainers_first_ssd_call_times_no_candidate(tmp_path):
+    """In a fresh process with empty caches: the autotuning process times candidates (Triton
+    prints each autotuning it runs), then this process's first SSD forward and backward, on the
+    same mixer and shape, reads every choice from the cache and prints none."""
+    pytest.importorskip("mamba_ssm", reason="mamba-ssm is not installed (the GPU machine builds it)")
+    script = textwrap.dedent(f"""
+        import json, pathlib
+        from fusiontree.config import RunConfig
+        from fusiontree.models.config import ModelConfig
+        from fusiontree.train import autotune_warmup as w
+        cfg = RunConfig()
+        cfg.model = ModelConfig(preset="debug", vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                head_dim=64, ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=384,
+                                window=64)
+        spec = w.make_spec(cfg, "cuda:0", 2, 1024, True, 4)
+        spec["kernels"]["ssd"] = "mamba_ssm"
+        tmp = pathlib.Path({str(tmp_path)!r})
+        marker, log_file = tmp / "m.json", tmp / "warmup.log"
+        proc = w.start(spec, marker, log_file)
+        w.expect(marker, proc, log_file)
+        print("TRAINER STARTS", flush=True)
+        w.run(spec)
+        print("TRAINER DONE", json.loads(marker.read_text())["ok"], flush=True)
+    """)
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_CACHE_AUTOTUNING": "1",
+           "TRITON_PRINT_AUTOTUNING": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "TRAINER DONE True" in res.stdout, res.stdout[-3000:]
+    ahead = (tmp_path / "warmup.log").read_text().count("Triton autotuning for function")
+    trainer = res.stdout.split("TRAINER STARTS", 1)[1].count("Triton autotuning for function")
+    assert ahead >= 5, (tmp_path / "warmup.log").read_text()[-3000:]
+    assert trainer == 0, res.stdout[-3000:]
