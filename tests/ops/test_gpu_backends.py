@@ -454,6 +454,38 @@ def test_filled_blocks_decode_attention_matches_reference(window):
         check(f"decode_{tokens}", o, want, OUT_TOL)
 
 
+def test_filled_blocks_decode_attention_with_our_split_of_the_keys_matches_reference():
+    """Batch 40, 2 kv heads, 9000 slots: FlexAttention would split each row's keys in 2 on an
+    H200; `decode_kernel_options` asks for 4 parts of at most 4096 slots (ceil(9000/4096) = 3,
+    rounded up). The kernel with that split, at fills that end inside the first, a middle and the
+    last part, against the reference; left-padded rows, garbage past the fill."""
+    from fusiontree.ops.attention import decode_attention_ref
+    from fusiontree.ops.backends.decode import decode_kernel_options
+
+    Bsz, S = 40, 9000
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    options = decode_kernel_options(Bsz, AK, S, sms)
+    if max(1, sms // (Bsz * AK) * 2) >= 4:
+        pytest.skip(f"this GPU's {sms} multiprocessors already split the keys in 4 or more parts")
+    assert options == {"SPLIT_KV": 4}
+    kern = _kernels(decode_attention="filled_blocks")
+    g = torch.Generator().manual_seed(23)
+    for tokens in (1, 2500, 5000, 9000):
+        pads = torch.arange(Bsz).remainder(5).mul(41).clamp(max=tokens - 1)
+        q = torch.randn(Bsz, 1, AH, AD, generator=g)
+        k, v = (torch.randn(Bsz, S, AK, AD, generator=g) for _ in range(2))
+        t_S = torch.arange(S)
+        k_pos = (t_S[None] - pads[:, None]).masked_fill(t_S[None] < pads[:, None], -1)
+        k_pos[:, tokens:] = 5
+        k[:, tokens:], v[:, tokens:] = 50.0, 50.0
+        q_pos = (tokens - 1 - pads)[:, None]
+        args = [t.to(DEV, torch.bfloat16) for t in (q, k, v)] + [q_pos.to(DEV), k_pos.to(DEV),
+                                                                  torch.tensor([tokens], device=DEV)]
+        o = kern.decode_attention(*args)
+        want = decode_attention_ref(*(t.float() for t in args[:3]), *args[3:])
+        check(f"decode_{tokens}", o, want, OUT_TOL)
+
+
 # ------------------------------------------------------------------ model
 
 

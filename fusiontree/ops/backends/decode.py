@@ -44,8 +44,38 @@ from fusiontree.ops.masks import visible
 # decoding kernel picks.
 KV_BLOCK = 128
 # FlexAttention kernel options of the decoding kernel (empty: FlexAttention's own choice, such
-# as its split of the keys, SPLIT_KV); `benchmarks/decode_gpu.py --decode-kernel-options` sets them.
+# as its split of the keys, SPLIT_KV, or ours below); `benchmarks/decode_gpu.py
+# --decode-kernel-options` sets them.
 DECODE_KERNEL_OPTIONS: dict = {}
+# On CUDA, each program of the decoding kernel streams at most this many cache slots of one row
+# and kv head. FlexAttention splits each (row, kv head)'s keys into 2 x SMs // (B x K) parts,
+# which at batch 32 with 4 kv heads on an H200 is 2 parts of 16K slots at 32K: `1b` then decoded
+# in 6.32 ms per token, against 4.88 ms with 8 parts of 4K (BENCHMARKS.md). Where FlexAttention's
+# own split is finer (batch 1: 66 parts), it stands.
+MAX_SLOTS_PER_SPLIT = 4096
+
+
+def decode_kernel_options(batch: int, kv_heads: int, slots: int, sms: int | None) -> dict | None:
+    """The decoding kernel's options: DECODE_KERNEL_OPTIONS, plus a split of the keys fine enough
+    for MAX_SLOTS_PER_SPLIT (rounded up to a power of two) where FlexAttention's own (from `sms`,
+    the GPU's multiprocessor count; None off CUDA) is coarser. None: FlexAttention's defaults."""
+    options = dict(DECODE_KERNEL_OPTIONS)
+    if "SPLIT_KV" not in options and sms is not None:
+        flex_split = max(1, sms // max(1, batch * kv_heads) * 2)
+        split = 1 << (-(-slots // MAX_SLOTS_PER_SPLIT) - 1).bit_length()  # a power of two
+        if split > flex_split:
+            options["SPLIT_KV"] = split
+    return options or None
+
+
+_SMS: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result  # a compiled decode block reads it once, while tracing
+def _multiprocessors(device_index: int) -> int:
+    if device_index not in _SMS:
+        _SMS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _SMS[device_index]
 
 
 @lru_cache(maxsize=32)
@@ -111,8 +141,9 @@ def decode_attention_filled_blocks(
         compiled = q_B1HD.is_cuda if compiled is None else compiled
         fn = compile_once(flex_attention) if compiled else flex_attention
     block_mask = filled_block_mask(q_pos_B1, k_pos_BS, filled_1, window)
+    options = decode_kernel_options(B, K, S, _multiprocessors(q_B1HD.device.index or 0) if q_B1HD.is_cuda else None)
     o = fn(q_B1HD.transpose(1, 2), k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2), block_mask=block_mask,
-           scale=scale, enable_gqa=K != H, kernel_options=dict(DECODE_KERNEL_OPTIONS) or None)
+           scale=scale, enable_gqa=K != H, kernel_options=options)
     return o.transpose(1, 2)
 
 
