@@ -143,7 +143,10 @@ DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 # `auto` for the decode attention on CUDA: filled_blocks up to this batch, all_slots above. On an
 # H200 (BENCHMARKS.md) filled_blocks took 2.65 against 7.68 ms per token for `1b` at 32K and 1.38
 # against 2.58 for `small` at 4K at batch 1, 2.09 against 2.67 at batch 8 (4K); at batch 32 it
-# was the slower one (25.2 against 8.6 ms at 32K, 4.75 against 2.93 at 4K).
+# was the slower one (25.2 against 8.6 ms at 32K, 4.75 against 2.93 at 4K). Those batch-32 runs
+# came after batch 1 in the same process, whose compiled decode blocks then took symbolic shapes;
+# in processes of their own, `1b` at 32K and batch 32 took 4.88 ms with filled_blocks (keys in 8
+# parts) against 7.57 ms with all_slots. The threshold stands until 4K is measured that way too.
 DECODE_FILLED_MAX_BATCH = 8
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
 # On CPU only the references: FlexAttention has no CPU backward.

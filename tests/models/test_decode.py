@@ -282,6 +282,36 @@ def test_compiled_decode_steps_of_models_with_different_decode_paths_in_one_proc
         _compiled_steps_match_eager(model, ids, 4)
 
 
+def test_compiled_decode_blocks_keep_static_shapes_across_batch_sizes():
+    """A second batch size compiles the blocks again for its own shapes instead of making the
+    batch symbolic (torch.compile's default on a recompile), whose generic kernels are slow to
+    replay: every graph the blocks compile, at batch 1 and then 3, has concrete shapes."""
+    model = build("parallel-channel", seed=18)
+    graphs, symbolic = [], []
+
+    def recorder(gm, example_inputs):
+        graphs.append(gm)
+        for node in gm.graph.find_nodes(op="placeholder"):
+            ev = node.meta.get("example_value")
+            if isinstance(ev, torch.SymInt) or (isinstance(ev, torch.Tensor)
+                                                and any(isinstance(d, torch.SymInt) for d in ev.shape)):
+                symbolic.append(node.name)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model.compile_decode(backend=recorder)
+    g = torch.Generator().manual_seed(19)
+    for B in (1, 3):
+        ids = torch.randint(0, model.cfg.vocab_size, (B, 5), generator=g)
+        kv, ms = model.allocate_inference_cache(B, 8)
+        with torch.no_grad():
+            model(ids, past_key_values=kv, past_mamba_states=ms)
+            logits = model.decode_step(ids[:, -1:], torch.full((B, 1), 5), torch.tensor([5]), kv, ms, compiled=True)
+        assert logits.shape == (B, model.cfg.vocab_size)
+    assert len(graphs) >= 2 * len({type(layer.attn).__name__ for layer in model.layers}), len(graphs)
+    assert not symbolic, symbolic
+
+
 def test_compiled_decode_blocks_trace_the_flex_backends_cached_attention():
     """With the flex attention backend, the cached regime of a decode step (more keys than
     queries, `all_slots`) is traced into each compiled block rather than breaking it in two: no
