@@ -85,11 +85,14 @@ def start(spec: dict, marker: Path, log_file: Path) -> subprocess.Popen:
                                  json.dumps(spec), "--marker", str(marker)], stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait(marker: Path, proc: subprocess.Popen | None, timeout_s: float = WAIT_S, poll_s: float = 0.1) -> dict:
-    """Block until the process has reported in `marker` (and, if it is ours, ended). Returns its
-    report, or {"ok": False, "error": ...} when it did not report in time (it is then stopped)."""
+def wait(marker: Path, proc: subprocess.Popen | None, timeout_s: float = WAIT_S, poll_s: float = 0.1,
+         exit_grace_s: float = 30.0) -> dict:
+    """Block until the process has reported in `marker`, and then until it has ended (if it is
+    ours; stopped after `exit_grace_s`, so that its memory is free). Returns its report, or
+    {"ok": False, "error": ...} when it ended without one or did not report within `timeout_s`
+    (it is then stopped)."""
     t0 = time.time()
-    while not marker.is_file() or (proc is not None and proc.poll() is None):
+    while not marker.is_file():
         if proc is not None and proc.poll() is not None and not marker.is_file():
             return {"ok": False, "error": f"the process ended with code {proc.returncode} and no report"}
         if time.time() - t0 > timeout_s:
@@ -97,6 +100,11 @@ def wait(marker: Path, proc: subprocess.Popen | None, timeout_s: float = WAIT_S,
                 proc.kill()
             return {"ok": False, "error": f"no report within {timeout_s:.0f} s"}
         time.sleep(poll_s)
+    if proc is not None:
+        try:
+            proc.wait(timeout=exit_grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     try:
         return json.loads(marker.read_text())
     except (OSError, ValueError) as e:

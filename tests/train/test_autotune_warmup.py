@@ -97,6 +97,13 @@ def test_a_process_that_reports_nothing_or_too_late_is_not_waited_for_forever(tm
     report = warmup.wait(marker, slow, timeout_s=0.5)
     assert report["ok"] is False and report["error"].startswith("no report within")
     assert slow.wait(timeout=10) != 0  # stopped
+    # a process that reports and then lingers: its report, and it is stopped
+    lingering = subprocess.Popen([sys.executable, "-c", "import json, pathlib, sys, time; "
+                                  f"pathlib.Path({str(marker)!r}).write_text(json.dumps({{'ok': True, 'seconds': 2.0}})); "
+                                  "time.sleep(60)"])
+    assert warmup.wait(marker, lingering, timeout_s=60, exit_grace_s=0.5) == {"ok": True, "seconds": 2.0}
+    assert lingering.wait(timeout=10) != 0
+    marker.unlink()
     # another rank's view: no process of its own, the report appears
     marker.write_text('{"ok": true, "seconds": 1.5}')
     assert warmup.wait(marker, None, timeout_s=5) == {"ok": True, "seconds": 1.5}
