@@ -58,6 +58,36 @@ def test_every_rank_of_a_node_finds_one_report(tmp_path):
     assert warmup.marker_path(str(tmp_path), a) != warmup.marker_path(str(tmp_path), {**a, "seq_len": 8192})
 
 
+def test_the_trainer_starts_one_process_per_node_and_every_rank_waits_for_it(tmp_path, monkeypatch):
+    """Trainer._start_autotune_warmup: local rank 0 starts the process with the first
+    micro-batch's shape and the run's precision, every rank registers the wait on the same
+    report, and a run it does not apply to starts nothing."""
+    import types
+
+    from fusiontree.train.trainer import Trainer
+
+    started, expected = [], []
+    monkeypatch.setattr(warmup, "off_reason", lambda cfg, device_type: None)
+    monkeypatch.setattr(warmup, "start", lambda spec, marker, log_file: started.append((spec, marker, log_file)) or "proc")
+    monkeypatch.setattr(warmup, "expect", lambda marker, proc, log_file: expected.append((marker, proc, log_file)))
+    cfg = _cfg(compile_cache_dir=str(tmp_path / "cache"))
+    loader = types.SimpleNamespace(micro_batch_size=8, seq_len=4096)
+    for local_rank in (0, 1):
+        di = types.SimpleNamespace(device=torch.device("cuda", local_rank), local_rank=local_rank, rank=local_rank,
+                                   is_main=local_rank == 0)
+        fake = types.SimpleNamespace(cfg=cfg, di=di, train_loader=loader, autotune_threads=8, run_dir=tmp_path / "run")
+        Trainer._start_autotune_warmup(fake)
+    assert len(started) == 1 and len(expected) == 2
+    spec, marker, log_file = started[0]
+    assert (spec["batch"], spec["seq_len"], spec["dtype"], spec["threads"], spec["device"]) == \
+        (8, 4096, "bfloat16", 8, "cuda:0")
+    assert marker.parent == (tmp_path / "cache" / "autotune_warmup").resolve()
+    assert expected == [(marker, "proc", log_file), (marker, None, None)]
+    monkeypatch.setattr(warmup, "off_reason", lambda cfg, device_type: "train.autotune_warmup=false")
+    Trainer._start_autotune_warmup(fake)
+    assert len(started) == 1 and len(expected) == 2
+
+
 def test_the_mixer_it_runs_is_the_models_in_the_engines_dtype_on_packed_rows():
     from fusiontree.config import KernelConfig
     from fusiontree.models.config import model_preset
