@@ -40,6 +40,19 @@ def sample_next(logits_BV: Tensor, temperature: float = 0.0, top_k: int = 0, top
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+# Graphed compiled decoding compiles the step's blocks for each cache length (static shapes):
+# caches are rounded up to a multiple of this many slots, so that prompts of similar lengths
+# share one compiled step. The slots past the fill are masked (filled_blocks never reads them).
+GRAPH_CACHE_BUCKET = 1024
+
+
+def graph_cache_length(needed: int, max_seq_len: int) -> int:
+    """`needed` slots rounded up to a multiple of GRAPH_CACHE_BUCKET, but not past max_seq_len
+    (nor below `needed`)."""
+    bucketed = -(-needed // GRAPH_CACHE_BUCKET) * GRAPH_CACHE_BUCKET
+    return max(needed, min(bucketed, max_seq_len))
+
+
 @torch.no_grad()
 def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = True,
              attention_mask: Tensor | None = None, temperature: float = 0.0, top_k: int = 0,
@@ -71,7 +84,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, use_cache: bool = Tr
     B, T = input_ids.shape
     kv = ms = None
     if use_cache:
-        kv, ms = model.allocate_inference_cache(B, T + max_new_tokens)
+        needed = T + max_new_tokens
+        kv, ms = model.allocate_inference_cache(
+            B, graph_cache_length(needed, model.cfg.max_seq_len) if cuda_graph and compile_decode else needed)
     mask = attention_mask
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens = input_ids

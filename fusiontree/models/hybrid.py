@@ -123,7 +123,9 @@ class HybridLanguageModel(nn.Module):
         `decode_options` says which the current blocks were compiled with. Static shapes unless
         `dynamic` is given: a second batch or cache size compiles graphs of its own instead of
         turning the blocks' shapes symbolic (generic kernels: on an H200, `1b` at 32K decoded batch
-        32 in 24.5 ms per step after batch 1 in the same process, in 4.9-6.3 ms in one of its own)."""
+        32 in 24.5 ms per step after batch 1 in the same process, in 4.9-6.3 ms in one of its own).
+        Each new batch or cache size costs a compile; `generate(cuda_graph=True)` rounds its
+        caches up to multiples of `GRAPH_CACHE_BUCKET` slots so that similar prompts share one."""
         self._compiled_decode = [compile_once(type(layer).forward, **{"dynamic": False, **compile_kwargs})
                                  for layer in self.layers]
         self.decode_options = dict(compile_kwargs)

@@ -8,25 +8,30 @@ Triton's autotuning cache) the trainer starts a separate process, one per node, 
 knows its first micro-batch's shape: the process runs one Mamba mixer of the run's model
 forward and backward at that shape, as DeepSpeed's bf16 engine holds it, and Triton files each
 choice in the cache. Before its first SSD call a trainer waits for that process
-(`fusiontree.ops.backends.common.before_first_kernel_call`) and then reads every choice from
-the cache instead of timing the candidates itself. The kernels' autotuning keys hold neither
-batch nor length, so later lengths of a curriculum reuse the choices, as they did before.
+(`fusiontree.ops.backends.common.before_first_kernel_call`) and then reads from the cache every
+choice Triton caches, instead of timing those candidates itself: Triton leaves out kernels whose
+configs carry a pre-hook (mamba-ssm's backward kernels zero their gradient buffers in one), and
+those are timed again, on candidates already compiled. The kernels' autotuning keys hold
+neither batch nor length, so later lengths of a curriculum reuse the choices, as before. The
+process times its candidates on local rank 0's GPU while that rank builds and compiles its
+model, work that keeps the GPU nearly idle.
 
-Should the process fail or outlast its deadline, the trainer says so and autotunes in its
-first step as it did without it.
+Should the process fail, or outlast its deadline, the trainer says so and autotunes in its
+first step as it did without it; other ranks of the node learn it from local rank 0's report.
 
-Run as `python -m fusiontree.train.autotune_warmup --spec JSON --marker PATH`; the marker is
-written last, success or not.
+Run as `python -m fusiontree.train.autotune_warmup --spec JSON --marker PATH`; the marker (the
+report, one per node and run under the run's logs) is written last, success or not.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import atexit
 import importlib.util
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +64,12 @@ def off_reason(cfg, device_type: str) -> str | None:
         return "the SSD backend is not mamba-ssm's"
     if cfg.parallel.tensor_parallel > 1:
         return "tensor parallelism splits the mixer's heads, which some autotuning keys hold"
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return "Triton does not import"
+    if not hasattr(Autotuner, "check_disk_cache"):
+        return "this Triton keeps no autotuning results on disk (Triton 3.2 or later does)"
     return None
 
 
@@ -69,20 +80,36 @@ def make_spec(cfg, device: str, batch: int, seq_len: int, bf16: bool, threads: i
             "batch": batch, "seq_len": seq_len, "dtype": "bfloat16" if bf16 else "float32", "threads": threads}
 
 
-def marker_path(cache_dir: str, spec: dict) -> Path:
-    """Where the process reports (one file per spec, in the shared cache: every rank of the
-    node finds it)."""
-    key = hashlib.sha256(json.dumps({**spec, "device": ""}, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir).expanduser().resolve() / "autotune_warmup" / f"{key}.json"
+def report_paths(run_dir: Path) -> tuple[Path, Path]:
+    """This node's report and log of the process, under the run's logs (one per node and run)."""
+    host = socket.gethostname().split(".")[0] or "localhost"
+    logs = Path(run_dir) / "logs"
+    return logs / f"autotune_warmup.{host}.json", logs / f"autotune_warmup.{host}.log"
 
 
 def start(spec: dict, marker: Path, log_file: Path) -> subprocess.Popen:
-    """Start the process (it inherits this one's environment: the cache variables included)."""
+    """Start the process (it inherits this one's environment: the cache variables included). It
+    is stopped when this process exits, should nothing have waited for it by then."""
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     with open(log_file, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "fusiontree.train.autotune_warmup", "--spec",
+        proc = subprocess.Popen([sys.executable, "-m", "fusiontree.train.autotune_warmup", "--spec",
                                  json.dumps(spec), "--marker", str(marker)], stdout=out, stderr=subprocess.STDOUT)
+    atexit.register(_stop, proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def write_report(marker: Path, report: dict) -> None:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report))
+    os.replace(tmp, marker)
 
 
 def wait(marker: Path, proc: subprocess.Popen | None, timeout_s: float = WAIT_S, poll_s: float = 0.1,
@@ -90,21 +117,27 @@ def wait(marker: Path, proc: subprocess.Popen | None, timeout_s: float = WAIT_S,
     """Block until the process has reported in `marker`, and then until it has ended (if it is
     ours; stopped after `exit_grace_s`, so that its memory is free). Returns its report, or
     {"ok": False, "error": ...} when it ended without one or did not report within `timeout_s`
-    (it is then stopped)."""
+    (it is then stopped, and the failure is written as its report, so that the node's other
+    ranks, which wait on the report alone, go on too)."""
     t0 = time.time()
     while not marker.is_file():
+        failure = None
         if proc is not None and proc.poll() is not None and not marker.is_file():
-            return {"ok": False, "error": f"the process ended with code {proc.returncode} and no report"}
-        if time.time() - t0 > timeout_s:
+            failure = f"the process ended with code {proc.returncode} and no report"
+        elif time.time() - t0 > timeout_s:
+            failure = f"no report within {timeout_s:.0f} s"
+        if failure is not None:
+            report = {"ok": False, "error": failure}
             if proc is not None:
-                proc.kill()
-            return {"ok": False, "error": f"no report within {timeout_s:.0f} s"}
+                _stop(proc)
+                write_report(marker, report)
+            return report
         time.sleep(poll_s)
     if proc is not None:
         try:
             proc.wait(timeout=exit_grace_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _stop(proc)
     try:
         return json.loads(marker.read_text())
     except (OSError, ValueError) as e:
@@ -190,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         report = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     report["seconds"] = time.time() - t0
-    marker = Path(args.marker)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(report))
-    os.replace(tmp, marker)
+    write_report(Path(args.marker), report)
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
 

@@ -16,6 +16,7 @@ exit cleanly, and `--resume auto` continues with the losses of an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -246,13 +247,21 @@ class Trainer:
         loader = self.train_loader
         spec = autotune_warmup.make_spec(cfg, str(di.device), loader.micro_batch_size, loader.seq_len,
                                          cfg.train.precision != "fp32", self.autotune_threads)
-        marker = autotune_warmup.marker_path(cfg.train.compile_cache_dir, spec)
-        log_file = self.run_dir / "logs" / "autotune_warmup.log" if di.local_rank == 0 else None
-        proc = autotune_warmup.start(spec, marker, log_file) if log_file is not None else None
-        autotune_warmup.expect(marker, proc, log_file)
-        if di.is_main:
+        marker, log_file = autotune_warmup.report_paths(self.run_dir)
+        autotune_warmup.outcome.clear()
+        proc = None
+        if di.local_rank == 0:
+            try:
+                proc = autotune_warmup.start(spec, marker, log_file)
+            except OSError as e:
+                log.warning("mamba-ssm's kernels autotune in the first step: the autotuning process did not "
+                            "start (%s)", e)
+                with contextlib.suppress(OSError):  # the node's other ranks read it and go on
+                    autotune_warmup.write_report(marker, {"ok": False, "error": f"not started: {e}"})
+                return
             log.info("mamba-ssm's kernels autotune in a process of their own at %d x %d tokens (log: %s)",
                      loader.micro_batch_size, loader.seq_len, log_file)
+        autotune_warmup.expect(marker, proc, log_file if di.local_rank == 0 else None)
 
     def _init_data(self) -> None:
         """Tokenizer, the curriculum loader of this data-parallel rank, validation loaders. The

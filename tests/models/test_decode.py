@@ -138,6 +138,29 @@ def test_cuda_graph_generation_needs_a_cache_and_a_gpu():
         generate(model, ids, 3, cuda_graph=True)
 
 
+def test_graphed_compiled_generation_rounds_its_caches_up_to_shared_lengths(monkeypatch):
+    """generate(cuda_graph=True) with compiled blocks allocates caches of a multiple of
+    GRAPH_CACHE_BUCKET slots (capped at max_seq_len), so that prompts of similar lengths share
+    one compiled step; other generations allocate what they need."""
+    from fusiontree.inference.generate import GRAPH_CACHE_BUCKET, graph_cache_length
+
+    assert GRAPH_CACHE_BUCKET == 1024
+    assert [graph_cache_length(n, 32768) for n in (1, 1024, 1025, 32000)] == [1024, 1024, 2048, 32768]
+    assert graph_cache_length(3000, 2048) == 3000  # never fewer slots than needed
+    assert graph_cache_length(1500, 1800) == 1800  # nor past max_seq_len
+    model = build("parallel-channel")
+    lengths = []
+    real = model.allocate_inference_cache
+    monkeypatch.setattr(model, "allocate_inference_cache", lambda B, n, *a, **kw: lengths.append(n) or real(B, n, *a, **kw))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        generate(model, ids, 3, cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        generate(model, ids, 3, cuda_graph=True, compile_decode=False)
+    generate(model, ids, 3)
+    assert lengths == [min(1024, model.cfg.max_seq_len), 7, 7]
+
+
 def test_flex_attention_backend_decodes_like_the_reference():
     """kernels.attention=flex (cached steps through masked SDPA): its cached and static decode
     steps give the reference model's logits, with a left-padded row and the ring buffer

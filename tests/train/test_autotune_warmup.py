@@ -30,8 +30,26 @@ def _cfg(**train) -> RunConfig:
     return cfg
 
 
+def _fake_triton(monkeypatch, caches_results: bool) -> None:
+    """A Triton whose autotuner does (3.2 on) or does not keep its results on disk."""
+    import types
+
+    autotuner = types.ModuleType("triton.runtime.autotuner")
+    autotuner.Autotuner = type("Autotuner", (), {"check_disk_cache": lambda self: None} if caches_results else {})
+    for name, module in (("triton", types.ModuleType("triton")), ("triton.runtime", types.ModuleType("triton.runtime")),
+                         ("triton.runtime.autotuner", autotuner)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_waits(monkeypatch):
+    monkeypatch.setattr(common, "_before_first_call", [])
+    monkeypatch.setattr(warmup, "outcome", {})
+
+
 def test_it_runs_only_where_it_has_a_compile_to_overlap_and_a_cache_to_fill(monkeypatch):
     monkeypatch.setattr(warmup.importlib.util, "find_spec", lambda name: object())
+    _fake_triton(monkeypatch, caches_results=True)
     assert warmup.off_reason(_cfg(), "cuda") is None
     assert "autotune_warmup=false" in warmup.off_reason(_cfg(autotune_warmup=False), "cuda")
     assert "no CUDA" in warmup.off_reason(_cfg(), "cpu")
@@ -46,16 +64,20 @@ def test_it_runs_only_where_it_has_a_compile_to_overlap_and_a_cache_to_fill(monk
     tp = _cfg()
     tp.parallel = dataclasses.replace(tp.parallel, tensor_parallel=2)
     assert "tensor parallelism" in warmup.off_reason(tp, "cuda")
+    _fake_triton(monkeypatch, caches_results=False)
+    assert "Triton 3.2 or later" in warmup.off_reason(_cfg(), "cuda")
     monkeypatch.setattr(warmup.importlib.util, "find_spec", lambda name: None)
     assert "not mamba-ssm" in warmup.off_reason(_cfg(), "cuda")
 
 
-def test_every_rank_of_a_node_finds_one_report(tmp_path):
-    cfg = _cfg()
-    a = warmup.make_spec(cfg, "cuda:0", 8, 4096, True, 8)
-    b = warmup.make_spec(cfg, "cuda:3", 8, 4096, True, 8)
-    assert warmup.marker_path(str(tmp_path), a) == warmup.marker_path(str(tmp_path), b)
-    assert warmup.marker_path(str(tmp_path), a) != warmup.marker_path(str(tmp_path), {**a, "seq_len": 8192})
+def test_each_node_and_run_has_its_own_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(warmup.socket, "gethostname", lambda: "node07.cluster")
+    marker, log_file = warmup.report_paths(tmp_path / "run")
+    assert marker == tmp_path / "run" / "logs" / "autotune_warmup.node07.json"
+    assert log_file == tmp_path / "run" / "logs" / "autotune_warmup.node07.log"
+    monkeypatch.setattr(warmup.socket, "gethostname", lambda: "node08")
+    assert warmup.report_paths(tmp_path / "run")[0] != marker
+    assert warmup.report_paths(tmp_path / "other")[0].parent == tmp_path / "other" / "logs"
 
 
 def test_the_trainer_starts_one_process_per_node_and_every_rank_waits_for_it(tmp_path, monkeypatch):
@@ -81,11 +103,22 @@ def test_the_trainer_starts_one_process_per_node_and_every_rank_waits_for_it(tmp
     spec, marker, log_file = started[0]
     assert (spec["batch"], spec["seq_len"], spec["dtype"], spec["threads"], spec["device"]) == \
         (8, 4096, "bfloat16", 8, "cuda:0")
-    assert marker.parent == (tmp_path / "cache" / "autotune_warmup").resolve()
+    assert (marker, log_file) == warmup.report_paths(tmp_path / "run")
     assert expected == [(marker, "proc", log_file), (marker, None, None)]
     monkeypatch.setattr(warmup, "off_reason", lambda cfg, device_type: "train.autotune_warmup=false")
     Trainer._start_autotune_warmup(fake)
     assert len(started) == 1 and len(expected) == 2
+    # a process that cannot start: rank 0 goes on without waiting and reports it for the others
+
+    def no_start(spec, marker, log_file):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(warmup, "off_reason", lambda cfg, device_type: None)
+    monkeypatch.setattr(warmup, "start", no_start)
+    fake.di = types.SimpleNamespace(device=torch.device("cuda", 0), local_rank=0, rank=0, is_main=True)
+    Trainer._start_autotune_warmup(fake)
+    assert len(expected) == 2
+    assert json.loads(marker.read_text()) == {"ok": False, "error": "not started: no space left on device"}
 
 
 def test_the_mixer_it_runs_is_the_models_in_the_engines_dtype_on_packed_rows():
@@ -119,20 +152,26 @@ def test_a_failed_process_is_reported_and_the_first_kernel_call_goes_on(tmp_path
 
 
 def test_a_process_that_reports_nothing_or_too_late_is_not_waited_for_forever(tmp_path):
+    """Our own process ending without a report, or not reporting in time (it is stopped): the
+    failure is the answer, and is written as its report, which the node's other ranks (waiting
+    on the report alone) then read. A process that reports and lingers is stopped after a grace."""
     marker = tmp_path / "m.json"
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    assert warmup.wait(marker, dead, timeout_s=60) == {
-        "ok": False, "error": "the process ended with code 3 and no report"}
+    failed = {"ok": False, "error": "the process ended with code 3 and no report"}
+    assert warmup.wait(marker, dead, timeout_s=60) == failed
+    assert warmup.wait(marker, None, timeout_s=5) == failed
+    marker.unlink()
     slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     report = warmup.wait(marker, slow, timeout_s=0.5)
     assert report["ok"] is False and report["error"].startswith("no report within")
-    assert slow.wait(timeout=10) != 0  # stopped
-    # a process that reports and then lingers: its report, and it is stopped
-    lingering = subprocess.Popen([sys.executable, "-c", "import json, pathlib, sys, time; "
+    assert slow.poll() is not None and slow.returncode != 0  # stopped, and reaped
+    assert warmup.wait(marker, None, timeout_s=5) == report
+    marker.unlink()
+    lingering = subprocess.Popen([sys.executable, "-c", "import json, pathlib, time; "
                                   f"pathlib.Path({str(marker)!r}).write_text(json.dumps({{'ok': True, 'seconds': 2.0}})); "
                                   "time.sleep(60)"])
     assert warmup.wait(marker, lingering, timeout_s=60, exit_grace_s=0.5) == {"ok": True, "seconds": 2.0}
-    assert lingering.wait(timeout=10) != 0
+    assert lingering.poll() is not None and lingering.returncode != 0
     marker.unlink()
     # another rank's view: no process of its own, the report appears
     marker.write_text('{"ok": true, "seconds": 1.5}')

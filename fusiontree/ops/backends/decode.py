@@ -48,10 +48,11 @@ KV_BLOCK = 128
 # --decode-kernel-options` sets them.
 DECODE_KERNEL_OPTIONS: dict = {}
 # On CUDA, each program of the decoding kernel streams at most this many cache slots of one row
-# and kv head. FlexAttention splits each (row, kv head)'s keys into 2 x SMs // (B x K) parts,
-# which at batch 32 with 4 kv heads on an H200 is 2 parts of 16K slots at 32K: `1b` then decoded
-# in 6.32 ms per token, against 4.88 ms with 8 parts of 4K (BENCHMARKS.md). Where FlexAttention's
-# own split is finer (batch 1: 66 parts), it stands.
+# and kv head (an upper bound: the kernel splits the filled blocks only). FlexAttention splits
+# each (row, kv head)'s keys into SMs // (B x K) * 2 parts, which at batch 32 with 4 kv heads on
+# an H200 is 2 parts of 16K slots at 32K: `1b` then decoded in 6.32 ms per token, against 4.88 ms
+# with 8 parts of 4K (BENCHMARKS.md). Where FlexAttention's own split is finer (batch 1: 66
+# parts), it stands.
 MAX_SLOTS_PER_SPLIT = 4096
 
 
