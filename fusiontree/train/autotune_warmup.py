@@ -130,7 +130,10 @@ def wait(marker: Path, proc: subprocess.Popen | None, timeout_s: float = WAIT_S,
             report = {"ok": False, "error": failure}
             if proc is not None:
                 _stop(proc)
-                write_report(marker, report)
+                try:
+                    write_report(marker, report)
+                except OSError as e:  # the other ranks then wait out their own deadline
+                    log.warning("could not write the autotuning process's report %s: %s", marker, e)
             return report
         time.sleep(poll_s)
     if proc is not None:
