@@ -24,6 +24,7 @@ def before_first_kernel_call(fn) -> None:
 
 
 def run_before_first_kernel_call() -> None:
+    """Run (and drop) what `before_first_kernel_call` registered; nothing once it has run."""
     while _before_first_call:
         _before_first_call.pop(0)()
 

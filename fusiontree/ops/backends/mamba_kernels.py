@@ -21,8 +21,7 @@ from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 from torch import Tensor
 
-from fusiontree.ops.backends import common
-from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda
+from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda, run_before_first_kernel_call
 
 
 def _require_cuda(**tensors: Tensor | None) -> None:
@@ -46,8 +45,7 @@ def ssd_chunked_mamba(
     """Returns (y_BTHP in x's dtype, final_state_BHPN fp32), like `ssd_chunked_ref`."""
     _require_cuda(x=x_BTHP, dt=dt_BTH, A=A_H, B=B_BTGN, C=C_BTGN, D=D_H,
                   initial_state=initial_state_BHPN, seq_idx=seq_idx_BT)
-    if common._before_first_call:  # a process autotuning these kernels ahead: its choices first
-        common.run_before_first_kernel_call()
+    run_before_first_kernel_call()  # a process autotuning these kernels ahead: its choices first
     seq = None if seq_idx_BT is None else canonical_seq_idx(seq_idx_BT)
     y_BTHP, final_BHPN = mamba_chunk_scan_combined(
         x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size, D=D_H,
