@@ -1,7 +1,7 @@
 """The SSD kernels' autotuning in a process beside the trainer's compile
 (fusiontree.train.autotune_warmup): when it applies, how the trainer waits for it, what a failed or
-late process leaves (the trainer autotunes itself), and on a GPU that the trainer then times no
-candidate itself."""
+late process leaves (the trainer autotunes itself), and on a GPU that the trainer then times only
+the kernels Triton's autotuning cache cannot hold."""
 
 from __future__ import annotations
 
