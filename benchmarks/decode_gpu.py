@@ -35,7 +35,7 @@ Decode attention paths (`kernels.decode_attention`; they change the graphed mode
 
   all_slots       global layers read every allocated slot (masked SDPA)
   filled_blocks   FlexAttention's decoding kernel over the filled blocks only
-                  (`auto`, the default, takes it for batches of up to 8 rows on CUDA)
+                  (what `auto`, the default, takes on CUDA)
   sdpa_flash      (--twin-flash; the Transformer twin only) SDPA forced to its flash kernel,
                   unmasked, over the first L slots, L = the filled count when the graph is
                   captured. A graph fixes L, so every replay attends over the same L slots: the

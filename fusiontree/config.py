@@ -47,8 +47,8 @@ class KernelConfig:
     conv1d: str = "auto"
     # The static decode step's attention over a cache (CUDA-graphed generation): `all_slots`
     # reads every allocated slot through the attention backend; `filled_blocks` reads only the
-    # filled blocks (FlexAttention's decoding kernel); `auto` takes filled_blocks for batches of
-    # up to 8 rows on CUDA (the faster there, measured) and all_slots otherwise.
+    # filled blocks (FlexAttention's decoding kernel); `auto` takes filled_blocks on CUDA (the
+    # faster there at every batch measured) and all_slots otherwise.
     decode_attention: str = "auto"
 
 

@@ -30,7 +30,6 @@ class LocalGlobalAttention(PackedProjections):
         # the kernel field itself goes unguarded when the call it leads to breaks the graph, and
         # a compiled decode step of a model with the other decode path would then reuse it.
         self.decode_filled_blocks = kernels.decode_attention is not None
-        self.decode_filled_max_batch = kernels.decode_filled_max_batch
         d = cfg.d_model
         self.wq = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
@@ -71,8 +70,7 @@ class LocalGlobalAttention(PackedProjections):
             # one query per row, where its own key sits among the slots does not matter.
             cache.write_step(k, v, k_pos, info.cache_step)
             k_all, v_all, pos_all = cache.k_BSKD, cache.v_BSKD, cache.pos_BS
-            if self.decode_filled_blocks and (self.decode_filled_max_batch is None
-                                              or q.shape[0] <= self.decode_filled_max_batch):  # filled slots only
+            if self.decode_filled_blocks:  # filled slots only
                 o = self.kernels.decode_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), info.position_ids,
                                                   pos_all, cache.filled_slots(info.cache_step), window=self.window)
                 return self.wo(rearrange(o, "b t h e -> b t (h e)"))

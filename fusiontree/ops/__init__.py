@@ -10,7 +10,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
 | conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels) | causal_conv1d, else reference | reference |
-| decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks for batches of up to `DECODE_FILLED_MAX_BATCH` rows, all_slots above (and where filled_blocks cannot load) | all_slots |
+| decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks on CUDA (all_slots where it cannot load) | all_slots |
 
 The conv1d decode step stays the reference (one token: elementwise work that a compiled decode
 step fuses). `train.compile` fuses the reference conv1d, the norms, RoPE, the gate mix and SwiGLU
@@ -58,16 +58,11 @@ class Kernels:
     # `decode_attention_ref`), or None (`all_slots`): `attention` over every allocated slot.
     decode_attention: Callable | None = None
     decode_attention_name: str = "all_slots"
-    # `decode_attention` serves batches of at most this many rows (None: every batch); larger
-    # batches take `all_slots`.
-    decode_filled_max_batch: int | None = None
     conv1d_name: str = "reference"
 
     def describe(self) -> str:
         # The default decode path is the attention backend itself: named only when it is not.
         decode = "" if self.decode_attention is None else f" decode_attention={self.decode_attention_name}"
-        if self.decode_filled_max_batch is not None:
-            decode += f" (filled_blocks up to batch {self.decode_filled_max_batch}, all_slots above)"
         return f"ssd={self.ssd_name} attention={self.attention_name} conv1d={self.conv1d_name}{decode}"
 
 
@@ -140,14 +135,11 @@ CONV1D_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _conv1d_reference, "causal_conv1d": _conv1d_causal}
 DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "all_slots": _decode_all_slots, "filled_blocks": _decode_filled_blocks}
-# `auto` for the decode attention on CUDA: filled_blocks up to this batch, all_slots above. On an
-# H200 (BENCHMARKS.md) filled_blocks took 2.65 against 7.68 ms per token for `1b` at 32K and 1.38
-# against 2.58 for `small` at 4K at batch 1, 2.09 against 2.67 at batch 8 (4K); at batch 32 it
-# was the slower one (25.2 against 8.6 ms at 32K, 4.75 against 2.93 at 4K). Those batch-32 runs
-# came after batch 1 in the same process, whose compiled decode blocks then took symbolic shapes;
-# in processes of their own, `1b` at 32K and batch 32 took 4.88 ms with filled_blocks (keys in 8
-# parts) against 7.57 ms with all_slots. The threshold stands until 4K is measured that way too.
-DECODE_FILLED_MAX_BATCH = 8
+# `auto` for the decode attention on CUDA is filled_blocks at every batch. On an H200
+# (BENCHMARKS.md), compiled graphed steps with static shapes, it was the faster path at every
+# batch measured: `small` at 4K, one run, 0.68 / 1.05 / 1.61 ms per step at batch 1 / 8 / 32
+# against all_slots' 1.69 / 2.02 / 2.28; `1b` at 32K 1.79 and 4.97 ms at batch 1 and 32 against
+# all_slots' 7.28 and 7.57 (other runs).
 # Preference order for `auto`, per device type (names missing from an op's table are skipped).
 # On CPU only the references: FlexAttention has no CPU backward.
 AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "causal_conv1d", "reference"]}
@@ -174,14 +166,14 @@ def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str,
     raise RuntimeError(f"no {kind} backend loads on {device}: {reasons}")
 
 
-def _auto_decode_attention(device: torch.device) -> tuple[str, dict, int | None]:
+def _auto_decode_attention(device: torch.device) -> tuple[str, dict]:
     if device.type != "cuda":
-        return "all_slots", _decode_all_slots(device), None
+        return "all_slots", _decode_all_slots(device)
     try:
-        return "auto", DECODE_ATTENTION_BACKENDS["filled_blocks"](device), DECODE_FILLED_MAX_BATCH
+        return "filled_blocks", DECODE_ATTENTION_BACKENDS["filled_blocks"](device)
     except (ImportError, RuntimeError) as e:
         log.info("kernels.decode_attention auto: filled_blocks unavailable (%s)", e)
-        return "all_slots", _decode_all_slots(device), None
+        return "all_slots", _decode_all_slots(device)
 
 
 def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
@@ -191,12 +183,11 @@ def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
     attn_name, attn_fns = _pick("attention", ATTENTION_BACKENDS, cfg.attention, device)
     conv_name, conv_fns = _pick("conv1d", CONV1D_BACKENDS, cfg.conv1d, device)
     if cfg.decode_attention == "auto":
-        decode_name, decode_fns, max_batch = _auto_decode_attention(device)
+        decode_name, decode_fns = _auto_decode_attention(device)
     else:
         decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
-        max_batch = None
     return Kernels(ssd_name=ssd_name, attention_name=attn_name, decode_attention_name=decode_name,
-                   decode_filled_max_batch=max_batch, conv1d_name=conv_name,
+                   conv1d_name=conv_name,
                    **ssd_fns, **attn_fns, **conv_fns, **decode_fns)
 
 

@@ -235,30 +235,6 @@ def test_filled_blocks_decode_attention_steps_like_the_cached_forward(variant):
     _static_steps_match_the_reference(build(variant, seed=12), kernels, B=2)
 
 
-def test_decode_attention_with_a_batch_limit_takes_filled_blocks_only_up_to_it():
-    """`auto` on CUDA: filled_blocks for batches up to its limit, every slot above; both give
-    the reference logits. Here with a limit of 1, on CPU, counting the filled-blocks calls."""
-    import dataclasses
-
-    from fusiontree.config import KernelConfig
-    from fusiontree.ops import resolve_kernels
-
-    base = resolve_kernels(KernelConfig(decode_attention="filled_blocks"), "cpu")
-    rows = []
-
-    def counted(q, *args, **kwargs):
-        rows.append(q.shape[0])
-        return base.decode_attention(q, *args, **kwargs)
-
-    kernels = dataclasses.replace(base, decode_attention=counted, decode_attention_name="auto",
-                                  decode_filled_max_batch=1)
-    ref = build("parallel-channel", seed=12)
-    _static_steps_match_the_reference(ref, kernels, B=2, n=4)
-    assert rows == []  # batch 2 > 1: every slot
-    _static_steps_match_the_reference(ref, kernels, B=1, n=4)
-    assert rows == [1] * (3 * len(ref.layers))  # each step, each attention layer (windowed or global)
-
-
 def _compiled_steps_match_eager(model, ids, n: int, **decoder_kw) -> None:
     """n - 1 greedy steps of GraphedDecoder(compile=True) against the eager static step, each on
     its own copy of the caches after the same prefill of `ids`."""

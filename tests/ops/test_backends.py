@@ -292,28 +292,26 @@ def test_model_builds_the_flex_masks_once_per_forward_and_matches_the_reference(
 # ------------------------------------------------------------------ decode attention selection
 
 
-def test_decode_attention_auto_takes_filled_blocks_on_cuda_up_to_its_batch_limit(monkeypatch):
-    from fusiontree.ops import DECODE_ATTENTION_BACKENDS, DECODE_FILLED_MAX_BATCH
+def test_decode_attention_auto_takes_filled_blocks_on_cuda(monkeypatch):
+    from fusiontree.ops import DECODE_ATTENTION_BACKENDS
     from fusiontree.ops.backends.decode import decode_attention_filled_blocks
 
     k = resolve_kernels(KernelConfig(), "cpu")  # auto on CPU: every slot
-    assert (k.decode_attention, k.decode_attention_name, k.decode_filled_max_batch) == (None, "all_slots", None)
+    assert (k.decode_attention, k.decode_attention_name) == (None, "all_slots")
     k = resolve_kernels(KernelConfig(attention="flex", decode_attention="filled_blocks"), "cpu")
     assert (k.decode_attention, k.decode_attention_name) == (decode_attention_filled_blocks, "filled_blocks")
-    assert k.decode_filled_max_batch is None  # named: every batch
     assert k.describe() == "ssd=reference attention=flex conv1d=reference decode_attention=filled_blocks"
     # auto on CUDA (the loader stands in for the GPU one: this machine may have no triton)
     monkeypatch.setitem(DECODE_ATTENTION_BACKENDS, "filled_blocks", lambda d: dict(decode_attention=_sentinel))
     k = resolve_kernels(KernelConfig(ssd="reference", attention="reference"), "cuda")
-    assert (k.decode_attention, k.decode_filled_max_batch) == (_sentinel, DECODE_FILLED_MAX_BATCH)
-    assert k.describe().endswith(f"decode_attention=auto (filled_blocks up to batch {DECODE_FILLED_MAX_BATCH}, "
-                                 "all_slots above)")
+    assert (k.decode_attention, k.decode_attention_name) == (_sentinel, "filled_blocks")
+    assert k.describe().endswith("decode_attention=filled_blocks")
     k = resolve_kernels(KernelConfig(ssd="reference", attention="reference", decode_attention="all_slots"), "cuda")
     assert k.decode_attention is None
     # auto where filled_blocks cannot load: every slot, and the reason is logged
     monkeypatch.setitem(DECODE_ATTENTION_BACKENDS, "filled_blocks", _fake("x", ImportError("no triton")))
     k = resolve_kernels(KernelConfig(ssd="reference", attention="reference"), "cuda")
-    assert (k.decode_attention, k.decode_filled_max_batch) == (None, None)
+    assert (k.decode_attention, k.decode_attention_name) == (None, "all_slots")
     with pytest.raises(ValueError, match=r"not a known backend.*'all_slots', 'filled_blocks'"):
         resolve_kernels(KernelConfig(decode_attention="flash"), "cpu")
 
