@@ -58,9 +58,11 @@ that is the compile on first use of its options and shapes, the warm-up steps an
 kernels a graph replay runs) and DIR/<model>_<path>_<context>_b<batch>_<mode>.txt gets the top
 30 kernels by device time; the row names its file (`<mode>_profile`).
 
-Prints one table (FusionTree / Transformer speed ratios per path, and best against best) and the
-batch-32 / batch-1 tokens/s ratios, and writes JSON. The cases run in one process; split a sweep
-across calls with --contexts / --batches / --decode-attention when a call has a time limit.
+Prints one table (FusionTree / Transformer speed ratios per path, and best against best beside
+the ratio of the bytes the two steps move, which is the speed ratio at equal bandwidth
+efficiency) and the batch-32 / batch-1 tokens/s ratios, and writes JSON. The cases run in one
+process; split a sweep across calls with --contexts / --batches / --decode-attention when a call
+has a time limit.
 --dry-run runs every selected code path on the CPU with the debug preset (graphs become the same
 static step run eagerly, timed on the host clock): a check of the script, not a measurement.
 """
@@ -411,7 +413,9 @@ def print_table(rows: list[dict], preset: str, batches: list[int]) -> None:
             if mine and theirs:
                 m, t = min(mine, key=best_ms), min(theirs, key=best_ms)
                 print(f"  context {c}, batch {b}: {preset} {best_ms(m):.2f} ms ({m['decode_attention']}), "
-                      f"{twin_name} {best_ms(t):.2f} ms ({t['decode_attention']}): {best_ms(t) / best_ms(m):.2f}x")
+                      f"{twin_name} {best_ms(t):.2f} ms ({t['decode_attention']}): {best_ms(t) / best_ms(m):.2f}x; "
+                      f"bytes per step {t['bytes_per_token'] / m['bytes_per_token']:.2f}x (the ratio at equal "
+                      "bandwidth efficiency)")
     hi, lo = max(batches), min(batches)
     print(f"\nTokens/s at batch {hi} over batch {lo}:")
     for r in ok:
