@@ -140,9 +140,11 @@ DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 # batch measured: `small` at 4K, one run, 0.68 / 1.05 / 1.61 ms per step at batch 1 / 8 / 32
 # against all_slots' 1.69 / 2.02 / 2.28; `1b` at 32K 1.79 and 4.97 ms at batch 1 and 32 against
 # all_slots' 7.28 and 7.57 (other runs).
-# Preference order for `auto`, per device type (names missing from an op's table are skipped).
-# On CPU only the references: FlexAttention has no CPU backward.
-AUTO_ORDER = {"cpu": ["reference"], "cuda": ["mamba_ssm", "flex", "causal_conv1d", "reference"]}
+# Preference order for `auto`, per device type (names missing from an op's table are skipped;
+# other device types take the CPU order). On CPU only the references (all_slots is the decode
+# attention's): FlexAttention has no CPU backward.
+AUTO_ORDER = {"cpu": ["reference", "all_slots"],
+              "cuda": ["mamba_ssm", "flex", "causal_conv1d", "filled_blocks", "reference", "all_slots"]}
 
 
 def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str, dict]:
@@ -155,7 +157,7 @@ def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str,
         except (ImportError, RuntimeError) as e:
             raise RuntimeError(f"kernels.{kind}={name!r} cannot load on {device}: {e}") from e
     reasons = []
-    for cand in AUTO_ORDER.get(device.type, ["reference"]):
+    for cand in AUTO_ORDER.get(device.type, AUTO_ORDER["cpu"]):
         if cand not in table:
             continue
         try:
@@ -166,29 +168,15 @@ def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str,
     raise RuntimeError(f"no {kind} backend loads on {device}: {reasons}")
 
 
-def _auto_decode_attention(device: torch.device) -> tuple[str, dict]:
-    if device.type != "cuda":
-        return "all_slots", _decode_all_slots(device)
-    try:
-        return "filled_blocks", DECODE_ATTENTION_BACKENDS["filled_blocks"](device)
-    except (ImportError, RuntimeError) as e:
-        log.info("kernels.decode_attention auto: filled_blocks unavailable (%s)", e)
-        return "all_slots", _decode_all_slots(device)
-
-
 def resolve_kernels(cfg, device: torch.device | str = "cpu") -> Kernels:
     """cfg: a `KernelConfig` (fields `ssd`, `attention`, `conv1d`, `decode_attention`)."""
     device = torch.device(device)
     ssd_name, ssd_fns = _pick("ssd", SSD_BACKENDS, cfg.ssd, device)
     attn_name, attn_fns = _pick("attention", ATTENTION_BACKENDS, cfg.attention, device)
     conv_name, conv_fns = _pick("conv1d", CONV1D_BACKENDS, cfg.conv1d, device)
-    if cfg.decode_attention == "auto":
-        decode_name, decode_fns = _auto_decode_attention(device)
-    else:
-        decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
+    decode_name, decode_fns = _pick("decode_attention", DECODE_ATTENTION_BACKENDS, cfg.decode_attention, device)
     return Kernels(ssd_name=ssd_name, attention_name=attn_name, decode_attention_name=decode_name,
-                   conv1d_name=conv_name,
-                   **ssd_fns, **attn_fns, **conv_fns, **decode_fns)
+                   conv1d_name=conv_name, **ssd_fns, **attn_fns, **conv_fns, **decode_fns)
 
 
 def reference_kernels() -> Kernels:

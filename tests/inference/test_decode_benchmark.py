@@ -32,7 +32,7 @@ def test_decode_benchmark_dry_run_covers_every_path(tmp_path):
         assert "Self CPU" in text and "8 steps" in text
     assert "| debug | filled_blocks | 40 | 2 |" in res.stdout and "Tokens/s at batch 2 over batch 1" in res.stdout
     best = next(line for line in res.stdout.splitlines() if line.startswith("  context 40, batch 2: debug"))
-    mine, twin = (min((r for r in rows if (r["model"], r["batch"]) == (m, 2)), key=lambda r: 1 / r["tokens_per_s"])
+    mine, twin = (max((r for r in rows if (r["model"], r["batch"]) == (m, 2)), key=lambda r: r["tokens_per_s"])
                   for m in ("debug", "transformer-debug"))
     assert f"bytes per step {twin['bytes_per_token'] / mine['bytes_per_token']:.2f}x" in best, best
 

@@ -56,7 +56,8 @@ def _fake(name, fail_with=None):
 def test_auto_on_cuda_takes_the_first_backend_that_loads_and_logs_the_others(monkeypatch, caplog):
     table = {"mamba_ssm": _fake("m", ImportError("No module named 'mamba_ssm'")),
              "other": _fake("c"), "reference": _fake("r")}
-    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ["mamba_ssm", "other", "flex", "causal_conv1d", "reference"])
+    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ["mamba_ssm", "other", "flex", "causal_conv1d", "filled_blocks",
+                                                 "reference", "all_slots"])
     monkeypatch.setattr(ops, "SSD_BACKENDS", table)
     monkeypatch.setattr(ops, "ATTENTION_BACKENDS", {"flex": lambda d: dict(attention="f"),
                                                     "reference": lambda d: dict(attention="r")})
