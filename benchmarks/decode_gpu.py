@@ -4,7 +4,7 @@ bandwidth that reaches.
 
     python benchmarks/decode_gpu.py [--preset 1b] [--contexts 4096,32640] [--batches 1,8,32]
         [--decode-attention all_slots,filled_blocks] [--twin-flash] [--no-twin] [--modes tuned_graph,combo_graph]
-        [--inductor-options JSON] [--decode-kernel-options JSON]
+        [--inductor-options JSON] [--decode-kernel-options JSON] [--max-slots-per-split N]
         [--steps 32] [--hbm-tb-per-s 4.8] [--out FILE.json] [--profile DIR]
     python benchmarks/decode_gpu.py --dry-run [--modes graph]     # CPU, debug preset: the code paths, no timing value
 
@@ -341,6 +341,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--decode-kernel-options", default="",
                     help="JSON FlexAttention kernel options for the filled_blocks decoding kernel, every mode of the "
                          'run, e.g. \'{"SPLIT_KV": 8}\' (default: FlexAttention\'s own choice)')
+    ap.add_argument("--max-slots-per-split", type=int, default=0,
+                    help="cache slots one program of the filled_blocks decoding kernel streams at most, per row and "
+                         "kv head (default: the backend's MAX_SLOTS_PER_SPLIT)")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--hbm-tb-per-s", type=float, default=0.0, help="the card's HBM bandwidth (default: by name)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, debug preset, tiny shapes: check the script")
@@ -360,6 +363,8 @@ def parse_args() -> argparse.Namespace:
         raise SystemExit(f"unknown mode or decode attention path {bad}: modes {MODES}, paths all_slots, filled_blocks")
     a.inductor_options = json_object("--inductor-options", a.inductor_options, '{"coordinate_descent_tuning": true}')
     a.decode_kernel_options = json_object("--decode-kernel-options", a.decode_kernel_options, '{"SPLIT_KV": 4}')
+    if a.max_slots_per_split < 0:
+        raise SystemExit(f"--max-slots-per-split {a.max_slots_per_split}: give a positive slot count, such as 1024")
     a.out = a.out or str(ROOT / f"benchmarks/results/decode_gpu{'_dry_run' if dry else ''}.json")
     return a
 
@@ -437,6 +442,8 @@ def main() -> None:
         MODE_OPTIONS["tuned_graph"] = a.inductor_options
     if a.decode_kernel_options is not None:
         decode_backend.DECODE_KERNEL_OPTIONS.update(a.decode_kernel_options)
+    if a.max_slots_per_split:
+        decode_backend.MAX_SLOTS_PER_SPLIT = a.max_slots_per_split
     timer, flash = Timer(device), FlashFixedLength()
     cases = [(a.preset, p) for p in a.paths]
     if not a.no_twin:

@@ -137,20 +137,22 @@ def test_filled_blocks_hands_flex_attention_the_decode_kernel_options(monkeypatc
 
 def test_the_decoding_kernels_split_of_the_keys_is_refined_only_where_flex_attentions_is_coarse(monkeypatch):
     """132 SMs (H200), 4 kv heads, 32K slots: FlexAttention's own split stands at batch 1 (66
-    parts) and 8 (8 parts); at batch 32 its 2 parts of 16K slots become 8 of 4K. Options set
-    by hand win; off CUDA (no SM count) nothing is added."""
+    parts); at batch 8 its 8 parts of 4K slots and at batch 32 its 2 parts of 16K become 32 of
+    1K. Options set by hand win; off CUDA (no SM count) nothing is added."""
     from fusiontree.ops.backends import decode as decode_backend
     from fusiontree.ops.backends.decode import decode_kernel_options
 
     monkeypatch.setattr(decode_backend, "DECODE_KERNEL_OPTIONS", {})
     assert decode_kernel_options(1, 4, 32768, 132) is None
-    assert decode_kernel_options(8, 4, 32768, 132) is None
-    assert decode_kernel_options(32, 4, 32768, 132) == {"SPLIT_KV": 8}
-    assert decode_kernel_options(32, 4, 32640, 132) == {"SPLIT_KV": 8}
-    assert decode_kernel_options(32, 4, 4096, 132) is None  # 2 parts of 2K: fine enough
-    assert decode_kernel_options(40, 2, 9000, 132) == {"SPLIT_KV": 4}  # 3 parts, rounded up
+    assert decode_kernel_options(8, 4, 32768, 132) == {"SPLIT_KV": 32}
+    assert decode_kernel_options(8, 4, 8192, 132) is None  # FlexAttention's 8 parts of 1K: fine enough
+    assert decode_kernel_options(32, 4, 32768, 132) == {"SPLIT_KV": 32}
+    assert decode_kernel_options(32, 4, 32640, 132) == {"SPLIT_KV": 32}
+    assert decode_kernel_options(32, 4, 4096, 132) == {"SPLIT_KV": 4}
+    assert decode_kernel_options(32, 4, 2048, 132) is None  # 2 parts of 1K
+    assert decode_kernel_options(40, 2, 9000, 132) == {"SPLIT_KV": 16}  # 9 parts, rounded up
     assert decode_kernel_options(32, 4, 32768, None) is None
     monkeypatch.setattr(decode_backend, "DECODE_KERNEL_OPTIONS", {"SPLIT_KV": 4, "BLOCK_N": 64})
     assert decode_kernel_options(32, 4, 32768, 132) == {"SPLIT_KV": 4, "BLOCK_N": 64}
     monkeypatch.setattr(decode_backend, "DECODE_KERNEL_OPTIONS", {"BLOCK_N": 64})
-    assert decode_kernel_options(32, 4, 32768, 132) == {"BLOCK_N": 64, "SPLIT_KV": 8}
+    assert decode_kernel_options(32, 4, 32768, 132) == {"BLOCK_N": 64, "SPLIT_KV": 32}

@@ -49,11 +49,12 @@ KV_BLOCK = 128
 DECODE_KERNEL_OPTIONS: dict = {}
 # On CUDA, each program of the decoding kernel streams at most this many cache slots of one row
 # and kv head (an upper bound: the kernel splits the filled blocks only). FlexAttention splits
-# each (row, kv head)'s keys into SMs // (B x K) * 2 parts, which at batch 32 with 4 kv heads on
-# an H200 is 2 parts of 16K slots at 32K: `1b` then decoded in 6.32 ms per token, against 4.88 ms
-# with 8 parts of 4K (BENCHMARKS.md). Where FlexAttention's own split is finer (batch 1: 66
-# parts), it stands.
-MAX_SLOTS_PER_SPLIT = 4096
+# each (row, kv head)'s keys into SMs // (B x K) * 2 parts: on an H200 with 4 kv heads, 8 parts
+# of 4K slots at batch 8 and 2 of 16K at batch 32 for a 32K cache. `1b` at 32K decoded in
+# 2.65 ms per token at batch 8 with parts of 1K against 2.93 ms with parts of 4K (2.68 with
+# 512), and at batch 32 in 5.10 ms either way, against 6.32 ms with FlexAttention's 2 parts
+# (BENCHMARKS.md). Where FlexAttention's own split is finer (batch 1: 66 parts), it stands.
+MAX_SLOTS_PER_SPLIT = 1024
 
 
 def decode_kernel_options(batch: int, kv_heads: int, slots: int, sms: int | None) -> dict | None:
