@@ -38,10 +38,12 @@ def test_decode_benchmark_dry_run_covers_every_path(tmp_path):
 
 
 def test_decode_benchmark_refuses_bad_option_objects_in_one_line(tmp_path):
-    """--inductor-options and --decode-kernel-options take JSON objects; anything else stops the
-    script before any work with a one-line error naming the flag and an example."""
+    """--inductor-options and --decode-kernel-options take JSON objects and --max-slots-per-split
+    a positive count; anything else stops the script before any work with a one-line error
+    naming the flag and an example."""
     script = str(ROOT / "benchmarks/decode_gpu.py")
-    for flag, value in (("--inductor-options", "{coordinate"), ("--decode-kernel-options", "[4]")):
+    for flag, value in (("--inductor-options", "{coordinate"), ("--decode-kernel-options", "[4]"),
+                        ("--max-slots-per-split", "-5")):
         res = subprocess.run([sys.executable, script, "--dry-run", flag, value, "--out", str(tmp_path / "x.json")],
                              env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert res.returncode != 0
