@@ -294,7 +294,7 @@ def _bench_conv_backend(rows, args, backend, tiles, case, B, T, proj, w, b, seq,
         if tiles is not None:
             from fusiontree.ops.backends import conv1d_triton
 
-            conv1d_triton.BLOCK_T, conv1d_triton.BLOCK_C, conv1d_triton.NUM_WARPS = map(int, tiles.split("x"))
+            conv1d_triton.BLOCK_T, conv1d_triton.BLOCK_C, conv1d_triton.NUM_WARPS = conv1d_triton._tiles(tiles)
             backend = f"triton[{tiles}]"
         y, _ = conv(proj[..., 2048:6144], w, b, seq_idx_BT=seq)
         errs = dict(zip(("y", "d_proj", "d_w", "d_b"), (rel_err(a, r) for a, r in zip([y, *fwd_bwd(conv)], want))))

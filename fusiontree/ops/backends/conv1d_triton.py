@@ -23,6 +23,8 @@ plain PyTorch on a few rows, differentiable).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,11 +33,20 @@ from torch import Tensor
 from fusiontree.ops.backends.common import require_cuda
 from fusiontree.ops.conv1d import conv1d_final_state
 
-# Tile: time steps x channels per program, and its warps (benchmarks/kernels_gpu.py
-# --conv-triton-tiles times others).
-BLOCK_T = 64
-BLOCK_C = 128
-NUM_WARPS = 4
+# Tile: time steps x channels per program, and its warps. benchmarks/kernels_gpu.py
+# --conv-triton-tiles times others; FUSIONTREE_CONV1D_TILES=TxCxW (e.g. 32x128x4) sets them for
+# a process.
+def _tiles(spec: str) -> tuple[int, int, int]:
+    try:
+        t, c, w = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"FUSIONTREE_CONV1D_TILES={spec!r}: expected BLOCK_TxBLOCK_CxWARPS, e.g. 32x128x4") from None
+    if any(v & (v - 1) or v < 1 for v in (t, c, w)):
+        raise ValueError(f"FUSIONTREE_CONV1D_TILES={spec!r}: the tile sizes and warps must be powers of two")
+    return t, c, w
+
+
+BLOCK_T, BLOCK_C, NUM_WARPS = _tiles(os.environ.get("FUSIONTREE_CONV1D_TILES", "64x128x4"))
 
 
 @triton.jit
@@ -61,9 +72,11 @@ def _taps(x_ptr, init_ptr, seq_ptr, b, s, seq_r, c, c_mask, T, sxb, sxt, sib, si
 
 @triton.jit
 def _row_seq(seq_ptr, b, r, T, ssb, sst, HAS_SEQ: tl.constexpr):
+    """Document ids of rows `r` (zeros without documents)."""
+    ids = r * 0
     if HAS_SEQ:
-        return tl.load(seq_ptr + b * ssb + r * sst, mask=r < T, other=0)
-    return r * 0
+        ids = tl.load(seq_ptr + b * ssb + r * sst, mask=r < T, other=0)
+    return ids
 
 
 @triton.jit
