@@ -56,6 +56,8 @@ import tempfile
 import time
 from array import array
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -349,19 +351,35 @@ def _encode_task(task) -> tuple[list[tuple[str, np.ndarray, int]], ReadResult, i
     return out, res, size
 
 
-def _pool(workers: int, initargs: tuple):
-    """A process pool, or None for one worker (then everything runs in this process)."""
+class WorkerDied(RuntimeError):
+    """A worker process of the build ended without returning its task (killed, out of memory,
+    or failed to start)."""
+
+
+@contextmanager
+def _worker_pool(workers: int, initargs: tuple):
+    """A process pool for the block, or None for one worker (then everything runs in this process).
+
+    Spawned, not forked: the parent has threads by now (numpy's BLAS pool, the tokenizer
+    trainer's), and a child forked from a threaded process can inherit a lock held by one of
+    them and wait on it forever. A worker that dies fails the build with `WorkerDied` instead
+    of leaving it waiting for a result that never comes (what a `multiprocessing.Pool` does)."""
     if workers == 1:
         _init_worker(*initargs)
-        return None
-    # Spawned, not forked: the parent has threads by now (numpy's BLAS pool, the tokenizer
-    # trainer's), and a child forked from a threaded process can inherit a lock held by one of
-    # them and wait on it forever (seen as a build that never ended on a 32-core machine).
+        yield None
+        return
+    # The executor starts workers as tasks arrive: the environment they start with stays set
+    # for the pool's life.
     saved = {k: os.environ.get(k) for k in _WORKER_ENV}
     os.environ.update(_WORKER_ENV)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=initargs)
     try:
-        return mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=initargs)
+        yield pool
     finally:
+        # Queued tasks are dropped; running ones finish in the background (an early stop of the
+        # tokenizer sample, or an error).
+        pool.shutdown(wait=False, cancel_futures=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -369,19 +387,28 @@ def _pool(workers: int, initargs: tuple):
                 os.environ[k] = v
 
 
+def _result(future):
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise WorkerDied("a build_shards worker process died before returning its work (killed, out of memory, "
+                         "or failed to start); nothing was published; rerun, with fewer --workers if memory is "
+                         "short, or --workers 1 to build in this process") from e
+
+
 def _ordered(pool, fn, tasks, window: int):
     """fn over tasks, results in task order, at most `window` tasks submitted and not yet
-    consumed (Pool.imap would read every task ahead and queue every result)."""
+    consumed (mapping everything at once would read every task ahead and queue every result)."""
     if pool is None:
         yield from map(fn, tasks)
         return
     pending: deque = deque()
     for task in tasks:
-        pending.append(pool.apply_async(fn, (task,)))
+        pending.append(pool.submit(fn, task))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield _result(pending.popleft())
     while pending:
-        yield pending.popleft().get()
+        yield _result(pending.popleft())
 
 
 def _tasks(units: list[Unit], text_field: str):
@@ -399,24 +426,20 @@ def _tokenizer_sample(units: list[Unit], args: BuildArgs, tqdm) -> tuple[list[st
     lines: list[str] = []
     size = 0
     seen = ReadResult()
-    pool = _pool(args.workers, (None, args.seed, args.val_fraction, args.text_field, "uint32"))
-    try:
-        with tqdm(total=min(budget, corpus.total_bytes(units)), unit="B", unit_scale=True, desc="tokenizer sample",
-                  disable=not args.progress, file=sys.stderr) as bar:
-            for got, res in _ordered(pool, _sample_lines, _tasks(order, args.text_field), 2 * args.workers + 2):
-                seen.add(res)
-                before = size
-                for line in got:  # a single big unit must not blow the budget
-                    lines.append(line)
-                    size += len(line) + 1
-                    if size >= budget:
-                        break
-                bar.update(min(size - before, bar.total - bar.n))
+    with _worker_pool(args.workers, (None, args.seed, args.val_fraction, args.text_field, "uint32")) as pool, \
+            tqdm(total=min(budget, corpus.total_bytes(units)), unit="B", unit_scale=True, desc="tokenizer sample",
+                 disable=not args.progress, file=sys.stderr) as bar:
+        for got, res in _ordered(pool, _sample_lines, _tasks(order, args.text_field), 2 * args.workers + 2):
+            seen.add(res)
+            before = size
+            for line in got:  # a single big unit must not blow the budget
+                lines.append(line)
+                size += len(line) + 1
                 if size >= budget:
                     break
-    finally:
-        if pool is not None:
-            pool.terminate()
+            bar.update(min(size - before, bar.total - bar.n))
+            if size >= budget:
+                break
     return lines, size, seen
 
 
@@ -648,25 +671,20 @@ def build_shards(args: BuildArgs) -> dict:
         if mixture:
             spills = {(i, s): _Spill(stage / _SPILL / f"{i}-{s}.tokens", np.dtype(dtype))
                       for i in range(len(sources)) for s in SPLITS}
-        pool = _pool(args.workers, (tok.spec(), args.seed, args.val_fraction, args.text_field, dtype))
-        try:
-            with tqdm(total=corpus.total_bytes(all_units), unit="B", unit_scale=True,
-                      desc="tokenize" if mixture else "tokenize+pack", disable=not args.progress,
-                      file=sys.stderr) as bar:
-                for i, units in enumerate(source_units):
-                    for docs, res, size in _ordered(pool, _encode_task, _tasks(units, args.text_field),
-                                                    2 * args.workers + 2):
-                        read[i].add(res)
-                        for split, toks, rank in docs:
-                            if mixture:
-                                spills[i, split].add(toks, rank)
-                            else:
-                                packer.add(split, toks, i)
-                        bar.update(size)
-        finally:
-            if pool is not None:
-                pool.terminate()  # every task has returned unless an error got us here
-                pool.join()
+        with _worker_pool(args.workers, (tok.spec(), args.seed, args.val_fraction, args.text_field, dtype)) as pool, \
+                tqdm(total=corpus.total_bytes(all_units), unit="B", unit_scale=True,
+                     desc="tokenize" if mixture else "tokenize+pack", disable=not args.progress,
+                     file=sys.stderr) as bar:
+            for i, units in enumerate(source_units):
+                for docs, res, size in _ordered(pool, _encode_task, _tasks(units, args.text_field),
+                                                2 * args.workers + 2):
+                    read[i].add(res)
+                    for split, toks, rank in docs:
+                        if mixture:
+                            spills[i, split].add(toks, rank)
+                        else:
+                            packer.add(split, toks, i)
+                    bar.update(size)
         total_read = ReadResult()
         for r in read:
             total_read.add(r)

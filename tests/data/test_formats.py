@@ -6,12 +6,14 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import os
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+
 import pytest
 import zstandard
 
@@ -218,14 +220,21 @@ def test_tasks_in_flight_are_bounded(tmp_path):
             pulled.append(i)
             yield i
 
-    pool = build._pool(2, (None, 0, 0.0, "text", "uint16"))
-    try:
+    with build._worker_pool(2, (None, 0, 0.0, "text", "uint16")) as pool:
         for k, got in enumerate(build._ordered(pool, abs, tasks(), window=4)):
             assert got == k
             assert len(pulled) <= k + 1 + 4
-    finally:
-        pool.terminate()
     assert len(pulled) == 50
+
+
+def _die(task):
+    os._exit(3)  # a worker killed mid-task (by the OOM killer, say)
+
+
+def test_a_worker_that_dies_fails_the_build_instead_of_waiting_forever():
+    with build._worker_pool(2, (None, 0, 0.0, "text", "uint16")) as pool:
+        with pytest.raises(build.WorkerDied, match=r"worker process died.*--workers 1 to build in this process"):
+            list(build._ordered(pool, _die, range(4), window=2))
 
 
 def test_unsupported_files_are_named(tmp_path):
