@@ -17,8 +17,8 @@ Shapes (bf16, batch 1):
   1024 and causal; one document or 8 packed) through FlexAttention and through torch's varlen
   flash attention (`varlen_flash`) side by side.
 - conv1d: the Mamba conv (4 taps, SiLU) over 4096 channels of a 6176-wide projection at
-  8 x 4096 and 1 x 32768, packed documents; the causal_conv1d and triton backends (and the
-  compiled reference) against the HBM floor.
+  8 x 4096 and 1 x 32768, packed documents; the causal_conv1d backend and the compiled
+  reference against the HBM floor.
 - decode: one SSD step (state 32 x 64 x 128) per SSD backend; one attention step (16 query
   heads, 4 kv heads) over a ring cache of 1024 slots and over a 32K global cache, per backend.
 
@@ -279,23 +279,16 @@ def bench_conv1d(rows: list, args) -> None:
         want = [y32, *torch.autograd.grad(y32, leaves32, gy.float())]
         case = f"{B} x {T}, 4096 of 6176 channels, 7 docs"
         for backend in args.conv_backends.split(","):
-            for tiles in (args.conv_triton_tiles.split(",") if backend == "triton" else [None]):
-                _bench_conv_backend(rows, args, backend, tiles, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s)
+            _bench_conv_backend(rows, args, backend, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s)
         del want, y32, leaves32, proj
         _free()
 
 
-def _bench_conv_backend(rows, args, backend, tiles, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s) -> None:
-    """One conv1d backend timed; `tiles` (triton only): "BLOCK_TxBLOCK_CxWARPS" set for this row."""
+def _bench_conv_backend(rows, args, backend, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s) -> None:
     try:
         conv = resolve_kernels(KernelConfig(conv1d=backend), DEV).conv1d
         if backend == "reference":  # as a compiled block runs it
             conv = torch.compile(conv)
-        if tiles is not None:
-            from fusiontree.ops.backends import conv1d_triton
-
-            conv1d_triton.BLOCK_T, conv1d_triton.BLOCK_C, conv1d_triton.NUM_WARPS = conv1d_triton._tiles(tiles)
-            backend = f"triton[{tiles}]"
         y, _ = conv(proj[..., 2048:6144], w, b, seq_idx_BT=seq)
         errs = dict(zip(("y", "d_proj", "d_w", "d_b"), (rel_err(a, r) for a, r in zip([y, *fwd_bwd(conv)], want))))
         with torch.no_grad():
@@ -382,10 +375,8 @@ def main() -> None:
     ap.add_argument("--ssd-groups", type=int, default=1, help="ssd section: B/C groups of the 32 heads")
     ap.add_argument("--ssd-chunks", default="256", help="ssd section: comma-separated chunk lengths")
     ap.add_argument("--ssd-backends", default="mamba_ssm,reference", help="ssd section: backends to time")
-    ap.add_argument("--conv-backends", default="causal_conv1d,triton,reference",
-                    help="conv1d section: backends to time (reference: the compiled PyTorch conv)")
-    ap.add_argument("--conv-triton-tiles", default="64x128x4",
-                    help="conv1d section: the triton backend's tiles to try, comma-separated BLOCK_TxBLOCK_CxWARPS")
+    ap.add_argument("--conv-backends", default="causal_conv1d,reference",
+                    help="conv1d section: backends to time (reference: the PyTorch conv compiled, as in a compiled block)")
     ap.add_argument("--flex-options", default="[]",
                     help='JSON list of FlexAttention kernel_options dicts to try on the W=1024 cases, '
                          'e.g. \'[{"BLOCK_M": 64, "BLOCK_N": 64}, {"num_stages": 2}]\'')

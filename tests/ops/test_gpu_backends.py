@@ -3,7 +3,7 @@ tolerances on awkward shapes (T = 1, 63, 1000; packed documents; initial states;
 caches in ring order), and the model's invariants with the GPU backends selected.
 
 Skipped without CUDA. On a CUDA machine every test requires the backends it is about
-(mamba_ssm, flex, causal_conv1d, triton): one that does not load is a failure that names it, never a skip, so the
+(mamba_ssm, flex, causal_conv1d): one that does not load is a failure that names it, never a skip, so the
 tests cannot end up comparing the reference with itself. With FUSIONTREE_GPU_TEST_LOG set,
 every comparison appends its errors there (to see the margins). Time: mamba-ssm autotunes its
 Triton kernels in every new process (about 90 s on an H100 for the first forward+backward,
@@ -97,12 +97,9 @@ def _conv_run(fn, C, K, T, offset, with_init, seq_idx, seed, to_fp32):
     return y, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
-CONV_BACKENDS = ["causal_conv1d", "triton"]
-
-
-def _check_conv(backend, T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
-    k = _kernels(conv1d=backend)
-    assert k.conv1d_name == backend
+def _check_conv(T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
+    k = _kernels(conv1d="causal_conv1d")
+    assert k.conv1d_name == "causal_conv1d"
     y, f, g = _conv_run(k.conv1d, C, K, T, offset, with_init, seq_idx, seed, to_fp32=False)
     y_r, f_r, g_r = _conv_run(causal_conv1d_ref, C, K, T, offset, with_init, seq_idx, seed, to_fp32=True)
     check("y", y, y_r, OUT_TOL)
@@ -112,43 +109,34 @@ def _check_conv(backend, T, K=4, C=264, offset=8, with_init=False, seq_idx=None,
         check(f"grad_{name}", g[name], g_r[name], GRAD_TOL)
 
 
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("T,with_init", [(1, False), (1, True), (2, True), (63, False), (63, True), (1000, False)])
-def test_causal_conv1d_matches_reference(backend, T, with_init):
-    _check_conv(backend, T, with_init=with_init, seed=T)
+def test_causal_conv1d_matches_reference(T, with_init):
+    _check_conv(T, with_init=with_init, seed=T)
 
 
 # offset 3: strides the kernels cannot read (copied); C = 200: not a multiple of the kernels' channel tiles
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("K,offset,C", [(2, 8, 264), (3, 8, 264), (4, 3, 264), (4, 8, 200)])
-def test_causal_conv1d_widths_and_unaligned_inputs_match_reference(backend, K, offset, C):
-    _check_conv(backend, 300, K=K, offset=offset, C=C, with_init=True, seed=K)
+def test_causal_conv1d_widths_and_unaligned_inputs_match_reference(K, offset, C):
+    _check_conv(300, K=K, offset=offset, C=C, with_init=True, seed=K)
 
 
-def test_triton_conv1d_takes_channel_counts_and_widths_the_cuda_kernels_refuse():
-    """C = 131 (not a multiple of 8 or of the channel tile) and K = 5, with packed documents."""
-    _check_conv("triton", 200, K=5, offset=1, C=131, with_init=True, seq_idx=_packed_seq_idx(1000)[:, :200], seed=9)
-
-
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
-def test_causal_conv1d_packed_documents_match_reference(backend):
+def test_causal_conv1d_packed_documents_match_reference():
     """Documents of 100, 1, 300, ... tokens, ids that repeat and go negative (the reference
     compares ids; the kernels zero negative ones unless shifted), with an initial state (it
     belongs to the first document)."""
     seq = _packed_seq_idx(1000)
     seq[1] -= 9  # row 1: ids -2, -6, -2
-    _check_conv(backend, 1000, with_init=True, seq_idx=seq, seed=3)
-    _check_conv(backend, 1000, with_init=False, seq_idx=seq, seed=4)
+    _check_conv(1000, with_init=True, seq_idx=seq, seed=3)
+    _check_conv(1000, with_init=False, seq_idx=seq, seed=4)
     starts = torch.zeros(2, 1000, dtype=torch.long)  # documents start at t = 1 (and 2 in row 1):
     starts[:, 1], starts[1, 2] = 1, 1                # the initial state reaches no later document
-    _check_conv(backend, 1000, with_init=True, seq_idx=starts.cumsum(1).to(DEV), seed=5)
+    _check_conv(1000, with_init=True, seq_idx=starts.cumsum(1).to(DEV), seed=5)
 
 
-@pytest.mark.parametrize("backend", CONV_BACKENDS)
-def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph(backend):
+def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph():
     """In a compiled function the op stays in the graph (fullgraph: no break) and gives what
     it gives eagerly; a CUDA graph of forward + backward replays to the same values."""
-    k = _kernels(conv1d=backend)
+    k = _kernels(conv1d="causal_conv1d")
     g = torch.Generator().manual_seed(0)
     proj = torch.randn(2, 256, 600, generator=g).to(DEV, torch.bfloat16).requires_grad_()
     w = torch.randn(512, 4, generator=g).to(DEV, torch.bfloat16).requires_grad_()
@@ -587,10 +575,9 @@ def _compare_bf16_training_step(model, twin, seed: int) -> None:
     assert compared > 10
 
 
-@pytest.mark.parametrize("conv1d", CONV_BACKENDS)
-def test_model_bf16_training_step_matches_reference_kernels(conv1d):
+def test_model_bf16_training_step_matches_reference_kernels():
     """bf16: the GPU-backend model against the same model on the reference kernels."""
-    model, twin = _models(dtype=torch.bfloat16, seed=4, conv1d=conv1d)
+    model, twin = _models(dtype=torch.bfloat16, seed=4)
     _compare_bf16_training_step(model, twin, seed=5)
 
 
@@ -724,8 +711,8 @@ def _accumulate(model, batches):
     return torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("compiled,conv1d", [(False, "causal_conv1d"), (True, "causal_conv1d"), (True, "triton")])
-def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(compiled, conv1d):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(compiled):
     """Per-block CUDA graphs of the training forward and backward against the same model run
     without them (same kernels: equal up to kernel nondeterminism) and against the reference
     kernels (bf16 tolerances): packed documents, three accumulated micro-batches, the per-token
@@ -734,7 +721,7 @@ def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(
     the ordinary path."""
     from fusiontree.train.mechanics import apply_compile, apply_cuda_graphs
 
-    model, twin = _models(dtype=torch.bfloat16, seed=12, gate="token", conv1d=conv1d)
+    model, twin = _models(dtype=torch.bfloat16, seed=12, gate="token")
     model.train(), twin.train()
     eager = copy.deepcopy(model)
     if compiled:
