@@ -11,7 +11,9 @@ generated; a file of several prompts (one per line) runs as one left-padded batc
 each prompt with its continuation when the batch is done. Each prompt starts with BOS, as in
 training; a row stops at EOS or after --max-new-tokens. Greedy by default (--temperature 0);
 --top-k / --top-p shape sampling (they need --temperature > 0); --seed fixes the sample.
---cuda-graph replays each decode step from one captured CUDA graph (GPU only).
+--cuda-graph replays each decode step from one captured CUDA graph (GPU only); the step's blocks
+are compiled first unless --no-compile. The statistics time the first decode step apart: it
+compiles the decoding kernels and, with --cuda-graph, the step and its graph.
 Dotted overrides change the checkpoint's config (--kernels.decode_attention=all_slots).
 The statistics (tokens/s) go to stderr, --output FILE.json keeps tokens, texts and timings.
 Bad input (a missing or damaged checkpoint, a prompt too long for the model, bad sampling
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--cuda-graph", action="store_true", help="replay decode steps from a CUDA graph")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="with --cuda-graph: capture the step without compiling its blocks first (a faster "
+                         "first decode step, slower steps after it)")
     ap.add_argument("--kernels", default="config", choices=["config", "reference"],
                     help="config: the checkpoint's kernels (auto per device); reference: the PyTorch reference ops")
     ap.add_argument("--tokenizer", default="", help="SentencePiece model (default: the checkpoint's)")
@@ -67,6 +72,9 @@ def check_settings(a: argparse.Namespace) -> str:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is visible; use --device cpu or auto")
+    if a.no_compile and not a.cuda_graph:
+        raise ValueError("--no-compile only applies to the --cuda-graph step (decoding without it is not "
+                         "compiled); pass --cuda-graph too, or leave it out")
     if a.cuda_graph and device != "cuda":
         raise ValueError("--cuda-graph replays decode steps on a GPU, and the device is the CPU; leave it out "
                          "or run on a GPU")
@@ -139,7 +147,8 @@ def run(a: argparse.Namespace, overrides: list[str], out) -> dict:
     t0 = time.perf_counter()
     tokens_BN = generate(model, ids_BT, a.max_new_tokens, attention_mask=mask_BT if len(rows) > 1 else None,
                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_token_id=eos,
-                         generator=generator, cuda_graph=a.cuda_graph, on_token=on_token)
+                         generator=generator, cuda_graph=a.cuda_graph, compile_decode=not a.no_compile,
+                         on_token=on_token)
     new_rows = [row[:row.index(eos)] if eos in row else row for row in tokens_BN[:, ids_BT.shape[1]:].tolist()]
     texts = [tok.decode(r) for r in new_rows]
     if stream is not None:
@@ -152,23 +161,28 @@ def run(a: argparse.Namespace, overrides: list[str], out) -> dict:
 
 
 def stats(a, ckpt, prompts, rows, new_rows, texts, t0: float, times: list[float]) -> dict:
-    """Tokens/s over the whole generation (prefill included), and the decode rate after the
-    first token; logged, and returned for --output."""
+    """Tokens/s over the whole generation (prefill included), the first decode step on its own
+    (it compiles the decoding kernels for this shape and, with --cuda-graph, the step's blocks
+    and the graph's capture: once per process), and the decode rate after it; logged, and
+    returned for --output."""
     n_new = sum(len(r) for r in new_rows)
     total_s = times[-1] - t0
     first_s = times[0] - t0
-    steps_after_first = len(times) - 1
-    decode_rate = steps_after_first * len(rows) / (times[-1] - times[0]) if steps_after_first else None
+    first_step_s = times[1] - times[0] if len(times) > 1 else None
+    steady = len(times) - 2
+    decode_rate = steady * len(rows) / (times[-1] - times[1]) if steady > 0 else None
+    build = " (compile and capture of the CUDA graph included)" if a.cuda_graph else ""
     log.info("%d new tokens from %d prompt(s) in %.2f s: %.1f tokens/s; first token after %.3f s (prefill of "
-             "%d tokens)%s", n_new, len(rows), total_s, n_new / total_s, first_s, sum(len(r) for r in rows),
+             "%d tokens)%s%s", n_new, len(rows), total_s, n_new / total_s, first_s, sum(len(r) for r in rows),
+             f", first decode step {first_step_s:.3f} s{build}" if first_step_s is not None else "",
              f", then {decode_rate:.1f} tokens/s (decode steps x batch)" if decode_rate else "")
     return {"checkpoint": str(ckpt.path), "settings": {k: getattr(a, k) for k in (
-                "max_new_tokens", "temperature", "top_k", "top_p", "seed", "cuda_graph")},
+                "max_new_tokens", "temperature", "top_k", "top_p", "seed", "cuda_graph", "no_compile")},
             "kernels": ckpt.model.kernels.describe(),
             "rows": [{"prompt": p, "prompt_tokens": r, "new_tokens": n, "text": t}
                      for p, r, n, t in zip(prompts, rows, new_rows, texts)],
             "new_tokens": n_new, "seconds": total_s, "tokens_per_s": n_new / total_s,
-            "first_token_s": first_s, "decode_tokens_per_s": decode_rate}
+            "first_token_s": first_s, "first_decode_step_s": first_step_s, "decode_tokens_per_s": decode_rate}
 
 
 def main(argv: list[str] | None = None, out=None) -> int:

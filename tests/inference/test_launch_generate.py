@@ -64,6 +64,7 @@ def test_greedy_stream_is_generate_token_by_token(trained_run, sp, tmp_path, cou
     record = json.loads((tmp_path / "out.json").read_text())
     assert record["rows"][0]["new_tokens"] == want and len(want) == n  # no EOS this early
     assert record["tokens_per_s"] > 0 and record["new_tokens"] == n
+    assert record["first_decode_step_s"] > 0 and record["decode_tokens_per_s"] > 0
     assert out.text == prompt + sp.decode(want) + "\n"
     # Streaming: the prompt before any forward, then each token's text right after the forward
     # that produced it (prefill = forward 1) and before the next one.
@@ -121,7 +122,8 @@ def other_tokenizer(tmp_path, vocab_size: int):
 
 @pytest.mark.parametrize("case", ["too_long", "too_long_with_new_tokens", "temperature", "top_p", "top_k",
                                   "top_k_greedy", "max_new_tokens", "tokenizer_vocab", "tokenizer_other",
-                                  "missing", "truncated", "unreadable", "blank_line", "no_file", "cuda_graph"])
+                                  "missing", "truncated", "unreadable", "blank_line", "no_file", "cuda_graph",
+                                  "no_compile"])
 def test_bad_input_is_one_line_and_exit_2(case, trained_run, tmp_path, capsys):
     ck = ["--checkpoint", str(trained_run)]
     prompt = ["--prompt", "def "]
@@ -149,6 +151,7 @@ def test_bad_input_is_one_line_and_exit_2(case, trained_run, tmp_path, capsys):
         "blank_line": ([*ck, "--prompt-file", str(path)], "line 2 of .* is empty"),
         "no_file": ([*ck, "--prompt-file", str(tmp_path / "none.txt")], "cannot read --prompt-file"),
         "cuda_graph": ([*ck, *prompt, "--device", "cpu", "--cuda-graph"], "--cuda-graph replays decode steps on a GPU"),
+        "no_compile": ([*ck, *prompt, "--no-compile"], "--no-compile only applies to the --cuda-graph step"),
     }[case]
     out = Recorder([])
     assert main(args, out=out) == 2
@@ -156,3 +159,25 @@ def test_bad_input_is_one_line_and_exit_2(case, trained_run, tmp_path, capsys):
     assert err[-1].startswith("generate.py: error: ") and re.search(match, err[-1]), err[-3:]
     assert not any(line.startswith("Traceback") for line in err)
     assert out.text == ""  # nothing half-generated on stdout
+
+
+def test_the_first_decode_step_is_timed_apart_from_the_decode_rate(caplog):
+    """The first decode step compiles (and with --cuda-graph captures) once: its seconds are
+    reported on their own, not averaged into the tokens/s of the steps after it."""
+    from types import SimpleNamespace
+
+    from launch.generate import parse_args, stats
+
+    a, _ = parse_args(["--checkpoint", "x", "--prompt", "p", "--cuda-graph"])
+    ckpt = SimpleNamespace(path="x", model=SimpleNamespace(kernels=SimpleNamespace(describe=lambda: "k")))
+    t0 = 100.0
+    times = [t0 + 2.0, t0 + 32.0] + [t0 + 32.0 + 0.01 * i for i in range(1, 9)]  # prefill, build, 8 steps
+    rows, new = [[1, 5], [1, 6, 7]], [[3] * 10, [4] * 10]
+    with caplog.at_level("INFO", logger="fusiontree.generate"):
+        rec = stats(a, ckpt, ["p", "q"], rows, new, ["", ""], t0, times)
+    assert rec["first_token_s"] == pytest.approx(2.0) and rec["first_decode_step_s"] == pytest.approx(30.0)
+    assert rec["decode_tokens_per_s"] == pytest.approx(8 * 2 / 0.08)  # 8 steps of a batch of 2
+    assert rec["tokens_per_s"] == pytest.approx(20 / 32.08)
+    assert "first decode step 30.000 s (compile and capture of the CUDA graph included)" in caplog.text
+    one = stats(a, ckpt, ["p"], rows[:1], new[:1], [""], t0, times[:1])  # one new token: no decode step
+    assert one["first_decode_step_s"] is None and one["decode_tokens_per_s"] is None
