@@ -15,6 +15,8 @@ training; a row stops at EOS or after --max-new-tokens. Greedy by default (--tem
 are compiled first unless --no-compile. The statistics time the first decode step apart: it
 compiles the decoding kernels and, with --cuda-graph, the step and its graph.
 Dotted overrides change the checkpoint's config (--kernels.decode_attention=all_slots).
+Compiled kernels and Triton's autotuning choices go to --compile-cache-dir, or to the directory
+the run trained with (train.compile_cache_dir), so that later processes find them there.
 The statistics (tokens/s) go to stderr, --output FILE.json keeps tokens, texts and timings.
 Bad input (a missing or damaged checkpoint, a prompt too long for the model, bad sampling
 settings, a tokenizer that is not the checkpoint's) is a one-line error and exit status 2.
@@ -33,6 +35,7 @@ import torch
 
 from fusiontree.checkpoint import checkpoint_tokenizer, load_checkpoint
 from fusiontree.inference import TextStream, check_sampling, generate, left_pad
+from fusiontree.train.startup import use_compile_cache
 
 log = logging.getLogger("fusiontree.generate")
 
@@ -53,6 +56,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--no-compile", action="store_true",
                     help="with --cuda-graph: capture the step without compiling its blocks first (a faster "
                          "first decode step, slower steps after it)")
+    ap.add_argument("--compile-cache-dir", default="",
+                    help="keep compiled kernels and Triton's autotuning choices here (default: the "
+                         "checkpoint's train.compile_cache_dir, if its run set one)")
     ap.add_argument("--kernels", default="config", choices=["config", "reference"],
                     help="config: the checkpoint's kernels (auto per device); reference: the PyTorch reference ops")
     ap.add_argument("--tokenizer", default="", help="SentencePiece model (default: the checkpoint's)")
@@ -116,6 +122,10 @@ def run(a: argparse.Namespace, overrides: list[str], out) -> dict:
     prompts = read_prompts(a)
     ckpt = load_checkpoint(a.checkpoint, device, "reference" if a.kernels == "reference" else None, overrides)
     tok = checkpoint_tokenizer(ckpt, a.tokenizer)
+    cache_dir = a.compile_cache_dir or ckpt.cfg.train.compile_cache_dir
+    if cache_dir:  # before the prefill: its kernels are the first to compile and autotune
+        use_compile_cache(cache_dir)
+        log.info("compile cache: %s", cache_dir)
     model = ckpt.model
     rows = encode(tok, prompts, a.max_new_tokens, model.cfg.max_seq_len)
     log.info("%s (%s, %.2fM parameters) on %s, kernels %s", ckpt.path, ckpt.cfg.model.preset,

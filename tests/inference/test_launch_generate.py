@@ -3,6 +3,7 @@
 error with exit status 2 for each kind of bad input."""
 
 import json
+import os
 import re
 import shutil
 
@@ -181,3 +182,23 @@ def test_the_first_decode_step_is_timed_apart_from_the_decode_rate(caplog):
     assert "first decode step 30.000 s (compile and capture of the CUDA graph included)" in caplog.text
     one = stats(a, ckpt, ["p"], rows[:1], new[:1], [""], t0, times[:1])  # one new token: no decode step
     assert one["first_decode_step_s"] is None and one["decode_tokens_per_s"] is None
+
+
+@pytest.mark.parametrize("how", ["flag", "run_config", "none"])
+def test_compile_cache_dir_holds_the_kernels_and_autotuning_choices(how, trained_run, tmp_path, monkeypatch):
+    """--compile-cache-dir, else the run's train.compile_cache_dir, points Inductor's and Triton's
+    caches (and Triton's autotuning cache) at one directory; with neither they stay where they were."""
+    keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING")
+    for k in keys:  # restored after the test, whatever main sets
+        monkeypatch.setenv(k, "before")
+    cache = tmp_path / "cache"
+    extra = {"flag": ["--compile-cache-dir", str(cache)], "run_config": [f"--train.compile_cache_dir={cache}"],
+             "none": []}[how]
+    assert main(["--checkpoint", str(trained_run), "--prompt", "def ", "--max-new-tokens", "2", *extra],
+                out=Recorder([])) == 0
+    if how == "none":
+        assert [os.environ[k] for k in keys] == ["before"] * 3 and not cache.exists()
+    else:
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache.resolve() / "inductor")
+        assert os.environ["TRITON_CACHE_DIR"] == str(cache.resolve() / "triton")
+        assert os.environ["TRITON_CACHE_AUTOTUNING"] == "1" and (cache / "inductor").is_dir()
