@@ -10,6 +10,8 @@ Layout under `<run>/checkpoints/`:
         model.pt                  the model's weights, consolidated (for eval / generate / pruning)
         config.yaml               the resolved run config
         meta.json                 step, tokens, world size, tokenizer, every file with its size and sha256
+        tokenizer.model           the run's tokenizer (tokenizer.json for a Hugging Face one): a
+                                  checkpoint moved away from its shards still reads its own text
 
 A save is written into `.tmp-step_XXXXXXXX/` and renamed into place only after every rank
 has written and every file is flushed to disk, so a crash during a save never damages the
@@ -483,10 +485,10 @@ class CheckpointManager:
         return self.root / f"step_{step:08d}"
 
     def save(self, engine, step: int, trainer_state: dict, config_yaml: str, meta: dict,
-             model_state: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
+             model_state: dict | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:
         """Collective: every rank calls it. `model_state` (rank 0's consolidated weights) goes
         to model.pt, the portable file that evaluation, generation and pruning read;
-        `extra_files` (rank 0: name -> text) go into the checkpoint beside it.
+        `extra_files` (rank 0: name -> text or bytes) go into the checkpoint beside it.
         Returns the checkpoint directory (there once `wait()` returns, for an asynchronous save)."""
         self.last_save_parts, self.last_save_buffers = {}, {}
         lap = _Laps(self.last_save_parts)
@@ -658,17 +660,16 @@ class CheckpointManager:
             return {}
         return {"prepared_alloc_s": self._prepared_alloc_s}
 
-    def _finalize(self, tmp: Path, final: Path, step: int, texts: dict[str, str], meta: dict) -> None:
-        """Rank 0, once every rank's files and records are in `tmp`: the text files (config,
-        pruning plan), meta.json with every file's size and sha256, flush, rename into place,
+    def _finalize(self, tmp: Path, final: Path, step: int, texts: dict[str, str | bytes], meta: dict) -> None:
+        """Rank 0, once every rank's files and records are in `tmp`: the small files (config,
+        pruning plan, tokenizer), meta.json with every file's size and sha256, flush, rename into place,
         drop old checkpoints."""
         recorded: dict[str, dict] = {}
         for r in range(self.world_size):
             marker = tmp / _records_name(r)
             recorded.update(json.loads(marker.read_text()))
             marker.unlink()
-        for name, text in texts.items():
-            (tmp / name).write_text(text)
+        _write_extra_files(tmp, texts)
         meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(),
                 "files": file_records(tmp, recorded)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -835,17 +836,25 @@ def damaged_files(path: str | Path, names: list[str] | None = None, share: tuple
     return problems
 
 
+def _write_extra_files(root: Path, files: dict[str, str | bytes]) -> None:
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            (root / name).write_bytes(content)
+        else:
+            (root / name).write_text(content)
+
+
 def write_model_checkpoint(out: str | Path, model_state: dict, config_yaml: str,
-                           meta: dict | Callable[[Path], dict], extra_files: dict[str, str] | None = None) -> Path:
-    """A checkpoint of weights only (model.pt, config.yaml, the text files of `extra_files`,
+                           meta: dict | Callable[[Path], dict],
+                           extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """A checkpoint of weights only (model.pt, config.yaml, the files of `extra_files`,
     meta.json listing every file with its size). `meta`: a dict, or a function of the written
     directory that returns it (to record sizes of the files). Returns the directory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records = {MODEL_FILE: save_recorded(model_state, out / MODEL_FILE)}
     (out / CONFIG_FILE).write_text(config_yaml)
-    for name, text in (extra_files or {}).items():
-        (out / name).write_text(text)
+    _write_extra_files(out, extra_files or {})
     meta = meta(out) if callable(meta) else meta
     (out / META_FILE).write_text(json.dumps({**meta, "files": file_records(out, records)}, indent=2))
     return out
@@ -958,16 +967,34 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", kernel
     return LoadedCheckpoint(ckpt, cfg, read_meta(ckpt), model.to(device).eval())
 
 
-def checkpoint_tokenizer(ckpt: LoadedCheckpoint, override: str | Path = ""):
-    """The tokenizer of a checkpoint: `override` (a .model or tokenizer.json), else the one
-    its run trained with (meta.json), else the one its shards' manifest names. It must match the
-    checkpoint: as many ids as the model's vocabulary, and the very tokenizer the run trained
-    with when meta.json records its sha256 (ValueError otherwise: ids would silently mean other
-    text)."""
-    from fusiontree.data.tokenizer import load_tokenizer_file, tokenizer_from_build
+def tokenizer_files(tok) -> tuple[dict[str, bytes], dict]:
+    """What a checkpoint keeps of its run's tokenizer: the file (extra_files) and meta.json's
+    record of it, so that the checkpoint reads its own text wherever it is moved."""
+    return {tok.file_name: tok.data}, {"tokenizer_file": tok.file_name, "tokenizer_kind": tok.kind,
+                                       "tokenizer_special_ids": tok.special_ids}
 
+
+def stored_tokenizer_path(path: Path, meta: dict) -> Path | None:
+    """The tokenizer file saved inside checkpoint `path`, or None (checkpoints saved before they
+    kept one)."""
+    name = meta.get("tokenizer_file")
+    return path / name if name and (path / name).is_file() else None
+
+
+def checkpoint_tokenizer(ckpt: LoadedCheckpoint, override: str | Path = ""):
+    """The tokenizer of a checkpoint: `override` (a .model or tokenizer.json), else the copy the
+    checkpoint keeps, else the file its run trained with (meta.json), else the one its shards'
+    manifest names. It must match the checkpoint: as many ids as the model's vocabulary, and
+    the very tokenizer the run trained with when meta.json records its sha256 (ValueError
+    otherwise: ids would silently mean other text)."""
+    from fusiontree.data.tokenizer import load_tokenizer_file, tokenizer_from_build, tokenizer_from_bytes
+
+    stored = stored_tokenizer_path(ckpt.path, ckpt.meta)
     if override:
         tok = load_tokenizer_file(override)
+    elif stored is not None:
+        tok = tokenizer_from_bytes(ckpt.meta["tokenizer_kind"], stored.read_bytes(), str(stored),
+                                   ckpt.meta.get("tokenizer_special_ids"))
     else:
         path = Path(ckpt.meta.get("tokenizer") or "")
         # The run's tokenizer moved with its shards: the manifest's, checked below like any other.

@@ -76,7 +76,8 @@ def apply_pruning(checkpoint: str | Path, plan: dict | str | Path, out_dir: str 
     pruning_plan.json (the plan applied) and meta.json (sizes before and after). The result
     loads with `fusiontree.checkpoint.load_checkpoint`; it holds no optimizer state, so it
     is for evaluation and inference, not for resuming training. Returns `out_dir`."""
-    from fusiontree.checkpoint import MODEL_FILE, read_meta, resolve_checkpoint, safe_load, write_model_checkpoint
+    from fusiontree.checkpoint import (MODEL_FILE, read_meta, resolve_checkpoint, safe_load, stored_tokenizer_path,
+                                       write_model_checkpoint)
     from fusiontree.config import dump_config, load_config
     from fusiontree.models.flops import count_params
 
@@ -99,10 +100,13 @@ def apply_pruning(checkpoint: str | Path, plan: dict | str | Path, out_dir: str 
         raise ValueError(f"{src / MODEL_FILE} lacks parameters the pruned model needs: {missing[:5]}")
     pruned_state = {k: state[k].clone() for k in keep}  # own storage: the file holds only what is kept
     removed = [f"{int(p['layer'])}:{p['branch']}" for p in plan["prune"]]
-    meta = {k: v for k, v in read_meta(src).items() if k not in ("files", "zero_stage", "world_size")}
+    src_meta = read_meta(src)
+    meta = {k: v for k, v in src_meta.items() if k not in ("files", "zero_stage", "world_size")}
+    tokenizer = stored_tokenizer_path(src, src_meta)  # the copy travels with the weights
+    extra = {tokenizer.name: tokenizer.read_bytes()} if tokenizer is not None else {}
     meta.update({"kind": "pruned", "pruned_from": str(src), "removed": removed,
                  "params_before": count_params(cfg.model), "params_after": count_params(new_model_cfg),
                  "model_bytes_before": (src / MODEL_FILE).stat().st_size})
     return write_model_checkpoint(out, pruned_state, dump_config(new_cfg),
                                   lambda d: {**meta, "model_bytes_after": (d / MODEL_FILE).stat().st_size},
-                                  {"pruning_plan.json": json.dumps(plan, indent=2)})
+                                  {"pruning_plan.json": json.dumps(plan, indent=2), **extra})

@@ -73,12 +73,15 @@ def read_checkpoint(path: str | Path) -> CheckpointWeights:
 
 
 def checkpoint_tokenizer_path(weights: CheckpointWeights, override: str | Path = "") -> Path:
-    """The SentencePiece model the run trained with (meta.json), else its config's or its
-    shards'. The export converts SentencePiece models; a run trained with a Hugging Face
-    tokenizer.json is refused with the reason."""
+    """The SentencePiece model the checkpoint keeps, else the one its run trained with
+    (meta.json), else its config's or its shards'. The export converts SentencePiece models; a
+    run trained with a Hugging Face tokenizer.json is refused with the reason."""
+    from fusiontree.checkpoint import stored_tokenizer_path
+
     data = weights.cfg.data
     candidates = [Path(override)] if override else [
-        Path(p) for p in (weights.meta.get("tokenizer"), data.tokenizer,
+        Path(p) for p in (stored_tokenizer_path(weights.path, weights.meta), weights.meta.get("tokenizer"),
+                          data.tokenizer,
                           str(Path(data.shards_dir) / "tokenizer.model"), str(Path(data.shards_dir) / "tokenizer.json"))
         if p]
     for p in candidates:

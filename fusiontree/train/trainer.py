@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from fusiontree.checkpoint import CONFIG_FILE, CheckpointManager, load_model_weights
+from fusiontree.checkpoint import CONFIG_FILE, CheckpointManager, load_model_weights, tokenizer_files
 from fusiontree.config import RunConfig, check_resume_config, config_to_dict, dump_config, read_yaml
 from fusiontree.data import build_train_loader, build_val_loaders
 from fusiontree.host import cpu_count
@@ -391,16 +391,18 @@ class Trainer:
         cfg, state = self.cfg, self.state
         trainer = {"state": state.to_dict(), "loader": self.train_loader.state_dict(), "rng": rng_state(),
                    "gate_monitor": self.monitor.state_dict()}
+        tok_file, tok_meta = tokenizer_files(self.tokenizer)
         meta = {"tokens_seen": self.train_loader.tokens_seen, "tokenizer": self.tokenizer.name,
-                "tokenizer_sha256": self.tokenizer.sha256, "zero_stage": self.zero_stage, "preset": cfg.model.preset,
-                "engine_layout": self.engine_layout.to_dict()}
-        plan = {"pruning_plan.json": self.monitor.pruning_plan_json()} \
-            if self.di.is_main and any(s.updates for s in self.monitor.layers) else {}
+                "tokenizer_sha256": self.tokenizer.sha256, **tok_meta, "zero_stage": self.zero_stage,
+                "preset": cfg.model.preset, "engine_layout": self.engine_layout.to_dict()}
+        extra = tok_file if self.di.is_main else {}
+        if self.di.is_main and any(s.updates for s in self.monitor.layers):
+            extra["pruning_plan.json"] = self.monitor.pruning_plan_json()
         t0 = time.perf_counter()
         model_state = self.plain_model_state(on_device=self.ckpt.async_save)
         parts = {"model_state": time.perf_counter() - t0}
         path = self.ckpt.save(self.engine, state.step, trainer, dump_config(cfg), meta, model_state,
-                              extra_files=plan)
+                              extra_files=extra)
         parts.update(self.ckpt.last_save_parts)
         self.ctx.metrics.update({f"checkpoint_stall/{k}_s": v for k, v in parts.items()})
         self.ctx.metrics.update({f"checkpoint_buffers/{k}": v for k, v in self.ckpt.last_save_buffers.items()})

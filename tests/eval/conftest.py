@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusiontree.checkpoint import tokenizer_files
 from fusiontree.config import RunConfig, dump_config, load_config
 from fusiontree.models.config import model_preset
 from fusiontree.data.build import BuildArgs, build_shards
@@ -55,7 +56,10 @@ def write_checkpoint(path: Path, shards: Path, seed: int = 0, **model_overrides)
     path.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path / "model.pt")
     (path / "config.yaml").write_text(dump_config(cfg))
-    meta = {"step": 1, "tokenizer": str(shards / "tokenizer.model"), "preset": "debug", "world_size": 1}
-    meta["files"] = {n: (path / n).stat().st_size for n in ("model.pt", "config.yaml")}
+    tok_file, tok_meta = tokenizer_files(load_sentencepiece(shards / "tokenizer.model"))
+    for name, data in tok_file.items():
+        (path / name).write_bytes(data)
+    meta = {"step": 1, "tokenizer": str(shards / "tokenizer.model"), **tok_meta, "preset": "debug", "world_size": 1}
+    meta["files"] = {n: (path / n).stat().st_size for n in ("model.pt", "config.yaml", *tok_file)}
     (path / "meta.json").write_text(json.dumps(meta))
     return path, model

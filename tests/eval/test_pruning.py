@@ -63,7 +63,7 @@ def _forced_off_checkpoint(tmp_path, eval_shards):
 
 def test_apply_pruning_writes_a_smaller_checkpoint_with_the_same_outputs(tmp_path, eval_shards):
     from fusiontree.config import load_config
-    from fusiontree.checkpoint import load_checkpoint
+    from fusiontree.checkpoint import checkpoint_tokenizer, load_checkpoint
     from fusiontree.eval.pruning import apply_pruning
 
     src, model = _forced_off_checkpoint(tmp_path, eval_shards)
@@ -72,6 +72,9 @@ def test_apply_pruning_writes_a_smaller_checkpoint_with_the_same_outputs(tmp_pat
     assert (out / "model.pt").stat().st_size < (src / "model.pt").stat().st_size
     assert load_config(out / "config.yaml").model.pruned == ["0:attention", "1:mamba"]
     pruned = load_checkpoint(out)
+    # The tokenizer the source checkpoint keeps travels with the pruned weights.
+    assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    assert checkpoint_tokenizer(pruned).name == str(out / "tokenizer.model")
     assert pruned.meta["params_after"] == sum(p.numel() for p in pruned.model.parameters()) < \
         pruned.meta["params_before"]
     ids = torch.randint(0, model.cfg.vocab_size, (2, 50), generator=torch.Generator().manual_seed(1))

@@ -2,6 +2,7 @@
 `fusiontree.inference.generate`, streamed as they come, batches from a file, and a one-line
 error with exit status 2 for each kind of bad input."""
 
+import dataclasses
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from fusiontree.checkpoint import load_checkpoint
+from fusiontree.checkpoint import checkpoint_tokenizer, load_checkpoint
 from fusiontree.inference import generate
 from fusiontree.models import HybridLanguageModel
 from launch.generate import main
@@ -202,3 +203,25 @@ def test_compile_cache_dir_holds_the_kernels_and_autotuning_choices(how, trained
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache.resolve() / "inductor")
         assert os.environ["TRITON_CACHE_DIR"] == str(cache.resolve() / "triton")
         assert os.environ["TRITON_CACHE_AUTOTUNING"] == "1" and (cache / "inductor").is_dir()
+
+
+def test_a_checkpoint_keeps_its_tokenizer_and_reads_it_away_from_its_shards(trained_run, shards, tmp_path,
+                                                                            monkeypatch):
+    """The trainer saves the run's tokenizer into each checkpoint (hashed with the other files),
+    and a checkpoint moved away from its shards, read from another directory, still finds it."""
+    ckpt = sorted((trained_run / "checkpoints").glob("step_*"))[-1]
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (ckpt / meta["tokenizer_file"]).read_bytes() == (shards / "tokenizer.model").read_bytes()
+    assert meta["files"][meta["tokenizer_file"]]["sha256"] == meta["tokenizer_sha256"]
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt, moved)
+    ck = load_checkpoint(moved)
+    # As after `make run` read from elsewhere: a relative tokenizer path and no shards in reach.
+    away = dataclasses.replace(ck, cfg=dataclasses.replace(ck.cfg, data=dataclasses.replace(
+        ck.cfg.data, shards_dir=str(tmp_path / "gone"))), meta={**ck.meta, "tokenizer": "data/shards/tokenizer.model"})
+    monkeypatch.chdir(tmp_path)
+    tok = checkpoint_tokenizer(away)
+    assert tok.sha256 == meta["tokenizer_sha256"] and tok.name == str(moved / "tokenizer.model")
+    (moved / "tokenizer.model").unlink()
+    with pytest.raises(ValueError, match="no manifest.json"):  # what such a checkpoint met before
+        checkpoint_tokenizer(away)
