@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fusiontree.checkpoint import tokenizer_files
 from fusiontree.config import dump_config
+from fusiontree.data.tokenizer import load_sentencepiece
 from fusiontree.hf.checkpoints import (check_state_matches, check_tokenizer, checkpoint_tokenizer_path, read_checkpoint,
                                        write_weights_checkpoint)
 from fusiontree.hf.convert import from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict
@@ -191,16 +193,17 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     state = from_hf_state_dict(load_safetensors(src))
     expected = check_state_matches(state, model_cfg, f"{src} (config.json)")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = ""
+    tokenizer, tok_meta = "", {}
     if (src / "tokenizer.model").is_file():
         shutil.copyfile(src / "tokenizer.model", out / "tokenizer.model")
         tokenizer = str((out / "tokenizer.model").resolve())
+        tok_meta = tokenizer_files(load_sentencepiece(out / "tokenizer.model"))[1]  # kept like a run's
     data = dataclasses.replace(run.data, tokenizer=tokenizer) if tokenizer else run.data
     run = dataclasses.replace(run, model=model_cfg, data=data)
     run = config_from_dict(config_to_dict(run))  # validated like any loaded config
     export_meta = json.loads((src / "fusiontree_export.json").read_text()) \
         if (src / "fusiontree_export.json").is_file() else {}
-    meta = {"kind": "imported", "imported_from": str(src.resolve()), "tokenizer": tokenizer,
+    meta = {"kind": "imported", "imported_from": str(src.resolve()), "tokenizer": tokenizer, **tok_meta,
             "preset": model_cfg.preset, "exported_from": export_meta.get("source"),
             "exported_step": export_meta.get("step"), "world_size": 1}
     return write_weights_checkpoint(out, run, {k: state[k] for k in expected}, meta)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 import yaml
 
-from fusiontree.checkpoint import file_record
+from fusiontree.checkpoint import checkpoint_tokenizer, file_record, load_checkpoint
 from fusiontree.config import dump_config, load_config
 from fusiontree.hf.checkpoints import read_checkpoint
 from fusiontree.hf.convert import from_hf_state_dict
@@ -70,6 +71,8 @@ def test_import_gives_back_the_checkpoint_and_training_continues_from_it(trained
     assert back.cfg.model == original.cfg.model
     assert back.cfg.data.shards_dir == original.cfg.data.shards_dir  # the run config came along
     assert (imported / "tokenizer.model").read_bytes() == (hf_shards / "tokenizer.model").read_bytes()
+    moved = shutil.copytree(imported, tmp_path / "moved")  # the checkpoint reads its own copy anywhere
+    assert checkpoint_tokenizer(load_checkpoint(moved)).name == str(moved / "tokenizer.model")
     assert back.meta["kind"] == "imported" and back.meta["exported_step"] == 6
     assert json.loads((imported / "meta.json").read_text())["files"]["model.pt"] == file_record(imported / "model.pt")
 
