@@ -190,15 +190,16 @@ def test_compile_cache_dir_holds_the_kernels_and_autotuning_choices(how, trained
     """--compile-cache-dir, else the run's train.compile_cache_dir, points Inductor's and Triton's
     caches (and Triton's autotuning cache) at one directory; with neither they stay where they were."""
     keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_CACHE_AUTOTUNING")
+    before = str(tmp_path / "before")
     for k in keys:  # restored after the test, whatever main sets
-        monkeypatch.setenv(k, "before")
+        monkeypatch.setenv(k, before)
     cache = tmp_path / "cache"
     extra = {"flag": ["--compile-cache-dir", str(cache)], "run_config": [f"--train.compile_cache_dir={cache}"],
              "none": []}[how]
     assert main(["--checkpoint", str(trained_run), "--prompt", "def ", "--max-new-tokens", "2", *extra],
                 out=Recorder([])) == 0
     if how == "none":
-        assert [os.environ[k] for k in keys] == ["before"] * 3 and not cache.exists()
+        assert [os.environ[k] for k in keys] == [before] * 3 and not cache.exists()
     else:
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache.resolve() / "inductor")
         assert os.environ["TRITON_CACHE_DIR"] == str(cache.resolve() / "triton")
