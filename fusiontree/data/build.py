@@ -377,9 +377,9 @@ def _worker_pool(workers: int, initargs: tuple):
     try:
         yield pool
     finally:
-        # Queued tasks are dropped; running ones finish in the background (an early stop of the
-        # tokenizer sample, or an error).
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Queued tasks are dropped (an early stop of the tokenizer sample, or an error); the few
+        # running ones (one input unit each) end before the next phase starts its own workers.
+        pool.shutdown(wait=True, cancel_futures=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
