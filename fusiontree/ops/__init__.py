@@ -7,7 +7,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 
 | op | backends | `auto` on CUDA | `auto` on CPU |
 | --- | --- | --- | --- |
-| ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels) | mamba_ssm, else reference | reference |
+| ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels and its autograd), `mamba_ssm_saved` (the same kernels; the backward reuses what the forward computed) | mamba_ssm, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
 | conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels) | causal_conv1d, else reference | reference |
 | decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks on CUDA (all_slots where it cannot load) | all_slots |
@@ -88,6 +88,13 @@ def _ssd_mamba_ssm(device: torch.device) -> dict:
     return dict(ssd_chunked=ssd_chunked_mamba, ssd_step=ssd_step_mamba)
 
 
+def _ssd_mamba_ssm_saved(device: torch.device) -> dict:
+    fns = _ssd_mamba_ssm(device)
+    from fusiontree.ops.backends.mamba_kernels import ssd_chunked_mamba_saved
+
+    return dict(fns, ssd_chunked=ssd_chunked_mamba_saved)
+
+
 def _conv1d_reference(device: torch.device) -> dict:
     return dict(conv1d=causal_conv1d_ref, conv1d_step=causal_conv1d_step_ref)
 
@@ -128,7 +135,7 @@ def _decode_filled_blocks(device: torch.device) -> dict:
 
 
 SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
-    "reference": _ssd_reference, "mamba_ssm": _ssd_mamba_ssm}
+    "reference": _ssd_reference, "mamba_ssm": _ssd_mamba_ssm, "mamba_ssm_saved": _ssd_mamba_ssm_saved}
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
 CONV1D_BACKENDS: dict[str, Callable[[torch.device], dict]] = {

@@ -40,6 +40,8 @@ from pathlib import Path
 
 log = logging.getLogger("fusiontree.train")
 
+# SSD backends that run mamba-ssm's autotuned Triton kernels (the same kernels in both)
+MAMBA_SSD_BACKENDS = ("mamba_ssm", "mamba_ssm_saved")
 DOCUMENTS_PER_ROW = 4  # packed rows, as the trainer's: the kernels take their seq_idx path
 WAIT_S = 600.0
 # This process's view, once its first SSD call has waited: autotune_ahead_s (the process's
@@ -60,7 +62,7 @@ def off_reason(cfg, device_type: str) -> str | None:
         return "no train.compile_cache_dir, whose autotuning cache would carry the choices to the trainer"
     if cfg.model.mixer == "attention":
         return "the model has no Mamba branch"
-    if cfg.kernels.ssd not in ("auto", "mamba_ssm") or importlib.util.find_spec("mamba_ssm") is None:
+    if cfg.kernels.ssd not in ("auto", *MAMBA_SSD_BACKENDS) or importlib.util.find_spec("mamba_ssm") is None:
         return "the SSD backend is not mamba-ssm's"
     if cfg.parallel.tensor_parallel > 1:
         return "tensor parallelism splits the mixer's heads, which some autotuning keys hold"
@@ -179,8 +181,8 @@ def run(spec: dict) -> None:
 
     device = torch.device(spec["device"])
     kernels = resolve_kernels(dataclass_from_dict(KernelConfig, spec["kernels"]), device)
-    if kernels.ssd_name != "mamba_ssm":
-        raise RuntimeError(f"the SSD backend resolved to {kernels.ssd_name}, not mamba_ssm: nothing to autotune")
+    if kernels.ssd_name not in MAMBA_SSD_BACKENDS:
+        raise RuntimeError(f"the SSD backend resolved to {kernels.ssd_name}, not mamba-ssm's: nothing to autotune")
     torch.cuda.set_device(device)
     if spec["threads"] > 1:
         parallel_autotune_compile(spec["threads"])

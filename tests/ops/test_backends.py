@@ -16,7 +16,7 @@ from fusiontree.models import HybridLanguageModel
 from fusiontree.models.config import model_preset
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.conv1d import causal_conv1d_ref
-from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda
+from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda, unit_sums_as_views
 from fusiontree.ops.backends.flex import attention_flex, flex_block_masks
 from fusiontree.ops.ssd import ssd_chunked_ref
 
@@ -40,9 +40,25 @@ def test_unknown_backend_is_a_value_error_listing_the_choices():
         resolve_kernels(KernelConfig(attention="flash_attn"), "cpu")
 
 
-def test_named_backend_that_cannot_load_raises_with_the_reason():
-    with pytest.raises(RuntimeError, match="kernels.ssd='mamba_ssm' cannot load on cpu: .*CUDA device"):
-        resolve_kernels(KernelConfig(ssd="mamba_ssm"), "cpu")
+@pytest.mark.parametrize("ssd", ["mamba_ssm", "mamba_ssm_saved"])
+def test_named_backend_that_cannot_load_raises_with_the_reason(ssd):
+    with pytest.raises(RuntimeError, match=f"kernels.ssd='{ssd}' cannot load on cpu: .*CUDA device"):
+        resolve_kernels(KernelConfig(ssd=ssd), "cpu")
+
+
+def test_unit_sums_become_views_and_other_sums_run_unchanged():
+    """The mode the kept-states SSD backward runs under: a floating sum over one dimension of
+    size 1 returns a view of the same values; every other sum returns what it returns outside."""
+    t = torch.randn(3, 1, 4, 1)
+    ints = torch.ones(2, 1, dtype=torch.int32)
+    with unit_sums_as_views():
+        views = [t.sum(1), t.sum(dim=1), t.sum(-1)]
+        others = [t.sum(0), t.sum(1, keepdim=True), t.sum(dim=(1, 3)), t.sum(), ints.sum(1), torch.sum(t, 2)]
+    for v, d in zip(views, [1, 1, -1]):
+        assert v._base is t and torch.equal(v, t.sum(d))
+    want = [t.sum(0), t.sum(1, keepdim=True), t.sum(dim=(1, 3)), t.sum(), ints.sum(1), torch.sum(t, 2)]
+    for got, w in zip(others, want):
+        assert got._base is None and got.dtype == w.dtype and torch.equal(got, w)
 
 
 def _fake(name, fail_with=None):

@@ -219,14 +219,20 @@ def _check_ssd(backend, inp, with_init, seq_idx=None):
         check(f"grad_{name}", g[name], g_r[name], GRAD_TOL)
 
 
+# mamba-ssm's autograd, and ours around the same kernels (the forward's chunk states kept)
+MAMBA_SSD = ["mamba_ssm", "mamba_ssm_saved"]
+
+
+@pytest.mark.parametrize("backend", MAMBA_SSD)
 @pytest.mark.parametrize("T", [1, 1000])
-def test_ssd_chunked_with_initial_state_matches_reference(T):
-    _check_ssd("mamba_ssm", _ssd_inputs(2, T, seed=T), with_init=True)
+def test_ssd_chunked_with_initial_state_matches_reference(T, backend):
+    _check_ssd(backend, _ssd_inputs(2, T, seed=T), with_init=True)
 
 
-@pytest.mark.parametrize("T,with_init", [(1, False), (63, False), (63, True), (1000, False)])
-def test_mamba_ssm_chunked_matches_reference(T, with_init):
-    _check_ssd("mamba_ssm", _ssd_inputs(2, T, seed=T + 1), with_init)
+@pytest.mark.parametrize("backend", MAMBA_SSD)
+@pytest.mark.parametrize("T,with_init", [(1, False), (63, False), (63, True), (257, True), (1000, False)])
+def test_mamba_ssm_chunked_matches_reference(T, with_init, backend):
+    _check_ssd(backend, _ssd_inputs(2, T, seed=T + 1), with_init)
 
 
 def _packed_seq_idx(T):
@@ -237,9 +243,79 @@ def _packed_seq_idx(T):
     return torch.stack([row0, row1]).to(DEV, torch.int32)
 
 
-def test_ssd_packed_documents_with_initial_state_match_reference():
+@pytest.mark.parametrize("backend", MAMBA_SSD)
+def test_ssd_packed_documents_with_initial_state_match_reference(backend):
     T = 1000
-    _check_ssd("mamba_ssm", _ssd_inputs(2, T, seed=5), with_init=True, seq_idx=_packed_seq_idx(T))
+    _check_ssd(backend, _ssd_inputs(2, T, seed=5), with_init=True, seq_idx=_packed_seq_idx(T))
+
+
+@pytest.mark.parametrize("use_final", [True, False])
+@pytest.mark.parametrize("T", [300, 4096])
+def test_ssd_saved_backward_matches_mamba_ssm_own(T, use_final):
+    """The kept-states backward against mamba-ssm's own autograd on the same bf16 inputs (packed
+    documents, initial state): the forward is the same kernels in the same order, so y and the
+    final state are equal; the gradients differ only by the decay gradient's bf16 states. With
+    the final state unused its gradient is None, not zeros, and the result must not change."""
+    inp = _ssd_inputs(2, T, seed=T + 3)
+    seq = _packed_seq_idx(T) if T >= 1000 else None
+    if not use_final:
+        inp["gf"] = torch.zeros_like(inp["gf"])
+    runs = []
+    for backend in MAMBA_SSD:
+        names = ["x", "dt", "A", "B", "C", "D", "h0"]
+        leaves = {n: inp[n].detach().clone().requires_grad_() for n in names}
+        y, final = _kernels(ssd=backend).ssd_chunked(
+            leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], leaves["D"], chunk_size=CHUNK,
+            initial_state_BHPN=leaves["h0"], seq_idx_BT=seq)
+        loss = (y.float() * inp["gy"]).sum() + ((final * inp["gf"]).sum() if use_final else 0)
+        runs.append((y, final, torch.autograd.grad(loss, [leaves[n] for n in names])))
+    (y0, f0, g0), (y1, f1, g1) = runs
+    assert torch.equal(y0, y1) and torch.equal(f0, f1)
+    for name, a, b in zip(["x", "dt", "A", "B", "C", "D", "h0"], g1, g0):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        check(f"grad_{name}", a, b, (5e-3, 5e-2))
+
+
+def test_ssd_saved_forward_and_backward_replay_in_a_cuda_graph():
+    """Captured once (forward, backward into fixed gradient buffers), replayed on new inputs
+    copied into the captured ones: the replay's outputs and gradients equal an eager run's."""
+    ssd = _kernels(ssd="mamba_ssm_saved").ssd_chunked
+    T, names = 1000, ["x", "dt", "A", "B", "C", "D", "h0"]
+    inp = _ssd_inputs(2, T, seed=31)
+    seq = _packed_seq_idx(T)
+    static = {n: inp[n].detach().clone().requires_grad_() for n in names}
+
+    def step():
+        for t in static.values():
+            t.grad = None
+        y, final = ssd(static["x"], static["dt"], static["A"], static["B"], static["C"], static["D"],
+                       chunk_size=CHUNK, initial_state_BHPN=static["h0"], seq_idx_BT=seq)
+        ((y.float() * inp["gy"]).sum() + (final * inp["gf"]).sum()).backward()
+        return y, final
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up (autotuning) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for t in static.values():
+        t.grad = None
+    with torch.cuda.graph(graph):
+        y_g, f_g = step()
+    grads_g = [static[n].grad for n in names]
+    new = _ssd_inputs(2, T, seed=32)
+    with torch.no_grad():
+        for n in names:
+            static[n].copy_(new[n])
+    graph.replay()
+    eager = {n: new[n].detach().clone().requires_grad_() for n in names}
+    y_e, f_e = ssd(eager["x"], eager["dt"], eager["A"], eager["B"], eager["C"], eager["D"], chunk_size=CHUNK,
+                   initial_state_BHPN=eager["h0"], seq_idx_BT=seq)
+    ((y_e.float() * inp["gy"]).sum() + (f_e * inp["gf"]).sum()).backward()
+    assert torch.equal(y_g, y_e) and torch.equal(f_g, f_e)
+    for n, g in zip(names, grads_g):
+        check(f"graphed_grad_{n}", g, eager[n].grad, (1e-4, 1e-3))  # atomics: summation order
 
 
 AUTOTUNE_IN_PARALLEL = """

@@ -147,7 +147,7 @@ def test_a_failed_process_is_reported_and_the_first_kernel_call_goes_on(tmp_path
     with caplog.at_level(logging.WARNING, logger="fusiontree.train"):
         common.run_before_first_kernel_call()
     assert not common._before_first_call and proc.returncode == 1
-    assert "resolved to reference, not mamba_ssm" in caplog.text and str(log_file) in caplog.text
+    assert "resolved to reference, not mamba-ssm's" in caplog.text and str(log_file) in caplog.text
     assert "Traceback" in log_file.read_text()
 
 

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from fusiontree.ops.masks import document_starts
 
@@ -108,3 +109,17 @@ def canonical_seq_idx(seq_idx_BT: Tensor) -> Tensor:
     on the relabelled ids, also for rows that start at an id other than 0 or reuse an id.
     Computed on the device, without a host sync."""
     return torch.cumsum(document_starts(seq_idx_BT, first=False), dim=1, dtype=torch.int32).contiguous()
+
+
+class unit_sums_as_views(TorchFunctionMode):
+    """While active, `t.sum(d)` / `t.sum(dim=d)` over one dimension of size 1 of a floating
+    tensor returns `t.squeeze(d)`: the same values (a sum of one term), as a view instead of a
+    new tensor. Every other call runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.sum and len(args) + len(kwargs) == 2:
+            t, dim = args[0], args[1] if len(args) == 2 else kwargs.get("dim")
+            if isinstance(dim, int) and t.is_floating_point() and t.shape[dim] == 1:
+                return t.squeeze(dim)
+        return func(*args, **kwargs)

@@ -10,6 +10,22 @@ Legend: B batch, T time, H heads, P head dim, G groups, N state size.
   chunks, and the initial state's gradient, to x's dtype; the final state stays fp32.
 - `selective_state_update` (decode): updates the fp32 state in place; it has no backward.
 
+Backend `mamba_ssm_saved` (`ssd_chunked_mamba_saved`) runs the same Triton kernels under the
+same contract, ordered by our own forward and backward:
+
+- The forward keeps what its backward needs: the per-chunk cumulative decays and the processed
+  dt (fp32), the states entering each chunk (x's dtype, as the forward's output used them) and
+  the chunks' C·Bᵀ products (fp32). mamba-ssm's own backward recomputes all four (four kernel
+  launches and a copy of dt); here the backward starts from them. Memory: per layer the fp32
+  C·Bᵀ is B·(T/chunk)·G·chunk² values (a `small` layer at 8 x 4096: 268 MB), plus the states
+  at half of x's size; the output, which mamba-ssm keeps, is not kept.
+- In the backward, mamba-ssm's per-group gradient buffers carry a "split" dimension that is
+  summed away; at training sizes it has one entry, and the sum is a full fp32 copy (three per
+  layer: dB, dC, d(C·Bᵀ)). `unit_sums_as_views` returns the view without that dimension: the
+  same values, no copy.
+- The backward's numbers differ from mamba-ssm's only in one place: the decay gradient at chunk
+  ends reads the kept states in x's dtype, where mamba-ssm's recomputes them in fp32.
+
 The conv1d of the Mamba mixer is an op of its own (`kernels.conv1d`: causal-conv1d's kernels or
 the PyTorch reference), whichever SSD backend runs.
 """
@@ -18,10 +34,17 @@ from __future__ import annotations
 
 import torch
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+from mamba_ssm.ops.triton.ssd_bmm import _bmm_chunk_bwd, _bmm_chunk_fwd
+from mamba_ssm.ops.triton.ssd_chunk_scan import (_chunk_scan_bwd_dC, _chunk_scan_bwd_dcb, _chunk_scan_bwd_ddAcs_stable,
+                                                 _chunk_scan_bwd_dstates, _chunk_scan_fwd)
+from mamba_ssm.ops.triton.ssd_chunk_state import (_chunk_cumsum_bwd, _chunk_cumsum_fwd, _chunk_state_bwd_db,
+                                                  _chunk_state_fwd)
+from mamba_ssm.ops.triton.ssd_combined import _chunk_scan_chunk_state_bwd_dx, mamba_chunk_scan_combined
+from mamba_ssm.ops.triton.ssd_state_passing import _state_passing_bwd, _state_passing_fwd
 from torch import Tensor
 
-from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda, run_before_first_kernel_call
+from fusiontree.ops.backends.common import (canonical_seq_idx, require_cuda, run_before_first_kernel_call,
+                                           unit_sums_as_views)
 
 
 def _require_cuda(**tensors: Tensor | None) -> None:
@@ -51,6 +74,83 @@ def ssd_chunked_mamba(
         x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size, D=D_H,
         initial_states=initial_state_BHPN, seq_idx=seq, return_final_states=True)
     return y_BTHP, final_BHPN
+
+
+def _kernel_layout(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _SSDSavedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx):
+        x, B, C = _kernel_layout(x), _kernel_layout(B), _kernel_layout(C)
+        dA_cs, dt_c = _chunk_cumsum_fwd(dt, A, chunk_size)  # [B, H, chunks, chunk] fp32 each
+        chunk_states = _chunk_state_fwd(B, x, dt_c, dA_cs, seq_idx=seq_idx, states_in_fp32=True)
+        Bsz, H, P, N = x.shape[0], x.shape[2], x.shape[3], B.shape[3]
+        init = None if initial_state is None else initial_state.reshape(Bsz, H, P * N)
+        # states[:, c]: the state entering chunk c, in x's dtype; final: after the last chunk, fp32
+        states, final = _state_passing_fwd(chunk_states.flatten(-2), dA_cs[:, :, :, -1], initial_states=init,
+                                           seq_idx=seq_idx, chunk_size=chunk_size, out_dtype=C.dtype)
+        CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        y, _ = _chunk_scan_fwd(CB, x, dt_c, dA_cs, C, states.unflatten(-1, (P, N)), D=D, seq_idx=seq_idx)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, seq_idx, dt_c, dA_cs, states, CB)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)  # an unused final state's gradient stays None: no zeros read
+        return y, final.unflatten(-1, (P, N))
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, initial_state, seq_idx, dt_c, dA_cs, states, CB = ctx.saved_tensors
+        dy = torch.zeros_like(x) if dy is None else _kernel_layout(dy)
+        G, N = B.shape[2], B.shape[3]
+        with unit_sums_as_views():
+            # gradient of the state entering each chunk, from the outputs of that chunk alone
+            dstates = _chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=torch.float32)
+            # ... carried back through the chunks (and to the initial state); the decay gradient
+            # at each chunk's end
+            dstates, ddA_ends, dinit, states = _state_passing_bwd(
+                states, dA_cs[:, :, :, -1], dstates.flatten(-2),
+                dfinal_states=None if dfinal is None else dfinal.flatten(-2), seq_idx=seq_idx,
+                has_initial_states=initial_state is not None, dstates_dtype=x.dtype, states_dtype=x.dtype,
+                chunk_size=ctx.chunk_size)
+            dstates, states = dstates.unflatten(-1, (-1, N)), states.unflatten(-1, (-1, N))
+            dx, ddt_c, dD = _chunk_scan_chunk_state_bwd_dx(x, dt_c, dA_cs, B, CB, dy, dstates, D=D, seq_idx=seq_idx)
+            dB_states, ddA_from_B = _chunk_state_bwd_db(x, dt_c, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=G)
+            dC_states, ddA_from_C = _chunk_scan_bwd_dC(states, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=G)
+            dCB = _chunk_scan_bwd_dcb(x, dt_c, dA_cs, dy, seq_idx=seq_idx, ngroups=G)
+            dB, dC = torch.empty_like(B), torch.empty_like(C)
+            _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
+            _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
+            # d(cumulative decay): the C-side terms summed from the chunk's end backwards, the
+            # B-side and in-chunk terms as they are
+            ddA_from_C[..., -1] += ddA_ends
+            ddA = ddA_from_C.flip(-1).cumsum(-1).flip(-1)
+            ddA += _chunk_scan_bwd_ddAcs_stable(x, dt_c, dA_cs, dy, CB)
+            ddA += ddA_from_B
+            ddt, dA, _ = _chunk_cumsum_bwd(ddA, ddt_c, dt, A, ddt=torch.empty_like(dt))
+        dinit = None if dinit is None else dinit.unflatten(-1, (-1, N))
+        return dx, ddt, dA, dB, dC, dD, None, dinit, None
+
+
+@torch.compiler.disable
+def ssd_chunked_mamba_saved(
+    x_BTHP: Tensor,
+    dt_BTH: Tensor,
+    A_H: Tensor,
+    B_BTGN: Tensor,
+    C_BTGN: Tensor,
+    D_H: Tensor | None = None,
+    chunk_size: int = 64,
+    initial_state_BHPN: Tensor | None = None,
+    seq_idx_BT: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`ssd_chunked_mamba` with the backward starting from what the forward kept (module
+    docstring). Returns (y_BTHP in x's dtype, final_state_BHPN fp32)."""
+    _require_cuda(x=x_BTHP, dt=dt_BTH, A=A_H, B=B_BTGN, C=C_BTGN, D=D_H,
+                  initial_state=initial_state_BHPN, seq_idx=seq_idx_BT)
+    run_before_first_kernel_call()
+    seq = None if seq_idx_BT is None else canonical_seq_idx(seq_idx_BT)
+    return _SSDSavedFn.apply(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D_H, chunk_size, initial_state_BHPN, seq)
 
 
 _zero_bias: dict[tuple, Tensor] = {}
