@@ -90,16 +90,13 @@ class Mamba2Mixer(nn.Module):
             xBC, self.conv_weight, self.conv_bias,
             initial_state_BCK=None if state is None else state.conv_BCW,
             seq_idx_BT=info.seq_idx, activation="silu")
-        x, Bm, Cm = self._split_xbc(xBC)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         if mask is not None:
             dt = dt * mask[..., None]
-        y, ssm_final = self.kernels.ssd_chunked(
-            rearrange(x, "b t (h p) -> b t h p", p=self.head_dim), dt, -torch.exp(self.A_log.float()),
-            rearrange(Bm, "b t (g n) -> b t g n", g=self.n_groups),
-            rearrange(Cm, "b t (g n) -> b t g n", g=self.n_groups),
-            self.D, chunk_size=self.chunk_size,
-            initial_state_BHPN=None if state is None else state.ssm_BHPN, seq_idx_BT=info.seq_idx)
+        y, ssm_final = self.kernels.ssd_chunked_packed(
+            xBC, dt, -torch.exp(self.A_log.float()), self.D, head_dim=self.head_dim, groups=self.n_groups,
+            chunk_size=self.chunk_size, initial_state_BHPN=None if state is None else state.ssm_BHPN,
+            seq_idx_BT=info.seq_idx)
         if state is not None:
             state.conv_BCW.copy_(conv_final)
             state.ssm_BHPN.copy_(ssm_final)

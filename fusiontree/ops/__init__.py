@@ -35,7 +35,7 @@ import torch
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.backends.common import compile_once, raise_recompile_limit
 from fusiontree.ops.conv1d import causal_conv1d_ref, causal_conv1d_step_ref
-from fusiontree.ops.ssd import ssd_chunked_ref, ssd_step_ref
+from fusiontree.ops.ssd import split_xbc, ssd_chunked_ref, ssd_step_ref
 
 __all__ = ["Kernels", "resolve_kernels", "reference_kernels", "compile_once", "raise_recompile_limit"]
 
@@ -59,6 +59,21 @@ class Kernels:
     decode_attention: Callable | None = None
     decode_attention_name: str = "all_slots"
     conv1d_name: str = "reference"
+    # `ssd_chunked` taking x, B and C packed in one tensor (its gradient comes back in one
+    # buffer), or None: `ssd_chunked_packed` passes views to `ssd_chunked`.
+    ssd_chunked_xbc: Callable | None = None
+
+    def ssd_chunked_packed(self, xBC_BTW, dt_BTH, A_H, D_H, *, head_dim: int, groups: int, chunk_size: int,
+                           initial_state_BHPN=None, seq_idx_BT=None):
+        """`ssd_chunked` on x, B and C packed along the last dim ([x (H·P) | B (G·N) | C (G·N)],
+        `split_xbc`). Returns (y_BTHP, final_state_BHPN fp32)."""
+        if self.ssd_chunked_xbc is not None:
+            return self.ssd_chunked_xbc(xBC_BTW, dt_BTH, A_H, D_H, head_dim=head_dim, groups=groups,
+                                        chunk_size=chunk_size, initial_state_BHPN=initial_state_BHPN,
+                                        seq_idx_BT=seq_idx_BT)
+        x, B, C = split_xbc(xBC_BTW, dt_BTH.shape[-1], head_dim, groups)
+        return self.ssd_chunked(x, dt_BTH, A_H, B, C, D_H, chunk_size=chunk_size,
+                                initial_state_BHPN=initial_state_BHPN, seq_idx_BT=seq_idx_BT)
 
     def describe(self) -> str:
         # The default decode path is the attention backend itself: named only when it is not.
@@ -90,9 +105,9 @@ def _ssd_mamba_ssm(device: torch.device) -> dict:
 
 def _ssd_mamba_ssm_saved(device: torch.device) -> dict:
     fns = _ssd_mamba_ssm(device)
-    from fusiontree.ops.backends.mamba_kernels import ssd_chunked_mamba_saved
+    from fusiontree.ops.backends.mamba_kernels import ssd_chunked_mamba_saved, ssd_chunked_mamba_saved_xbc
 
-    return dict(fns, ssd_chunked=ssd_chunked_mamba_saved)
+    return dict(fns, ssd_chunked=ssd_chunked_mamba_saved, ssd_chunked_xbc=ssd_chunked_mamba_saved_xbc)
 
 
 def _conv1d_reference(device: torch.device) -> dict:

@@ -34,6 +34,16 @@ def seq_idx_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(ids, lengths.to(torch.long))[None]
 
 
+def split_xbc(xBC_BTW: Tensor, heads: int, head_dim: int, groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x, B and C packed along the last dim, [x (H·P) | B (G·N) | C (G·N)] (as the Mamba mixer's
+    conv leaves them) -> views x_BTHP, B_BTGN, C_BTGN."""
+    inner = heads * head_dim
+    GN = (xBC_BTW.shape[-1] - inner) // 2
+    x, B, C = torch.split(xBC_BTW, [inner, GN, GN], dim=-1)
+    return (rearrange(x, "b t (h p) -> b t h p", p=head_dim), rearrange(B, "b t (g n) -> b t g n", g=groups),
+            rearrange(C, "b t (g n) -> b t g n", g=groups))
+
+
 def _segsum(a: Tensor) -> Tensor:
     """a [..., Q] -> S [..., Q, Q] with S[i, j] = sum(a[j+1 .. i]) for i >= j, -inf above the
     diagonal. Built with a masked cumsum (no differences of cumsums), so a -inf entry (a

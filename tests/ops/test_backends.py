@@ -46,6 +46,28 @@ def test_named_backend_that_cannot_load_raises_with_the_reason(ssd):
         resolve_kernels(KernelConfig(ssd=ssd), "cpu")
 
 
+def test_packed_ssd_entry_passes_views_or_the_packed_tensor():
+    """`Kernels.ssd_chunked_packed`: with the reference, the same result as `ssd_chunked` on the
+    split views (outputs and the packed input's gradient); a backend with a packed entry of its
+    own gets the packed tensor itself."""
+    H, P, G, N, T = 3, 4, 1, 5, 11
+    xBC = torch.randn(2, T, H * P + 2 * G * N, requires_grad=True)
+    dt, A, D = torch.rand(2, T, H) * 0.2, -torch.rand(H) - 0.1, torch.randn(H)
+    k = resolve_kernels(KernelConfig(), "cpu")
+    y, final = k.ssd_chunked_packed(xBC, dt, A, D, head_dim=P, groups=G, chunk_size=4)
+    x, B, C = xBC[..., :H * P], xBC[..., H * P:H * P + G * N], xBC[..., H * P + G * N:]
+    y_r, final_r = ssd_chunked_ref(x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)),
+                                   C.unflatten(-1, (G, N)), D, chunk_size=4)
+    assert torch.equal(y, y_r) and torch.equal(final, final_r)
+    g, = torch.autograd.grad(y.square().sum(), xBC)
+    g_r, = torch.autograd.grad(y_r.square().sum(), xBC)
+    assert torch.equal(g, g_r)
+    seen = {}
+    own = dataclasses.replace(k, ssd_chunked_xbc=lambda t, *a, **kw: seen.update(t=t, **kw) or (1, 2))
+    assert own.ssd_chunked_packed(xBC, dt, A, D, head_dim=P, groups=G, chunk_size=4) == (1, 2)
+    assert seen["t"] is xBC and (seen["head_dim"], seen["groups"], seen["chunk_size"]) == (P, G, 4)
+
+
 def test_unit_sums_become_views_and_other_sums_run_unchanged():
     """The mode the kept-states SSD backward runs under: a floating sum over one dimension of
     size 1 returns a view of the same values; every other sum returns what it returns outside."""

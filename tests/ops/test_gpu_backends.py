@@ -276,6 +276,34 @@ def test_ssd_saved_backward_matches_mamba_ssm_own(T, use_final):
         check(f"grad_{name}", a, b, (5e-3, 5e-2))
 
 
+@pytest.mark.parametrize("T", [63, 1000])
+def test_ssd_saved_packed_entry_matches_its_split_entry(T):
+    """x, B and C packed in one tensor (as the mixer's conv leaves them, here with padding
+    channels after C so that the views are strided) against the same backend on three separate
+    tensors: equal outputs, and the packed gradient is the three gradients side by side."""
+    k = _kernels(ssd="mamba_ssm_saved")
+    inp = _ssd_inputs(2, T, seed=T + 40)
+    seq = _packed_seq_idx(T) if T >= 1000 else None
+    parts = [inp["x"].flatten(-2), inp["B"].flatten(-2), inp["C"].flatten(-2)]
+    pad = torch.zeros(2, T, 8, device=DEV, dtype=torch.bfloat16)
+    xBC = torch.cat([*parts, pad], -1)[..., :-8].detach().requires_grad_()
+    rest = {n: inp[n].detach().clone().requires_grad_() for n in ("dt", "A", "D", "h0")}
+    y, final = k.ssd_chunked_packed(xBC, rest["dt"], rest["A"], rest["D"], head_dim=P, groups=G, chunk_size=CHUNK,
+                                    initial_state_BHPN=rest["h0"], seq_idx_BT=seq)
+    loss = (y.float() * inp["gy"]).sum() + (final * inp["gf"]).sum()
+    g_packed = torch.autograd.grad(loss, [xBC, *rest.values()])
+    leaves = {n: inp[n].detach().clone().requires_grad_() for n in ("x", "B", "C", "dt", "A", "D", "h0")}
+    y_s, final_s = k.ssd_chunked(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], leaves["D"],
+                                 chunk_size=CHUNK, initial_state_BHPN=leaves["h0"], seq_idx_BT=seq)
+    loss_s = (y_s.float() * inp["gy"]).sum() + (final_s * inp["gf"]).sum()
+    g_split = dict(zip(leaves, torch.autograd.grad(loss_s, list(leaves.values()))))
+    assert torch.equal(y, y_s) and torch.equal(final, final_s)
+    want_xbc = torch.cat([g_split[n].flatten(-2) for n in ("x", "B", "C")], -1)
+    check("grad_xBC", g_packed[0], want_xbc, (1e-4, 1e-3))  # atomics: summation order
+    for n, g in zip(("dt", "A", "D", "h0"), g_packed[1:]):
+        check(f"grad_{n}", g, g_split[n], (1e-4, 1e-3))
+
+
 def test_ssd_saved_forward_and_backward_replay_in_a_cuda_graph():
     """Captured once (forward, backward into fixed gradient buffers), replayed on new inputs
     copied into the captured ones: the replay's outputs and gradients equal an eager run's."""

@@ -23,6 +23,9 @@ same contract, ordered by our own forward and backward:
   summed away; at training sizes it has one entry, and the sum is a full fp32 copy (three per
   layer: dB, dC, d(C·Bᵀ)). `unit_sums_as_views` returns the view without that dimension: the
   same values, no copy.
+- `ssd_chunked_mamba_saved_xbc` takes x, B and C packed in one tensor, as the mixer's conv
+  leaves them, and the kernels write their three gradients into one buffer of that shape: the
+  concatenation that would otherwise join them before the conv's backward is not needed.
 - The backward's numbers differ from mamba-ssm's only in one place: the decay gradient at chunk
   ends reads the kept states in x's dtype, where mamba-ssm's recomputes them in fp32.
 
@@ -45,10 +48,17 @@ from torch import Tensor
 
 from fusiontree.ops.backends.common import (canonical_seq_idx, require_cuda, run_before_first_kernel_call,
                                            unit_sums_as_views)
+from fusiontree.ops.ssd import split_xbc
 
 
 def _require_cuda(**tensors: Tensor | None) -> None:
     require_cuda("the mamba_ssm SSD backend runs Triton GPU kernels", "kernels.ssd=reference", **tensors)
+
+
+def _check_inputs(x, dt, A, B, C, D, initial_state, seq_idx) -> Tensor | None:
+    _require_cuda(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state, seq_idx=seq_idx)
+    run_before_first_kernel_call()  # a process autotuning these kernels ahead: its choices first
+    return None if seq_idx is None else canonical_seq_idx(seq_idx)
 
 
 # Opaque to an enclosing torch.compile (a model compiled block by block): the Triton kernels
@@ -66,10 +76,7 @@ def ssd_chunked_mamba(
     seq_idx_BT: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns (y_BTHP in x's dtype, final_state_BHPN fp32), like `ssd_chunked_ref`."""
-    _require_cuda(x=x_BTHP, dt=dt_BTH, A=A_H, B=B_BTGN, C=C_BTGN, D=D_H,
-                  initial_state=initial_state_BHPN, seq_idx=seq_idx_BT)
-    run_before_first_kernel_call()  # a process autotuning these kernels ahead: its choices first
-    seq = None if seq_idx_BT is None else canonical_seq_idx(seq_idx_BT)
+    seq = _check_inputs(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D_H, initial_state_BHPN, seq_idx_BT)
     y_BTHP, final_BHPN = mamba_chunk_scan_combined(
         x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, chunk_size, D=D_H,
         initial_states=initial_state_BHPN, seq_idx=seq, return_final_states=True)
@@ -81,8 +88,14 @@ def _kernel_layout(t: Tensor) -> Tensor:
 
 
 class _SSDSavedFn(torch.autograd.Function):
+    """Inputs x, B, C as three tensors, or packed: `xBC` in `x` and None for B and C (the
+    gradient then comes back as one tensor of xBC's shape, written by the kernels in place)."""
+
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, chunk_size, initial_state, seq_idx):
+    def forward(ctx, x, B, C, dt, A, D, chunk_size, head_dim, groups, initial_state, seq_idx):
+        ctx.packed = B is None
+        if ctx.packed:
+            x, B, C = split_xbc(x, dt.shape[-1], head_dim, groups)
         x, B, C = _kernel_layout(x), _kernel_layout(B), _kernel_layout(C)
         dA_cs, dt_c = _chunk_cumsum_fwd(dt, A, chunk_size)  # [B, H, chunks, chunk] fp32 each
         chunk_states = _chunk_state_fwd(B, x, dt_c, dA_cs, seq_idx=seq_idx, states_in_fp32=True)
@@ -103,6 +116,11 @@ class _SSDSavedFn(torch.autograd.Function):
         x, dt, A, B, C, D, initial_state, seq_idx, dt_c, dA_cs, states, CB = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else _kernel_layout(dy)
         G, N = B.shape[2], B.shape[3]
+        if ctx.packed:  # one gradient buffer, the kernels writing its three parts
+            dxBC = x.new_empty(*x.shape[:2], x.shape[2] * x.shape[3] + 2 * G * N)
+            dx, dB, dC = split_xbc(dxBC, x.shape[2], x.shape[3], G)
+        else:
+            dx, dB, dC = torch.empty_like(x), torch.empty_like(B), torch.empty_like(C)
         with unit_sums_as_views():
             # gradient of the state entering each chunk, from the outputs of that chunk alone
             dstates = _chunk_scan_bwd_dstates(C, dA_cs, dy, seq_idx=seq_idx, dtype=torch.float32)
@@ -114,11 +132,11 @@ class _SSDSavedFn(torch.autograd.Function):
                 has_initial_states=initial_state is not None, dstates_dtype=x.dtype, states_dtype=x.dtype,
                 chunk_size=ctx.chunk_size)
             dstates, states = dstates.unflatten(-1, (-1, N)), states.unflatten(-1, (-1, N))
-            dx, ddt_c, dD = _chunk_scan_chunk_state_bwd_dx(x, dt_c, dA_cs, B, CB, dy, dstates, D=D, seq_idx=seq_idx)
+            _, ddt_c, dD = _chunk_scan_chunk_state_bwd_dx(x, dt_c, dA_cs, B, CB, dy, dstates, D=D, seq_idx=seq_idx,
+                                                          dx=dx)
             dB_states, ddA_from_B = _chunk_state_bwd_db(x, dt_c, dA_cs, dstates, seq_idx=seq_idx, B=B, ngroups=G)
             dC_states, ddA_from_C = _chunk_scan_bwd_dC(states, dA_cs, dy, seq_idx=seq_idx, C=C, ngroups=G)
             dCB = _chunk_scan_bwd_dcb(x, dt_c, dA_cs, dy, seq_idx=seq_idx, ngroups=G)
-            dB, dC = torch.empty_like(B), torch.empty_like(C)
             _bmm_chunk_bwd(C, dCB, residual=dB_states, out=dB)
             _bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC_states, out=dC)
             # d(cumulative decay): the C-side terms summed from the chunk's end backwards, the
@@ -129,7 +147,8 @@ class _SSDSavedFn(torch.autograd.Function):
             ddA += ddA_from_B
             ddt, dA, _ = _chunk_cumsum_bwd(ddA, ddt_c, dt, A, ddt=torch.empty_like(dt))
         dinit = None if dinit is None else dinit.unflatten(-1, (-1, N))
-        return dx, ddt, dA, dB, dC, dD, None, dinit, None
+        grads_xbc = (dxBC, None, None) if ctx.packed else (dx, dB, dC)
+        return *grads_xbc, ddt, dA, dD, None, None, None, dinit, None
 
 
 @torch.compiler.disable
@@ -146,11 +165,29 @@ def ssd_chunked_mamba_saved(
 ) -> tuple[Tensor, Tensor]:
     """`ssd_chunked_mamba` with the backward starting from what the forward kept (module
     docstring). Returns (y_BTHP in x's dtype, final_state_BHPN fp32)."""
-    _require_cuda(x=x_BTHP, dt=dt_BTH, A=A_H, B=B_BTGN, C=C_BTGN, D=D_H,
-                  initial_state=initial_state_BHPN, seq_idx=seq_idx_BT)
-    run_before_first_kernel_call()
-    seq = None if seq_idx_BT is None else canonical_seq_idx(seq_idx_BT)
-    return _SSDSavedFn.apply(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D_H, chunk_size, initial_state_BHPN, seq)
+    seq = _check_inputs(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, D_H, initial_state_BHPN, seq_idx_BT)
+    return _SSDSavedFn.apply(x_BTHP, B_BTGN, C_BTGN, dt_BTH, A_H, D_H, chunk_size, None, None,
+                             initial_state_BHPN, seq)
+
+
+@torch.compiler.disable
+def ssd_chunked_mamba_saved_xbc(
+    xBC_BTW: Tensor,
+    dt_BTH: Tensor,
+    A_H: Tensor,
+    D_H: Tensor | None,
+    *,
+    head_dim: int,
+    groups: int,
+    chunk_size: int,
+    initial_state_BHPN: Tensor | None = None,
+    seq_idx_BT: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`ssd_chunked_mamba_saved` on x, B and C packed in one tensor (`split_xbc`); the gradient
+    of `xBC_BTW` comes back as one tensor, with no concatenation of three."""
+    seq = _check_inputs(xBC_BTW, dt_BTH, A_H, None, None, D_H, initial_state_BHPN, seq_idx_BT)
+    return _SSDSavedFn.apply(xBC_BTW, None, None, dt_BTH, A_H, D_H, chunk_size, head_dim, groups,
+                             initial_state_BHPN, seq)
 
 
 _zero_bias: dict[tuple, Tensor] = {}
