@@ -601,10 +601,11 @@ def _model_cfg():
                                ssm_head_dim=64, ssm_state=128, chunk_size=256, mlp_hidden=384)
 
 
-def _models(dtype=torch.float32, seed=0, decode_attention="all_slots", conv1d="causal_conv1d", **cfg_overrides):
-    """The same weights with the GPU backends (mamba_ssm, flex, causal_conv1d unless `conv1d` says
-    otherwise) and with the references."""
-    gpu = _kernels(ssd="mamba_ssm", attention="flex", conv1d=conv1d, decode_attention=decode_attention)
+def _models(dtype=torch.float32, seed=0, decode_attention="all_slots", conv1d="causal_conv1d", ssd="mamba_ssm",
+            **cfg_overrides):
+    """The same weights with the GPU backends (mamba_ssm, flex, causal_conv1d unless `ssd` and
+    `conv1d` say otherwise) and with the references."""
+    gpu = _kernels(ssd=ssd, attention="flex", conv1d=conv1d, decode_attention=decode_attention)
     cfg = dataclasses.replace(_model_cfg(), **cfg_overrides)
     torch.manual_seed(seed)
     model = perturb_(HybridLanguageModel(cfg, gpu), seed)
@@ -679,16 +680,18 @@ def _compare_bf16_training_step(model, twin, seed: int) -> None:
     assert compared > 10
 
 
-def test_model_bf16_training_step_matches_reference_kernels():
+@pytest.mark.parametrize("ssd", MAMBA_SSD)
+def test_model_bf16_training_step_matches_reference_kernels(ssd):
     """bf16: the GPU-backend model against the same model on the reference kernels."""
-    model, twin = _models(dtype=torch.bfloat16, seed=4)
+    model, twin = _models(dtype=torch.bfloat16, seed=4, ssd=ssd)
     _compare_bf16_training_step(model, twin, seed=5)
 
 
-def test_model_compiled_blocks_match_eager_bf16_training_step():
+@pytest.mark.parametrize("ssd", MAMBA_SSD)
+def test_model_compiled_blocks_match_eager_bf16_training_step(ssd):
     """`apply_compile` on the GPU backends (Inductor's Triton kernels around the mamba-ssm and
     FlexAttention calls) against the same model run eagerly."""
-    model, _ = _models(dtype=torch.bfloat16, seed=6)
+    model, _ = _models(dtype=torch.bfloat16, seed=6, ssd=ssd)
     eager = copy.deepcopy(model)
     apply_compile(model)
     _compare_bf16_training_step(model, eager, seed=7)
