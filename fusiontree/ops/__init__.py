@@ -7,7 +7,7 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 
 | op | backends | `auto` on CUDA | `auto` on CPU |
 | --- | --- | --- | --- |
-| ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels and its autograd), `mamba_ssm_saved` (the same kernels; the backward reuses what the forward computed) | mamba_ssm, else reference | reference |
+| ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels and its autograd), `mamba_ssm_saved` (the same kernels; the backward reuses what the forward computed) | mamba_ssm_saved, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
 | conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels) | causal_conv1d, else reference | reference |
 | decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks on CUDA (all_slots where it cannot load) | all_slots |
@@ -165,8 +165,11 @@ DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 # Preference order for `auto`, per device type (names missing from an op's table are skipped;
 # other device types take the CPU order). On CPU only the references (all_slots is the decode
 # attention's): FlexAttention has no CPU backward.
+# `auto` for the SSD on CUDA is mamba_ssm_saved: through launch/train.py on an H200 it trained
+# `small` at 4K 1.058x and `1b` at 32K 1.024x faster than mamba_ssm, for 3.1 and 6.4 GiB more
+# peak memory (BENCHMARKS.md).
 AUTO_ORDER = {"cpu": ["reference", "all_slots"],
-              "cuda": ["mamba_ssm", "flex", "causal_conv1d", "filled_blocks", "reference", "all_slots"]}
+              "cuda": ["mamba_ssm_saved", "mamba_ssm", "flex", "causal_conv1d", "filled_blocks", "reference", "all_slots"]}
 
 
 def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str, dict]:

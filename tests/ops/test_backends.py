@@ -117,8 +117,9 @@ def test_auto_on_cuda_takes_the_first_backend_that_loads_and_logs_the_others(mon
 
 def test_auto_on_cuda_prefers_mamba_ssm_flex_and_causal_conv1d():
     order = ops.AUTO_ORDER["cuda"]
-    for name in ("mamba_ssm", "flex", "causal_conv1d"):
+    for name in ("mamba_ssm_saved", "mamba_ssm", "flex", "causal_conv1d"):
         assert order.index(name) < order.index("reference"), name
+    assert order.index("mamba_ssm_saved") < order.index("mamba_ssm")
 
 
 def test_gpu_backends_name_the_cpu_tensors_and_the_setting_that_runs_on_cpu():

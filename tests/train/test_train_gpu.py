@@ -1,7 +1,7 @@
 """launch/train.py on a GPU: the fast paths of the training step train like the plain one.
 
-Skipped without CUDA. On a CUDA machine the runs require the GPU backends (kernels.ssd=mamba_ssm,
-kernels.attention=flex named explicitly: a missing one fails the run with its reason).
+Skipped without CUDA. On a CUDA machine the runs require the GPU backends (kernels.ssd=mamba_ssm_saved,
+the CUDA default, and kernels.attention=flex named explicitly: a missing one fails the run with its reason).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _config(tmp_path, shards, name, **train):
     path = write_config(tmp_path / f"{name}.yaml", shards, tmp_path / name, steps=8, **train)
     cfg = yaml.safe_load(path.read_text())
     cfg["model"] = MODEL
-    cfg["kernels"] = {"ssd": "mamba_ssm", "attention": "flex"}
+    cfg["kernels"] = {"ssd": "mamba_ssm_saved", "attention": "flex"}
     # two micro-batches per step, and a change of length after step 4 (a new capture)
     cfg["data"].update(global_batch_tokens=2048, micro_batch_tokens=1024,
                        curriculum=[{"seq_len": 256, "until_tokens": 8192}, {"seq_len": 512, "until_tokens": 0}])
