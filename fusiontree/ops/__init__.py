@@ -169,7 +169,8 @@ DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 # `small` at 4K 1.058x and `1b` at 32K 1.024x faster than mamba_ssm, for 3.1 and 6.4 GiB more
 # peak memory (BENCHMARKS.md).
 AUTO_ORDER = {"cpu": ["reference", "all_slots"],
-              "cuda": ["mamba_ssm_saved", "mamba_ssm", "flex", "causal_conv1d", "filled_blocks", "reference", "all_slots"]}
+              "cuda": ["mamba_ssm_saved", "mamba_ssm", "flex", "causal_conv1d", "filled_blocks", "reference",
+                       "all_slots"]}
 
 
 def _pick(kind: str, table: dict, name: str, device: torch.device) -> tuple[str, dict]:
