@@ -91,6 +91,21 @@ def _row(rows: list, **kw) -> None:
 # ------------------------------------------------------------------ SSD
 
 
+def graphed_ms(fn, repeats: int) -> float:
+    """`cuda_ms` of `fn` captured once in a CUDA graph and replayed: the device's time alone,
+    without the host's launch cost (warm-up and autotuning run on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_ms(graph.replay, 2, repeats)
+
+
 def ssd_inputs(T, H=32, P=64, G=1, N=128, seed=0, rows=1):
     g = torch.Generator(device=DEV).manual_seed(seed)
     return dict(
@@ -135,9 +150,12 @@ def bench_ssd(rows: list, args) -> None:
             reps = 3 if name == "reference" else args.repeats
             fwd = cuda_ms(lambda: k.ssd_chunked(*(inp[n] for n in SSD_ARGS), chunk_size=chunk), 2, reps)
             fwd_bwd = cuda_ms(lambda: ssd_fwd_bwd(k.ssd_chunked, inp, chunk=chunk), 2, reps)
+            graphed = {}
+            if args.ssd_cuda_graph and name != "reference":
+                graphed["fwd_bwd_graph_ms"] = graphed_ms(lambda: ssd_fwd_bwd(k.ssd_chunked, inp, chunk=chunk), reps)
             _row(rows, section="ssd", backend=name, case=f"{args.ssd_shape}, G={args.ssd_groups}, chunk {chunk}",
                  L=T, batch=rows_, groups=args.ssd_groups, chunk=chunk, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                 first_call_s=first_s, rel_err=errs, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+                 first_call_s=first_s, rel_err=errs, peak_gib=torch.cuda.max_memory_allocated() / 2**30, **graphed)
         except Exception as e:  # noqa: BLE001 - a failed backend is a result to report, not a crash
             _row(rows, section="ssd", backend=name, error=f"{type(e).__name__}: {e}"[:2000])
         _free()
@@ -359,6 +377,8 @@ def print_table(rows: list) -> None:
         err = max(r["rel_err"].values()) if "rel_err" in r else float("nan")
         fwd = r.get("fwd_ms", r.get("ms"))
         case = r.get("case", r.get("op", f"L={L}")) + (f", W={r['window']}" if r.get("window") else "")
+        if "fwd_bwd_graph_ms" in r:
+            case += f" (fwd+bwd from a CUDA graph: {r['fwd_bwd_graph_ms']:.3f} ms)"
         print(f"| {r['section']} | {case} | {r.get('backend', 'flex')} | "
               f"{fwd:.3f} | {r.get('fwd_bwd_ms', float('nan')):.3f} | {r.get('x_floor', float('nan')):.2f} | "
               f"{err:.1e} |")
@@ -375,6 +395,9 @@ def main() -> None:
     ap.add_argument("--ssd-groups", type=int, default=1, help="ssd section: B/C groups of the 32 heads")
     ap.add_argument("--ssd-chunks", default="256", help="ssd section: comma-separated chunk lengths")
     ap.add_argument("--ssd-backends", default="mamba_ssm,reference", help="ssd section: backends to time")
+    ap.add_argument("--ssd-cuda-graph", action="store_true",
+                    help="ssd section: also time forward + backward replayed from a CUDA graph (fwd_bwd_graph_ms: "
+                         "the device's time alone; eager calls of mamba-ssm's kernels can be bound by the host)")
     ap.add_argument("--conv-backends", default="causal_conv1d,reference",
                     help="conv1d section: backends to time (reference: the PyTorch conv compiled, as in a compiled block)")
     ap.add_argument("--flex-options", default="[]",
