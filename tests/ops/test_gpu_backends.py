@@ -196,15 +196,16 @@ def _ssd_inputs(Bsz, T, seed):
     )
 
 
-def _ssd_run(fn, inp, with_init, seq_idx, to_fp32):
+def _ssd_run(fn, inp, with_init, seq_idx, to_fp32, use_final=True):
     """Forward + backward; returns (y, final state, grads by name). `to_fp32` runs on fp32
-    copies of the bf16 inputs (the reference's ground truth)."""
+    copies of the bf16 inputs (the reference's ground truth); without `use_final` the loss
+    leaves the final state out (its gradient is then None)."""
     names = ["x", "dt", "A", "B", "C", "D"] + (["h0"] if with_init else [])
     leaves = {n: (inp[n].float() if to_fp32 else inp[n]).detach().clone().requires_grad_() for n in names}
     y, final = fn(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], leaves["D"],
                   chunk_size=CHUNK, initial_state_BHPN=leaves.get("h0"), seq_idx_BT=seq_idx)
     assert final.dtype == torch.float32 and y.dtype == leaves["x"].dtype
-    loss = (y.float() * inp["gy"]).sum() + (final * inp["gf"]).sum()
+    loss = (y.float() * inp["gy"]).sum() + ((final * inp["gf"]).sum() if use_final else 0)
     grads = torch.autograd.grad(loss, [leaves[n] for n in names])
     return y, final, dict(zip(names, grads))
 
@@ -258,22 +259,13 @@ def test_ssd_saved_backward_matches_mamba_ssm_own(T, use_final):
     the final state unused its gradient is None, not zeros, and the result must not change."""
     inp = _ssd_inputs(2, T, seed=T + 3)
     seq = _packed_seq_idx(T) if T >= 1000 else None
-    if not use_final:
-        inp["gf"] = torch.zeros_like(inp["gf"])
-    runs = []
-    for backend in MAMBA_SSD:
-        names = ["x", "dt", "A", "B", "C", "D", "h0"]
-        leaves = {n: inp[n].detach().clone().requires_grad_() for n in names}
-        y, final = _kernels(ssd=backend).ssd_chunked(
-            leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], leaves["D"], chunk_size=CHUNK,
-            initial_state_BHPN=leaves["h0"], seq_idx_BT=seq)
-        loss = (y.float() * inp["gy"]).sum() + ((final * inp["gf"]).sum() if use_final else 0)
-        runs.append((y, final, torch.autograd.grad(loss, [leaves[n] for n in names])))
-    (y0, f0, g0), (y1, f1, g1) = runs
+    (y0, f0, g0), (y1, f1, g1) = (_ssd_run(_kernels(ssd=backend).ssd_chunked, inp, True, seq, False, use_final)
+                                  for backend in MAMBA_SSD)
     assert torch.equal(y0, y1) and torch.equal(f0, f1)
-    for name, a, b in zip(["x", "dt", "A", "B", "C", "D", "h0"], g1, g0):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        check(f"grad_{name}", a, b, (5e-3, 5e-2))
+    assert list(g0) == list(g1) == ["x", "dt", "A", "B", "C", "D", "h0"]
+    for name in g0:
+        assert g1[name].dtype == g0[name].dtype and g1[name].shape == g0[name].shape, name
+        check(f"grad_{name}", g1[name], g0[name], (5e-3, 5e-2))
 
 
 @pytest.mark.parametrize("T", [63, 1000])
@@ -292,11 +284,7 @@ def test_ssd_saved_packed_entry_matches_its_split_entry(T):
                                     initial_state_BHPN=rest["h0"], seq_idx_BT=seq)
     loss = (y.float() * inp["gy"]).sum() + (final * inp["gf"]).sum()
     g_packed = torch.autograd.grad(loss, [xBC, *rest.values()])
-    leaves = {n: inp[n].detach().clone().requires_grad_() for n in ("x", "B", "C", "dt", "A", "D", "h0")}
-    y_s, final_s = k.ssd_chunked(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], leaves["D"],
-                                 chunk_size=CHUNK, initial_state_BHPN=leaves["h0"], seq_idx_BT=seq)
-    loss_s = (y_s.float() * inp["gy"]).sum() + (final_s * inp["gf"]).sum()
-    g_split = dict(zip(leaves, torch.autograd.grad(loss_s, list(leaves.values()))))
+    y_s, final_s, g_split = _ssd_run(k.ssd_chunked, inp, True, seq, False)
     assert torch.equal(y, y_s) and torch.equal(final, final_s)
     want_xbc = torch.cat([g_split[n].flatten(-2) for n in ("x", "B", "C")], -1)
     check("grad_xBC", g_packed[0], want_xbc, (1e-4, 1e-3))  # atomics: summation order
