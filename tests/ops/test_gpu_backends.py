@@ -176,6 +176,50 @@ def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph():
         check(f"graphed_grad_{name}", c, r, (1e-3, 1e-2))
 
 
+def test_compiled_causal_conv1d_reads_the_padded_projection_in_place():
+    """As in a compiled Mamba block: Inductor pads the rows of the input projection's output
+    (1100 bf16 channels: a row stride of 1152), and the conv reads its slice of it in place, with
+    no copy before the op. The document ids computed in the graph are 1100 int32 per row, a row
+    length Inductor may pad too; the kernels take them contiguous. Values and gradients as
+    eager. Inductor's caches are off, so the code checked is compiled by this test."""
+    import re
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    k = _kernels(conv1d="causal_conv1d")
+    g = torch.Generator().manual_seed(1)
+    T = 1100
+    u = torch.randn(2, T, 128, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    W = (torch.randn(1100, 128, generator=g) * 0.1).to(DEV, torch.bfloat16).requires_grad_()
+    w = torch.randn(512, 4, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    b = torch.randn(512, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    seq = _packed_seq_idx(T)
+
+    def f(u, W, w, b):
+        z, xBC, rest = torch.split(u @ W.t(), [256, 512, 332], dim=-1)
+        y, _ = k.conv1d(xBC, w, b, seq_idx_BT=seq)
+        return (y.float() ** 2).sum() + (z.float() * rest[..., :256].float()).sum()
+
+    def grads(fn):
+        for t in (u, W, w, b):
+            t.grad = None
+        fn(u, W, w, b).backward()
+        return [t.grad.clone() for t in (u, W, w, b)]
+
+    want = grads(f)
+    with inductor_config.patch(force_disable_caches=True):
+        compiled = torch.compile(f, fullgraph=True, dynamic=False)
+        got, codes = run_and_get_code(lambda: grads(compiled))
+    for name, a, r in zip(("u", "W", "w", "b"), got, want):
+        check(f"compiled_grad_{name}", a, r, (1e-2, 4e-2))
+    forward = next(c for c in codes if "fusiontree.causal_conv1d_fwd.default(" in c)
+    call = next(line for line in forward.splitlines() if "fusiontree.causal_conv1d_fwd.default(" in line)
+    view = re.search(r"causal_conv1d_fwd\.default\(reinterpret_tensor\(buf\d+, \(2, 1100, 512\), \(\d+, (\d+), 1\)", call)
+    assert view, f"the conv's input is not a view of the projection's buffer: {call.strip()}"
+    assert view.group(1) == "1152", f"Inductor did not pad the projection's rows as this test expects: {call.strip()}"
+
+
 # ------------------------------------------------------------------ SSD
 
 H, P, G, N, CHUNK = 4, 64, 2, 128, 256  # the 32K benchmark's head dim, state and chunk

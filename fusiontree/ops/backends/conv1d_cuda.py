@@ -13,6 +13,11 @@ differentiable).
 
 The kernels need C divisible by 8 and strides (batch, time) that are multiples of 8 elements;
 an input whose strides are not is copied to a contiguous tensor first (C % 8 != 0 is an error).
+Both ops take their inputs in whatever layout a compiled graph holds them (`flexible_layout`).
+Under a custom op's default, Inductor hands the op a copy whenever its strides differ from
+eager's, and on CUDA it pads the rows of the input projection's output to 128 bytes (`small`:
+6176 channels at a row stride of 6208), so the conv's slice of it was copied before the forward
+and again before the backward.
 """
 
 from __future__ import annotations
@@ -33,17 +38,27 @@ def _kernel_layout(t_BTC: Tensor) -> Tensor:
     return t_BTC if aligned else t_BTC.contiguous()
 
 
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    # the bias and the document ids, which the kernels read as contiguous (a compiled graph can
+    # hand over ids whose rows it padded)
+    return None if t is None else t.contiguous()
+
+
 def _state_layout(state_BCK: Tensor | None) -> Tensor | None:
     # [B, C, K-1] with channel stride 1, as the kernels read and write states.
     return None if state_BCK is None else state_BCK.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-@torch.library.custom_op("fusiontree::causal_conv1d_fwd", mutates_args=(), device_types="cuda")
+# Both ops read any strides (`_kernel_layout`) and return fresh contiguous tensors.
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
+
+
+@torch.library.custom_op("fusiontree::causal_conv1d_fwd", mutates_args=(), device_types="cuda", tags=_ANY_LAYOUT)
 def _conv_fwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
               initial_state_BCK: Tensor | None, silu: bool) -> Tensor:
     x = _kernel_layout(x_BTC)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    causal_conv1d_cuda.causal_conv1d_fwd(x.transpose(1, 2), weight_CK, bias_C, seq_idx_BT,
+    causal_conv1d_cuda.causal_conv1d_fwd(x.transpose(1, 2), weight_CK, _contiguous(bias_C), _contiguous(seq_idx_BT),
                                          _state_layout(initial_state_BCK), y.transpose(1, 2), None, silu)
     return y
 
@@ -53,7 +68,7 @@ def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, silu):
     return x_BTC.new_empty(x_BTC.shape)
 
 
-@torch.library.custom_op("fusiontree::causal_conv1d_bwd", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("fusiontree::causal_conv1d_bwd", mutates_args=(), device_types="cuda", tags=_ANY_LAYOUT)
 def _conv_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
               initial_state_BCK: Tensor | None, dy_BTC: Tensor, silu: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -66,8 +81,9 @@ def _conv_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_B
     dbias = None if bias_C is None else torch.zeros(C, dtype=torch.float32, device=x.device)
     init = _state_layout(initial_state_BCK)
     dinit = None if init is None else torch.empty_like(init)
-    causal_conv1d_cuda.causal_conv1d_bwd(x.transpose(1, 2), weight_CK, bias_C, dy.transpose(1, 2), seq_idx_BT,
-                                         init, None, dx.transpose(1, 2), dweight, dbias, dinit, silu)
+    causal_conv1d_cuda.causal_conv1d_bwd(x.transpose(1, 2), weight_CK, _contiguous(bias_C), dy.transpose(1, 2),
+                                         _contiguous(seq_idx_BT), init, None, dx.transpose(1, 2), dweight, dbias,
+                                         dinit, silu)
     empty = x.new_empty(0)
     return (dx, dweight.to(weight_CK.dtype), empty if dbias is None else dbias.to(bias_C.dtype),
             empty if dinit is None else dinit.contiguous())
