@@ -131,7 +131,7 @@ def causal_conv1d_cuda_fn(
         bias_C = bias_C.to(weight_CK.dtype)
     init = None if initial_state_BCK is None else initial_state_BCK.to(x_BTC.dtype)
     # The kernels compare ids for equality, like the reference, but give negative ids' tokens a
-    # zero output: shifted to start at 0 (no host sync).
-    seq = None if seq_idx_BT is None else (seq_idx_BT - seq_idx_BT.amin()).to(torch.int32).contiguous()
+    # zero output: shifted to start at 0 (no host sync). The ops make them contiguous.
+    seq = None if seq_idx_BT is None else (seq_idx_BT - seq_idx_BT.amin()).to(torch.int32)
     y = _conv_fwd(x_BTC, weight_CK, bias_C, seq, init, activation == "silu")
     return y, conv1d_final_state(x_BTC, K, initial_state_BCK, seq_idx_BT)
