@@ -82,8 +82,10 @@ class TrainConfig:
     optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
     # Decide a non-finite step's skip on the device (fused AdamW only): the fused kernel skips
     # the update itself, so the optimizer step waits for no host read of the gradients' check;
-    # the trainer learns the outcome with the step's loss. false: the decision is read on the
-    # host before the update (a sync in every optimizer step).
+    # the trainer learns the outcome with the step's loss. Under ZeRO-1 and 2 the fused kernel
+    # also applies train.grad_clip (by DeepSpeed's norm), since DeepSpeed's own clipping reads
+    # the norm on the host. false: the decision is read on the host before the update, and
+    # DeepSpeed clips (a sync in every optimizer step).
     skip_on_device: bool = False
     # auto: bf16 on GPU, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,19 @@ class SkippableAdamW(torch.optim.AdamW):
         self.skip_next = False
         self._skipped: bool | Tensor = False
         self.sync_group = group
+        self.max_grad_norm = 0.0
+        self._grad_norm: Callable[[], Tensor] | None = None
+
+    def clip_on_device(self, grad_norm: Callable[[], Tensor], max_norm: float) -> None:
+        """Clip to `max_norm` inside the fused kernel (skip_on_device only), by the global norm
+        `grad_norm()` returns at each step: the gradients are divided by max(1, (norm + 1e-6) /
+        max_norm), DeepSpeed's clipping arithmetic, with no host read of the norm. A non-finite
+        norm skips the step. The wrapper that computed the norm must not clip as well."""
+        if not self.skip_on_device:
+            raise ValueError("clipping inside the optimizer needs train.skip_on_device=true")
+        if max_norm <= 0:
+            raise ValueError(f"max_norm={max_norm}: clipping inside the optimizer needs a positive bound")
+        self._grad_norm, self.max_grad_norm = grad_norm, float(max_norm)
 
     @property
     def last_step_skipped(self) -> bool:
@@ -108,6 +122,15 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.skip_on_device:
             bad = self._nonfinite()
+            if self._grad_norm is not None:
+                norm = self._grad_norm()
+                if not isinstance(norm, Tensor):
+                    raise RuntimeError(f"the gradient norm for clipping on the device is {norm!r}, not a tensor: "
+                                       "the wrapper computed none this step")
+                norm = norm.detach().float().to(bad.device)
+                # Every parameter group of a step is clipped and skipped by the same global norm.
+                bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
+                self.grad_scale = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)  # divides the gradients
             if self.skip_next:
                 bad = torch.ones_like(bad)
             self.skip_next = False
@@ -117,6 +140,7 @@ class SkippableAdamW(torch.optim.AdamW):
                 return super().step(closure)
             finally:
                 del self.found_inf
+                self.__dict__.pop("grad_scale", None)
         finite = self._grads_finite()
         self._skipped = self.skip_next or not finite
         self.skip_next = False

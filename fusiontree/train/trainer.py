@@ -79,6 +79,11 @@ def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accu
                              "the DeepSpeed JSON (batch sizes come from data.*, clipping from train.grad_clip)")
     ds.pop("train_batch_size", None)
     ds.update(ours)
+    if clips_in_optimizer(cfg, ds.get("zero_optimization", {}).get("stage", 0)):
+        if ds["zero_optimization"].get("compute_grad_norm") is False:
+            raise ValueError(f"{path} sets zero_optimization.compute_grad_norm=false, but train.grad_clip="
+                             f"{cfg.train.grad_clip} clips by DeepSpeed's norm; remove it or set train.grad_clip=0")
+        ds["gradient_clipping"] = 0.0  # the optimizer clips (by DeepSpeed's norm), see clips_in_optimizer
     # The optimizer (SkippableAdamW) decides whether a step's gradients are finite, in every
     # precision and ZeRO stage, with one multi-tensor norm; DeepSpeed's own bf16 check would run
     # six small operations per parameter and a host sync on top of it.
@@ -87,6 +92,25 @@ def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accu
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def clips_in_optimizer(cfg: RunConfig, zero_stage: int) -> bool:
+    """Whether the fused AdamW clips the gradients instead of DeepSpeed: with the skip decision on
+    the device (train.skip_on_device) under ZeRO-1 and 2. DeepSpeed's clipping reads whether
+    the norm is finite on the host, which makes every optimizer step wait for the backward to
+    finish before its kernels are launched; the optimizer divides by the same clip factor inside
+    its kernel instead, from the norm DeepSpeed has just computed (SkippableAdamW.clip_on_device)."""
+    return cfg.train.skip_on_device and cfg.train.grad_clip > 0 and zero_stage in (1, 2)
+
+
+def clip_by_deepspeed_norm(engine, optimizer: SkippableAdamW, max_norm: float) -> None:
+    """Have `optimizer` (the base optimizer of a ZeRO-1/2 `engine` built by a deepspeed_config
+    for which clips_in_optimizer holds) clip by the norm DeepSpeed computes each step."""
+    zero_optimizer = engine.optimizer  # sets _global_grad_norm before it steps the base optimizer
+    if not hasattr(zero_optimizer, "_global_grad_norm"):
+        raise RuntimeError(f"{type(zero_optimizer).__name__} exposes no gradient norm to clip by; set "
+                           "train.skip_on_device=false (DeepSpeed then clips)")
+    optimizer.clip_on_device(lambda: zero_optimizer._global_grad_norm, max_norm)
 
 
 class StopSignal:
@@ -315,6 +339,9 @@ class Trainer:
         param_names = tuple(tuple(names_by_id[id(p)] for p in g["params"]) for g in self.optimizer.param_groups)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
         self.zero_stage = self.engine.zero_optimization_stage()
+        if clips_in_optimizer(cfg, self.zero_stage):
+            clip_by_deepspeed_norm(self.engine, self.optimizer, cfg.train.grad_clip)
+            log.info("gradient clipping to %g: inside the fused AdamW, by DeepSpeed's norm", cfg.train.grad_clip)
         self.params_by_name = {names_by_id[id(p)]: p for p in self.engine.module.parameters()}
         if cfg.train.compile and (bad := misaligned_parameters(self.engine.module)):
             raise RuntimeError(f"compiled blocks need 16-byte aligned parameters, but DeepSpeed placed {len(bad)} "

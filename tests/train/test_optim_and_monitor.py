@@ -181,6 +181,80 @@ def test_bf16_deepspeed_steps_skip_non_finite_gradients_by_the_optimizers_check_
                      for s in (1, 2) * 3 for b in ("nan", "inf", "finite")], res.stdout
 
 
+CLIPS_UNDER_DEEPSPEED = """
+import dataclasses, json, tempfile, deepspeed, torch
+import deepspeed.runtime.zero.stage_1_and_2 as zero12
+from fusiontree.config import RunConfig
+from fusiontree.train.distributed import init_distributed
+from fusiontree.train.optim import SkippableAdamW, param_groups
+from fusiontree.train.trainer import clip_by_deepspeed_norm, clips_in_optimizer, deepspeed_config
+
+host_reads = [0]  # DeepSpeed's host check of the norm, which its clipping calls
+check = zero12.is_invalid_grad_norm
+def counted(norm):
+    host_reads[0] += 1
+    return check(norm)
+zero12.is_invalid_grad_norm = counted
+init_distributed(device="cpu")
+
+def run(stage, bf16, on_device, clip):
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, skip_on_device=on_device, grad_clip=clip,
+                                                             optimizer_impl="fused"))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"zero_optimization": {"stage": stage}}, f)
+    ds = deepspeed_config(f.name, cfg, 2, 2, bf16=bf16)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    # eps=1: the update follows the gradient's size, so the clip factor shows in the weights
+    opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-2, eps=1.0, fused=True, skip_on_device=on_device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    if clips_in_optimizer(cfg, stage):
+        clip_by_deepspeed_norm(engine, opt, clip)
+    host_reads[0] = 0
+    norms, skipped = [], []
+    for step in range(4):
+        ds_skips = engine.skipped_steps  # in fp32 DeepSpeed skips a non-finite step itself
+        for micro in range(2):
+            x = torch.randn(2, 16, dtype=torch.bfloat16 if bf16 else torch.float32) * (1 + 3 * step)
+            loss = engine(x).float().pow(2).sum() * (float("nan") if step == 2 and micro == 1 else 1.0)
+            engine.backward(loss)
+            engine.step()
+        norms.append(float(engine.get_global_grad_norm()))
+        skipped.append(opt.last_step_skipped or engine.skipped_steps > ds_skips)
+    master = torch.cat([p.detach().float().flatten() for p in engine.optimizer.single_partition_of_fp32_groups])
+    return {"ds_clip": ds["gradient_clipping"], "master": master.tolist(), "norms": norms, "skipped": skipped,
+            "host_reads": host_reads[0]}
+
+out = {}
+for stage, bf16 in ((1, True), (2, True), (1, False)):
+    for mode, on_device, clip in (("host", False, 0.5), ("device", True, 0.5), ("unclipped", True, 0.0)):
+        out[f"{stage} {bf16} {mode}"] = run(stage, bf16, on_device, clip)
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_clipping_inside_the_fused_adamw_takes_deepspeeds_clipped_steps_without_a_host_read():
+    """ZeRO-1 and 2 (bf16 and fp32) with the skip decision on the device: DeepSpeed's clipping is
+    off and the fused kernel divides by the same clip factor, from DeepSpeed's norm. The fp32
+    master weights after clipped, skipped (a NaN step) and accumulated steps match DeepSpeed
+    clipping them itself, and in bf16 DeepSpeed's host check of the norm never runs."""
+    res = subprocess.run([sys.executable, "-c", CLIPS_UNDER_DEEPSPEED], env=env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    for case in ("1 True", "2 True", "1 False"):
+        host, device, unclipped = (out[f"{case} {mode}"] for mode in ("host", "device", "unclipped"))
+        assert (host["ds_clip"], device["ds_clip"], unclipped["ds_clip"]) == (0.5, 0.0, 0.0), case
+        # In fp32 DeepSpeed reads the norm once per step for its own overflow decision, clipping aside.
+        assert device["host_reads"] == (0 if case.endswith("True") else 4) < host["host_reads"], case
+        assert host["skipped"] == device["skipped"] == [False, False, True, False], case
+        assert all(n > 0.5 for i, n in enumerate(host["norms"]) if i != 2), (case, host["norms"])  # clipping bites
+        h, d, u = (torch.tensor(r["master"]) for r in (host, device, unclipped))
+        torch.testing.assert_close(d, h, rtol=1e-5, atol=1e-6, msg=case)
+        assert (u - h).abs().max() > 100 * (d - h).abs().max() + 1e-4, case
+
+
 def test_skipping_on_the_device_needs_the_fused_adamw():
     with pytest.raises(ValueError, match="skip_on_device=true needs the fused AdamW"):
         SkippableAdamW([torch.nn.Parameter(torch.ones(2))], foreach=True, skip_on_device=True)
