@@ -298,14 +298,16 @@ def test_ssd_packed_documents_with_initial_state_match_reference(backend):
 @pytest.mark.parametrize("T", [300, 4096])
 def test_ssd_saved_backward_matches_mamba_ssm_own(T, use_final):
     """The kept-states backward against mamba-ssm's own autograd on the same bf16 inputs (packed
-    documents, initial state): the forward is the same kernels in the same order, so y and the
-    final state are equal; the gradients differ only by the decay gradient's bf16 states. With
-    the final state unused its gradient is None, not zeros, and the result must not change."""
+    documents, initial state): the forward is the same kernels in the same order, so the final
+    state is equal and y differs only by C·Bᵀ kept in bf16 (mamba-ssm keeps it in fp32); the
+    gradients differ by that and the decay gradient's bf16 states. With the final state unused
+    its gradient is None, not zeros, and the result must not change."""
     inp = _ssd_inputs(2, T, seed=T + 3)
     seq = _packed_seq_idx(T) if T >= 1000 else None
     (y0, f0, g0), (y1, f1, g1) = (_ssd_run(_kernels(ssd=backend).ssd_chunked, inp, True, seq, False, use_final)
                                   for backend in MAMBA_SSD)
-    assert torch.equal(y0, y1) and torch.equal(f0, f1)
+    assert torch.equal(f0, f1)
+    check("y", y1, y0, (2e-3, 2e-2))
     assert list(g0) == list(g1) == ["x", "dt", "A", "B", "C", "D", "h0"]
     for name in g0:
         assert g1[name].dtype == g0[name].dtype and g1[name].shape == g0[name].shape, name

@@ -104,7 +104,11 @@ class _SSDSavedFn(torch.autograd.Function):
         # states[:, c]: the state entering chunk c, in x's dtype; final: after the last chunk, fp32
         states, final = _state_passing_fwd(chunk_states.flatten(-2), dA_cs[:, :, :, -1], initial_states=init,
                                            seq_idx=seq_idx, chunk_size=chunk_size, out_dtype=C.dtype)
-        CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        # C·Bᵀ in the inputs' dtype (mamba-ssm's own autograd keeps it in fp32): the scan kernels
+        # scale it by the decay and dt in fp32 and round it to that dtype before their matmuls
+        # anyway; the bf16 copy halves what the forward writes and three kernels read (each head
+        # of a group re-reads it), and what is kept for the backward.
+        CB = _bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=C.dtype)
         y, _ = _chunk_scan_fwd(CB, x, dt_c, dA_cs, C, states.unflatten(-1, (P, N)), D=D, seq_idx=seq_idx)
         ctx.save_for_backward(x, dt, A, B, C, D, initial_state, seq_idx, dt_c, dA_cs, states, CB)
         ctx.chunk_size = chunk_size
