@@ -15,10 +15,11 @@ same contract, ordered by our own forward and backward:
 
 - The forward keeps what its backward needs: the per-chunk cumulative decays and the processed
   dt (fp32), the states entering each chunk (x's dtype, as the forward's output used them) and
-  the chunks' C·Bᵀ products (fp32). mamba-ssm's own backward recomputes all four (four kernel
-  launches and a copy of dt); here the backward starts from them. Memory: per layer the fp32
-  C·Bᵀ is B·(T/chunk)·G·chunk² values (a `small` layer at 8 x 4096: 268 MB), plus the states
-  at half of x's size; the output, which mamba-ssm keeps, is not kept.
+  the chunks' C·Bᵀ products (x's dtype; mamba-ssm's are fp32). mamba-ssm's own backward
+  recomputes all four (four kernel launches and a copy of dt); here the backward starts from
+  them. Memory: per layer C·Bᵀ is B·(T/chunk)·G·chunk² values (a `small` layer at 8 x 4096:
+  134 MB in bf16), plus the states at half of x's size; the output, which mamba-ssm keeps, is
+  not kept.
 - In the backward, mamba-ssm's per-group gradient buffers carry a "split" dimension that is
   summed away; at training sizes it has one entry, and the sum is a full fp32 copy (three per
   layer: dB, dC, d(C·Bᵀ)). `unit_sums_as_views` returns the view without that dimension: the
@@ -26,8 +27,10 @@ same contract, ordered by our own forward and backward:
 - `ssd_chunked_mamba_saved_xbc` takes x, B and C packed in one tensor, as the mixer's conv
   leaves them, and the kernels write their three gradients into one buffer of that shape: the
   concatenation that would otherwise join them before the conv's backward is not needed.
-- The backward's numbers differ from mamba-ssm's only in one place: the decay gradient at chunk
-  ends reads the kept states in x's dtype, where mamba-ssm's recomputes them in fp32.
+- The numbers differ from mamba-ssm's in two places: C·Bᵀ is rounded to x's dtype (the scan
+  kernels scale it in fp32 and round the product to x's dtype before their matmuls either way),
+  and the decay gradient at chunk ends reads the kept states in x's dtype, where mamba-ssm's
+  recomputes them in fp32.
 
 The conv1d of the Mamba mixer is an op of its own (`kernels.conv1d`: causal-conv1d's kernels or
 the PyTorch reference), whichever SSD backend runs.
