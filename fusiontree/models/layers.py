@@ -160,6 +160,38 @@ class PackedProjections(nn.Module):
         return super()._apply(fn, recurse)
 
 
+class _SplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, sizes: tuple[int, ...]):
+        ctx.save_for_backward(x, weight)
+        ctx.sizes = sizes
+        return F.linear(x, weight).split(sizes, -1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, dws = None, []
+        for g, w in zip(grads, weight.split(ctx.sizes)):
+            if g is None:  # an output that took no part in the loss
+                dws.append(torch.zeros_like(w))
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            dws.append(g2.t() @ x2)
+            part = g2 @ w
+            dx = part if dx is None else dx + part
+        dx = torch.zeros_like(x) if dx is None else dx.view(x.shape)
+        return dx, torch.cat(dws), None
+
+
+def split_linear(x: Tensor, weight: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """`F.linear(x, weight).split(sizes, -1)` (no bias), with a backward that takes each part's
+    gradient where it lies: the input's gradient is the sum of one matmul per part, and the
+    weight's the parts' weight gradients stacked (rows, a small tensor), where autograd of the
+    plain form first concatenates the parts' gradients into one tensor of the output's size."""
+    return _SplitLinear.apply(x, weight, tuple(sizes))
+
+
 def _owns_storage(w: Tensor) -> bool:
     """Whether `w` is its storage, whole: no other tensor's elements lie in it."""
     return w.is_contiguous() and w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fusiontree.models.config import ModelConfig
 from fusiontree.models.cache import MambaLayerState, SeqInfo
-from fusiontree.models.layers import GatedRMSNorm, keep_fp32, no_weight_decay
+from fusiontree.models.layers import GatedRMSNorm, keep_fp32, no_weight_decay, split_linear
 from fusiontree.ops import Kernels
 from fusiontree.ops.backends.common import check_conv_shape
 
@@ -82,7 +82,10 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u_BTD: Tensor, info: SeqInfo, state: MambaLayerState | None = None) -> Tensor:
         if state is not None and u_BTD.shape[1] == 1 and info.token_mask is None:
             return self.step(u_BTD, info, state)
-        z, xBC, dt = self._split(self.in_proj(u_BTD))
+        if type(self.in_proj) is nn.Linear:  # (tensor parallelism wraps it: its own forward then)
+            z, xBC, dt = split_linear(u_BTD, self.in_proj.weight, (self.d_inner, self.conv_dim, self.n_heads))
+        else:
+            z, xBC, dt = self._split(self.in_proj(u_BTD))
         mask = info.token_mask
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)

@@ -7,7 +7,7 @@ from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.models.block import HybridBlock
 from fusiontree.models.cache import SeqInfo
-from fusiontree.models.layers import cast_model
+from fusiontree.models.layers import cast_model, split_linear
 from fusiontree.models.positions import RotaryPositionalEmbedding
 from fusiontree.ops import reference_kernels
 from fusiontree.train.mechanics import apply_activation_checkpointing
@@ -186,3 +186,30 @@ def test_checkpoint_num_layers_recomputes_only_the_first_blocks():
     assert [len(calls[i]) for i in range(3)] == [3, 3, 2]
     for a, b in zip(got, base):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("shape,sizes,used", [
+    ((2, 37, 24), (16, 40, 3), (True, True, True)),   # the mixer's layout: two wide parts and a narrow one
+    ((5, 24), (7, 9), (False, True)),                 # 2-D input; the first part unused
+    ((2, 3, 24), (8, 8, 8), (True, False, True)),     # the middle part unused
+])
+def test_split_linear_matches_the_split_of_one_linear(shape, sizes, used, compiled):
+    """Outputs equal to F.linear(...).split(...); input and weight gradients equal to its
+    autograd's (fp64), with parts that took no part in the loss, eager and compiled."""
+    torch.manual_seed(len(sizes))
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(sum(sizes), shape[-1], dtype=torch.float64, requires_grad=True)
+    grads_out = [torch.randn(*shape[:-1], n, dtype=torch.float64) for n in sizes]
+
+    def loss(parts):
+        return sum((p * g).sum() for p, g, u in zip(parts, grads_out, used) if u)
+
+    fn = torch.compile(split_linear, backend="aot_eager", fullgraph=True) if compiled else split_linear
+    parts = fn(x, w, sizes)
+    want = torch.nn.functional.linear(x, w).split(sizes, -1)
+    assert len(parts) == len(sizes) and all(torch.allclose(p, q, rtol=0, atol=1e-12) for p, q in zip(parts, want))
+    got_g = torch.autograd.grad(loss(parts), [x, w])
+    want_g = torch.autograd.grad(loss(want), [x, w])
+    for g, h in zip(got_g, want_g):
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-12)
