@@ -85,8 +85,8 @@ class TrainConfig:
     # the trainer learns the outcome with the step's loss. Under ZeRO-1 and 2 the fused kernel
     # also applies train.grad_clip (by DeepSpeed's norm), since DeepSpeed's own clipping reads
     # the norm on the host. false: the decision is read on the host before the update, and
-    # DeepSpeed clips (a sync in every optimizer step).
-    skip_on_device: bool = False
+    # DeepSpeed clips (a sync in every optimizer step). auto: true with the fused AdamW.
+    skip_on_device: bool | Literal["auto"] = "auto"
     # auto: bf16 on GPU, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

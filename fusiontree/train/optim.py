@@ -179,7 +179,8 @@ def build_optimizer(model: nn.Module, cfg) -> SkippableAdamW:
     if impl == "auto":
         on_cuda = any(p.is_cuda for p in model.parameters())
         impl = "fused" if on_cuda else "foreach"
+    skip_on_device = impl == "fused" if cfg.skip_on_device == "auto" else cfg.skip_on_device
     return SkippableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr_peak,
                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                          skip_on_device=cfg.skip_on_device,
+                          skip_on_device=skip_on_device,
                           **({"fused": True} if impl == "fused" else {"foreach": True}))

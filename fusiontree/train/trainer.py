@@ -67,9 +67,11 @@ def setup_logging(run_dir: Path, rank: int) -> None:
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s")
 
 
-def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accum: int, bf16: bool) -> dict:
+def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accum: int, bf16: bool,
+                     optimizer: SkippableAdamW | None = None) -> dict:
     """The DeepSpeed JSON with batch sizes, clipping and precision filled from the run config
-    (one source of truth): a JSON that sets them differently is an error."""
+    (one source of truth): a JSON that sets them differently is an error. Given the `optimizer`
+    DeepSpeed will wrap, clipping is left to it where clips_in_optimizer says so."""
     ds = check_ds_config(path)
     ours = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": cfg.train.grad_clip}
@@ -79,7 +81,8 @@ def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accu
                              "the DeepSpeed JSON (batch sizes come from data.*, clipping from train.grad_clip)")
     ds.pop("train_batch_size", None)
     ds.update(ours)
-    if clips_in_optimizer(cfg, ds.get("zero_optimization", {}).get("stage", 0)):
+    if optimizer is not None and clips_in_optimizer(optimizer, cfg.train.grad_clip,
+                                                    ds.get("zero_optimization", {}).get("stage", 0)):
         if ds["zero_optimization"].get("compute_grad_norm") is False:
             raise ValueError(f"{path} sets zero_optimization.compute_grad_norm=false, but train.grad_clip="
                              f"{cfg.train.grad_clip} clips by DeepSpeed's norm; remove it or set train.grad_clip=0")
@@ -94,13 +97,13 @@ def deepspeed_config(path: str, cfg: RunConfig, micro_batch_size: int, grad_accu
     return ds
 
 
-def clips_in_optimizer(cfg: RunConfig, zero_stage: int) -> bool:
+def clips_in_optimizer(optimizer: SkippableAdamW, grad_clip: float, zero_stage: int) -> bool:
     """Whether the fused AdamW clips the gradients instead of DeepSpeed: with the skip decision on
     the device (train.skip_on_device) under ZeRO-1 and 2. DeepSpeed's clipping reads whether
     the norm is finite on the host, which makes every optimizer step wait for the backward to
     finish before its kernels are launched; the optimizer divides by the same clip factor inside
     its kernel instead, from the norm DeepSpeed has just computed (SkippableAdamW.clip_on_device)."""
-    return cfg.train.skip_on_device and cfg.train.grad_clip > 0 and zero_stage in (1, 2)
+    return optimizer.skip_on_device and grad_clip > 0 and zero_stage in (1, 2)
 
 
 def clip_by_deepspeed_norm(engine, optimizer: SkippableAdamW, max_norm: float) -> None:
@@ -335,11 +338,12 @@ class Trainer:
                  "fused" if self.optimizer.defaults.get("fused") else "multi-tensor",
                  "device" if self.optimizer.skip_on_device else "host")
         loader = self.train_loader
-        ds_cfg = deepspeed_config(ds_config, cfg, loader.micro_batch_size, loader.grad_accum_steps, self.bf16)
+        ds_cfg = deepspeed_config(ds_config, cfg, loader.micro_batch_size, loader.grad_accum_steps, self.bf16,
+                                  self.optimizer)
         param_names = tuple(tuple(names_by_id[id(p)] for p in g["params"]) for g in self.optimizer.param_groups)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
         self.zero_stage = self.engine.zero_optimization_stage()
-        if clips_in_optimizer(cfg, self.zero_stage):
+        if clips_in_optimizer(self.optimizer, cfg.train.grad_clip, self.zero_stage):
             clip_by_deepspeed_norm(self.engine, self.optimizer, cfg.train.grad_clip)
             log.info("gradient clipping to %g: inside the fused AdamW, by DeepSpeed's norm", cfg.train.grad_clip)
         self.params_by_name = {names_by_id[id(p)]: p for p in self.engine.module.parameters()}

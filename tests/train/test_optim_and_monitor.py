@@ -12,7 +12,7 @@ import torch
 from fusiontree.models.config import model_preset
 from fusiontree.models import HybridLanguageModel
 from fusiontree.train.gate_monitor import GateMonitor
-from fusiontree.train.optim import ALIGN_ELEMENTS, SkippableAdamW, lr_at, param_groups
+from fusiontree.train.optim import ALIGN_ELEMENTS, SkippableAdamW, build_optimizer, lr_at, param_groups
 from tests.train.conftest import ROOT, env
 
 
@@ -199,17 +199,16 @@ init_distributed(device="cpu")
 
 def run(stage, bf16, on_device, clip):
     cfg = RunConfig()
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, skip_on_device=on_device, grad_clip=clip,
-                                                             optimizer_impl="fused"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_clip=clip))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"zero_optimization": {"stage": stage}}, f)
-    ds = deepspeed_config(f.name, cfg, 2, 2, bf16=bf16)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
     # eps=1: the update follows the gradient's size, so the clip factor shows in the weights
     opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-2, eps=1.0, fused=True, skip_on_device=on_device)
+    ds = deepspeed_config(f.name, cfg, 2, 2, bf16=bf16, optimizer=opt)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    if clips_in_optimizer(cfg, stage):
+    if clips_in_optimizer(opt, clip, stage):
         clip_by_deepspeed_norm(engine, opt, clip)
     host_reads[0] = 0
     norms, skipped = [], []
@@ -287,6 +286,16 @@ def _optimizer_cfg(impl):
     from fusiontree.config import TrainConfig
 
     return dataclasses.replace(TrainConfig(), optimizer_impl=impl, lr_peak=1e-2)
+
+
+def test_the_skip_decision_is_left_on_the_device_by_default_with_the_fused_adamw_alone():
+    model = torch.nn.Linear(4, 8)
+    for impl, sod, want in (("fused", "auto", True), ("foreach", "auto", False), ("fused", False, False),
+                            ("fused", True, True)):
+        opt = build_optimizer(model, dataclasses.replace(_optimizer_cfg(impl), skip_on_device=sod))
+        assert opt.skip_on_device is want and bool(opt.defaults.get("fused")) is (impl == "fused"), (impl, sod)
+    with pytest.raises(ValueError, match="skip_on_device=true needs the fused AdamW"):
+        build_optimizer(model, dataclasses.replace(_optimizer_cfg("foreach"), skip_on_device=True))
 
 
 def test_fused_and_foreach_adamw_take_the_same_steps():
