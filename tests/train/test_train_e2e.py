@@ -197,6 +197,29 @@ def test_nan_step_is_skipped_counted_and_training_continues(tmp_path, train_shar
     assert rows[4]["lr"] == rows[3]["lr"]
 
 
+def test_clipping_inside_the_fused_adamw_trains_as_deepspeeds_clipping(tmp_path, train_shards):
+    """Fused AdamW under ZeRO-1, a clip bound every step exceeds: with the decision and the
+    clipping on the device (the optimizer divides by DeepSpeed's clip factor) the trainer takes
+    the steps DeepSpeed's own clipping takes; without clipping the losses move away."""
+    runs = {}
+    for name, train in (("host", {"skip_on_device": False}), ("device", {"skip_on_device": True}),
+                        ("unclipped", {"skip_on_device": True, "grad_clip": 0.0})):
+        runs[name] = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", train_shards, runs[name], steps=4, optimizer_impl="fused",
+                           eval_every_steps=100, save_checkpoints=False,
+                           **{"grad_clip": 0.05, **train})
+        runs[name] = (runs[name], train_cmd(cfg, launcher="python", zero=1))
+    results = run_side_by_side(*(cmd for _, cmd in runs.values()))
+    for res in results:
+        _ok(res)
+    host, device, unclipped = (losses(d) for d, _ in runs.values())
+    assert sorted(host) == sorted(device) == [1, 2, 3, 4]
+    assert "inside the fused AdamW" in results[1].stderr and "inside the fused AdamW" not in results[0].stderr
+    gap = max(abs(host[s] - device[s]) for s in host)
+    # Adam undoes most of a constant clip factor, so the unclipped run moves away by ~1e-3 only
+    assert gap < 1e-5 and abs(unclipped[4] - host[4]) > 30 * max(gap, 1e-5), (host, device, unclipped)
+
+
 def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, train_shards):
     out = tmp_path / "run"
     """train.max_bad_steps=2: the second bad step in a row stops the run (steps 3 and 4 of 3-5)."""
