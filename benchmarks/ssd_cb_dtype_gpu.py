@@ -18,21 +18,15 @@ import sys
 from pathlib import Path
 
 import torch
-from _results import git_commit, write_results
+from _results import cuda_span_ms, git_commit, write_results
 
 BSZ, T, H, P, G, N, Q = 8, 4096, 32, 64, 8, 128, 256
 
 
 def timed(fn, n: int = 30) -> float:
-    fn()
+    fn()  # autotuning and compilation, outside the span
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    return cuda_span_ms(fn, n)
 
 
 def main() -> None:
