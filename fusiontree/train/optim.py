@@ -63,7 +63,9 @@ class SkippableAdamW(torch.optim.AdamW):
     skip_on_device (fused AdamW only): the decision stays on the device. The fused kernel reads
     it (as it reads GradScaler's) and leaves everything as it was where it is set, so the step
     has no host sync; `skipped_flag` hands the outcome on as a tensor, and `last_step_skipped`
-    reads it (a sync). Otherwise the decision is read on the host before the update."""
+    reads it (a sync). Otherwise the decision is read on the host before the update. Under
+    ZeRO-1/2, which step the parameter groups one call at a time, the decision also follows
+    DeepSpeed's global norm (`follow_global_norm`), so that the groups skip together."""
 
     def __init__(self, params, group: dist.ProcessGroup | None = None, skip_on_device: bool = False, **kwargs):
         super().__init__(params, **kwargs)
@@ -77,15 +79,17 @@ class SkippableAdamW(torch.optim.AdamW):
         self.max_grad_norm = 0.0
         self._grad_norm: Callable[[], Tensor] | None = None
 
-    def clip_on_device(self, grad_norm: Callable[[], Tensor], max_norm: float) -> None:
-        """Clip to `max_norm` inside the fused kernel (skip_on_device only), by the global norm
-        `grad_norm()` returns at each step: the gradients are divided by max(1, (norm + 1e-6) /
-        max_norm), DeepSpeed's clipping arithmetic, with no host read of the norm. A non-finite
-        norm skips the step. The wrapper that computed the norm must not clip as well."""
-        if not self.skip_on_device:
-            raise ValueError("clipping inside the optimizer needs train.skip_on_device=true")
-        if max_norm <= 0:
-            raise ValueError(f"max_norm={max_norm}: clipping inside the optimizer needs a positive bound")
+    def follow_global_norm(self, grad_norm: Callable[[], Tensor | float | None], max_norm: float = 0.0) -> None:
+        """Under a wrapper that steps the parameter groups one call at a time (DeepSpeed's ZeRO-1
+        and 2), decide with the global norm `grad_norm()` the wrapper computed over every group
+        and rank before the first call: a non-finite norm skips every group of the step, not
+        only the groups whose own gradients are non-finite. With skip_on_device and
+        `max_norm` > 0 the fused kernel also clips by it: the gradients are divided by
+        max(1, (norm + 1e-6) / max_norm), DeepSpeed's clipping arithmetic, with no host read of
+        the norm (the wrapper must not clip as well)."""
+        if max_norm < 0 or (max_norm > 0 and not self.skip_on_device):
+            raise ValueError(f"max_norm={max_norm}: clipping inside the optimizer needs train.skip_on_device=true "
+                             "and a positive bound")
         self._grad_norm, self.max_grad_norm = grad_norm, float(max_norm)
 
     @property
@@ -115,22 +119,29 @@ class SkippableAdamW(torch.optim.AdamW):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.sync_group)
         return bad
 
+    def _step_nonfinite(self) -> Tensor:
+        """`_nonfinite()`, joined by the global norm's verdict where one is followed; with
+        clipping inside the optimizer, also sets the fused kernel's `grad_scale` from it."""
+        bad = self._nonfinite()
+        norm = None if self._grad_norm is None else self._grad_norm()
+        if norm is None:
+            if self.max_grad_norm:
+                raise RuntimeError("clipping inside the optimizer, but the wrapper computed no gradient norm this "
+                                   "step (DeepSpeed: zero_optimization.compute_grad_norm must stay on)")
+            return bad
+        norm = torch.as_tensor(norm).detach().float().to(bad.device)
+        bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
+        if self.max_grad_norm:
+            self.grad_scale = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)  # divides the gradients
+        return bad
+
     def _grads_finite(self) -> bool:
-        return not bool(self._nonfinite().item())  # host sync: the skip decision
+        return not bool(self._step_nonfinite().item())  # host sync: the skip decision
 
     @torch.no_grad()
     def step(self, closure=None):
         if self.skip_on_device:
-            bad = self._nonfinite()
-            if self._grad_norm is not None:
-                norm = self._grad_norm()
-                if not isinstance(norm, Tensor):
-                    raise RuntimeError(f"the gradient norm for clipping on the device is {norm!r}, not a tensor: "
-                                       "the wrapper computed none this step")
-                norm = norm.detach().float().to(bad.device)
-                # Every parameter group of a step is clipped and skipped by the same global norm.
-                bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
-                self.grad_scale = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)  # divides the gradients
+            bad = self._step_nonfinite()
             if self.skip_next:
                 bad = torch.ones_like(bad)
             self.skip_next = False

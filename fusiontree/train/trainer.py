@@ -102,18 +102,19 @@ def clips_in_optimizer(optimizer: SkippableAdamW, grad_clip: float, zero_stage: 
     the device (train.skip_on_device) under ZeRO-1 and 2. DeepSpeed's clipping reads whether
     the norm is finite on the host, which makes every optimizer step wait for the backward to
     finish before its kernels are launched; the optimizer divides by the same clip factor inside
-    its kernel instead, from the norm DeepSpeed has just computed (SkippableAdamW.clip_on_device)."""
+    its kernel instead, from the norm DeepSpeed has just computed (SkippableAdamW.follow_global_norm)."""
     return optimizer.skip_on_device and grad_clip > 0 and zero_stage in (1, 2)
 
 
-def clip_by_deepspeed_norm(engine, optimizer: SkippableAdamW, max_norm: float) -> None:
-    """Have `optimizer` (the base optimizer of a ZeRO-1/2 `engine` built by a deepspeed_config
-    for which clips_in_optimizer holds) clip by the norm DeepSpeed computes each step."""
+def follow_deepspeed_norm(engine, optimizer: SkippableAdamW, max_norm: float = 0.0) -> None:
+    """Have `optimizer`, the base optimizer of a ZeRO-1/2 `engine`, decide its skip (and clip to
+    `max_norm`, where clips_in_optimizer holds) by the global norm DeepSpeed computes each step
+    before it steps the parameter groups one by one (SkippableAdamW.follow_global_norm)."""
     zero_optimizer = engine.optimizer  # sets _global_grad_norm before it steps the base optimizer
     if not hasattr(zero_optimizer, "_global_grad_norm"):
-        raise RuntimeError(f"{type(zero_optimizer).__name__} exposes no gradient norm to clip by; set "
-                           "train.skip_on_device=false (DeepSpeed then clips)")
-    optimizer.clip_on_device(lambda: zero_optimizer._global_grad_norm, max_norm)
+        raise RuntimeError(f"{type(zero_optimizer).__name__} exposes no gradient norm to follow; use ZeRO "
+                           "stage 0 or 3, or report the DeepSpeed version")
+    optimizer.follow_global_norm(lambda: zero_optimizer._global_grad_norm, max_norm)
 
 
 class StopSignal:
@@ -343,9 +344,11 @@ class Trainer:
         param_names = tuple(tuple(names_by_id[id(p)] for p in g["params"]) for g in self.optimizer.param_groups)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
         self.zero_stage = self.engine.zero_optimization_stage()
-        if clips_in_optimizer(self.optimizer, cfg.train.grad_clip, self.zero_stage):
-            clip_by_deepspeed_norm(self.engine, self.optimizer, cfg.train.grad_clip)
-            log.info("gradient clipping to %g: inside the fused AdamW, by DeepSpeed's norm", cfg.train.grad_clip)
+        if self.zero_stage in (1, 2):
+            clips = clips_in_optimizer(self.optimizer, cfg.train.grad_clip, self.zero_stage)
+            follow_deepspeed_norm(self.engine, self.optimizer, cfg.train.grad_clip if clips else 0.0)
+            if clips:
+                log.info("gradient clipping to %g: inside the fused AdamW, by DeepSpeed's norm", cfg.train.grad_clip)
         self.params_by_name = {names_by_id[id(p)]: p for p in self.engine.module.parameters()}
         if cfg.train.compile and (bad := misaligned_parameters(self.engine.module)):
             raise RuntimeError(f"compiled blocks need 16-byte aligned parameters, but DeepSpeed placed {len(bad)} "

@@ -187,7 +187,7 @@ import deepspeed.runtime.zero.stage_1_and_2 as zero12
 from fusiontree.config import RunConfig
 from fusiontree.train.distributed import init_distributed
 from fusiontree.train.optim import SkippableAdamW, param_groups
-from fusiontree.train.trainer import clip_by_deepspeed_norm, clips_in_optimizer, deepspeed_config
+from fusiontree.train.trainer import clips_in_optimizer, deepspeed_config, follow_deepspeed_norm
 
 host_reads = [0]  # DeepSpeed's host check of the norm, which its clipping calls
 check = zero12.is_invalid_grad_norm
@@ -209,7 +209,7 @@ def run(stage, bf16, on_device, clip):
     ds = deepspeed_config(f.name, cfg, 2, 2, bf16=bf16, optimizer=opt)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     if clips_in_optimizer(opt, clip, stage):
-        clip_by_deepspeed_norm(engine, opt, clip)
+        follow_deepspeed_norm(engine, opt, clip)
     host_reads[0] = 0
     norms, skipped = [], []
     for step in range(4):
@@ -252,6 +252,48 @@ def test_clipping_inside_the_fused_adamw_takes_deepspeeds_clipped_steps_without_
         h, d, u = (torch.tensor(r["master"]) for r in (host, device, unclipped))
         torch.testing.assert_close(d, h, rtol=1e-5, atol=1e-6, msg=case)
         assert (u - h).abs().max() > 100 * (d - h).abs().max() + 1e-4, case
+
+
+ONE_GROUP_NON_FINITE = """
+import json, tempfile, deepspeed, torch
+from fusiontree.config import RunConfig
+from fusiontree.train.distributed import init_distributed
+from fusiontree.train.optim import SkippableAdamW, param_groups
+from fusiontree.train.trainer import clips_in_optimizer, deepspeed_config, follow_deepspeed_norm
+
+init_distributed(device="cpu")
+for stage in (1, 2):
+    for kw in ({"foreach": True}, {"fused": True}, {"fused": True, "skip_on_device": True}):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({"zero_optimization": {"stage": stage}}, f)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32))
+        opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-2, **kw)  # groups: decay, no_decay
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                          config=deepspeed_config(f.name, RunConfig(), 2, 1, True, opt))
+        follow_deepspeed_norm(engine, opt, 1.0 if clips_in_optimizer(opt, 1.0, stage) else 0.0)
+        masters = engine.optimizer.single_partition_of_fp32_groups
+        before = [m.detach().clone() for m in masters]
+        x = torch.randn(2, 16, dtype=torch.bfloat16)
+        # non-finite only in the no-decay group (the norm's bias); the decay group's are finite
+        engine.backward(engine(x).float().sum() + engine.module[1].bias.float().sum() * float("inf"))
+        engine.step()
+        steps = [float(st["step"]) for st in opt.state.values() if "step" in st]
+        print("stage", stage, list(kw), "skipped", opt.last_step_skipped,
+              "unchanged", all(torch.equal(a, m) for a, m in zip(before, masters)), "adam steps", max(steps, default=0.0))
+"""
+
+
+def test_a_non_finite_gradient_in_one_parameter_group_skips_every_group():
+    """ZeRO-1 and 2 step the parameter groups one call at a time; the optimizer follows
+    DeepSpeed's global norm, so a non-finite gradient in one group skips the others too (fp32
+    master weights and Adam step counts untouched), with the decision on the host or the device."""
+    res = subprocess.run([sys.executable, "-c", ONE_GROUP_NON_FINITE], env=env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("stage")]
+    assert len(lines) == 6 and all(line.endswith("skipped True unchanged True adam steps 0.0") for line in lines), \
+        res.stdout
 
 
 def test_skipping_on_the_device_needs_the_fused_adamw():
