@@ -254,6 +254,39 @@ def test_clipping_inside_the_fused_adamw_takes_deepspeeds_clipped_steps_without_
         assert (u - h).abs().max() > 100 * (d - h).abs().max() + 1e-4, case
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA fused kernel needs a GPU"))])
+def test_clipping_inside_the_fused_kernel_equals_clipping_the_gradients_first(device):
+    """The fused kernel's clip (gradients divided by max(1, (norm + 1e-6) / bound), from a norm
+    tensor it reads on the device) against the same factor applied to the gradients before a
+    plain fused step, over steps that clip, do not clip, and skip (a non-finite norm)."""
+    torch.manual_seed(0)
+    shapes = [(7, 3), (5,), (129,), (2, 2, 2)]
+    init = [torch.randn(s, device=device) for s in shapes]
+    norms = [torch.tensor(v, device=device) for v in (40.0, 0.2, float("inf"), 3.0)]
+    grads = [[torch.randn(s, device=device) * 10 for s in shapes] for _ in norms]
+    results = []
+    for inside in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = SkippableAdamW(params, lr=0.1, weight_decay=0.1, fused=True, skip_on_device=inside)
+        step_norm = {}
+        if inside:
+            opt.follow_global_norm(lambda: step_norm["now"], 0.5)
+        for norm, gs in zip(norms, grads):
+            step_norm["now"] = norm
+            factor = torch.clamp((norm + 1e-6) / 0.5, min=1.0)
+            for p, g in zip(params, gs):
+                p.grad = g.clone() if inside else g / factor
+            if not inside and not torch.isfinite(norm):
+                opt.skip_next = True
+            opt.step()
+            assert opt.last_step_skipped == (not bool(torch.isfinite(norm)))
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not all(torch.allclose(a, t) for a, t in zip(results[0], init))
+
+
 ONE_GROUP_NON_FINITE = """
 import json, tempfile, deepspeed, torch
 from fusiontree.config import RunConfig
