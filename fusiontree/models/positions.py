@@ -26,16 +26,46 @@ class RotaryPositionalEmbedding(nn.Module):
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
-    def rotate(self, x_BTHD: Tensor, pos_BT: Tensor) -> Tensor:
-        angle = pos_BT.float()[..., None] * self.inv_freq  # [B, T, D/2]
-        cos, sin = angle.cos()[:, :, None], angle.sin()[:, :, None]
+    def cos_sin(self, pos_BT: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of every position's angles, [B, T, D/2] fp32 each. Under torch.compile
+        they come from an op of their own, so Inductor writes them once per layer and the
+        rotation's kernels (forward and backward) read them: fused into the rotation, each
+        (token, head, angle) element would compute its own cos and sin, head after head."""
+        if torch.compiler.is_compiling():
+            return torch.ops.fusiontree.rope_cos_sin(pos_BT, self.inv_freq)
+        return _rope_cos_sin(pos_BT, self.inv_freq)
+
+    @staticmethod
+    def rotate_by(x_BTHD: Tensor, cos_BTD: Tensor, sin_BTD: Tensor) -> Tensor:
+        cos, sin = cos_BTD[:, :, None], sin_BTD[:, :, None]
         x = x_BTHD.float()
         x1, x2 = x.chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(x_BTHD.dtype)
 
+    def rotate(self, x_BTHD: Tensor, pos_BT: Tensor) -> Tensor:
+        return self.rotate_by(x_BTHD, *self.cos_sin(pos_BT))
+
     def forward(self, q_BTHD: Tensor, k_BSHD: Tensor, q_pos_BT: Tensor, k_pos_BS: Tensor):
-        return self.rotate(q_BTHD, q_pos_BT), self.rotate(k_BSHD, k_pos_BS)
+        q_table = self.cos_sin(q_pos_BT)
+        k_table = q_table if k_pos_BS is q_pos_BT else self.cos_sin(k_pos_BS)
+        return self.rotate_by(q_BTHD, *q_table), self.rotate_by(k_BSHD, *k_table)
+
+
+def _rope_cos_sin(pos_BT: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    angle = pos_BT.float()[..., None] * inv_freq  # [B, T, D/2]
+    return angle.cos(), angle.sin()
+
+
+@torch.library.custom_op("fusiontree::rope_cos_sin", mutates_args=())
+def _rope_cos_sin_op(pos_BT: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    return _rope_cos_sin(pos_BT, inv_freq)
+
+
+@_rope_cos_sin_op.register_fake
+def _(pos_BT: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (*pos_BT.shape, inv_freq.shape[0])
+    return (pos_BT.new_empty(shape, dtype=torch.float32), pos_BT.new_empty(shape, dtype=torch.float32))
 
 
 class SRTE(nn.Module):

@@ -30,6 +30,31 @@ def test_rope_scores_depend_only_on_position_difference():
     assert not torch.allclose(score(3, 0), score(4, 0))
 
 
+def test_rope_table_op_passes_opcheck_and_compiled_rotation_reads_it():
+    """The compiled rotation takes cos and sin from the table op (computed once per call, as in
+    eager), so its outputs and gradients equal eager's exactly, on q and k of different head
+    counts and on keys at other positions than the queries."""
+    rope = RotaryPositionalEmbedding(32)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 9000], [5, 6, 7, 8, 9, 10, 11]])
+    torch.library.opcheck(torch.ops.fusiontree.rope_cos_sin.default, (pos, rope.inv_freq))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 7, 4, 32, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(2, 7, 2, 32, generator=g).bfloat16().requires_grad_()
+    k_pos = pos.flip(-1)
+
+    def run(fn):
+        for p in (q, k):
+            p.grad = None
+        outs = [*fn(q, k, pos, pos), *fn(q, k, pos, k_pos)]
+        sum((o.float() * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs] + [q.grad.clone(), k.grad.clone()]
+
+    eager = run(rope)
+    compiled = run(torch.compile(rope, backend="inductor", fullgraph=True))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_attention_output_is_shift_invariant_and_uses_given_positions():
     model = build("window-only", seed=1)
     ids = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
