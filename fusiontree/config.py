@@ -418,6 +418,11 @@ def check_resume_config(saved: dict, cfg: RunConfig, allow: typing.Sequence[str]
 
 
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(arg) for arg in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

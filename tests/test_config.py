@@ -47,6 +47,10 @@ def test_types_and_choices_are_checked():
     with pytest.raises(ValueError, match="must look like --section.key=value"):
         load_config(None, ["model.d_model=3"])
     assert load_config(None, ["--train.lr_peak=1"]).train.lr_peak == 1.0  # int accepted for float
+    with pytest.raises(ValueError, match=r"train.skip_on_device='maybe' matches none of bool \| 'auto'"):
+        load_config(None, ["--train.skip_on_device=maybe"])
+    assert [load_config(None, [f"--train.skip_on_device={v}"]).train.skip_on_device
+            for v in ("true", "false", "auto")] == [True, False, "auto"]
 
 
 @pytest.mark.parametrize("override,match", [
