@@ -43,9 +43,6 @@ class RotaryPositionalEmbedding(nn.Module):
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(x_BTHD.dtype)
 
-    def rotate(self, x_BTHD: Tensor, pos_BT: Tensor) -> Tensor:
-        return self.rotate_by(x_BTHD, *self.cos_sin(pos_BT))
-
     def forward(self, q_BTHD: Tensor, k_BSHD: Tensor, q_pos_BT: Tensor, k_pos_BS: Tensor):
         q_table = self.cos_sin(q_pos_BT)
         k_table = q_table if k_pos_BS is q_pos_BT else self.cos_sin(k_pos_BS)
