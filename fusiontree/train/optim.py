@@ -81,7 +81,7 @@ class SkippableAdamW(torch.optim.AdamW):
 
     def follow_global_norm(self, grad_norm: Callable[[], Tensor | float | None], max_norm: float = 0.0) -> None:
         """Under a wrapper that steps the parameter groups one call at a time (DeepSpeed's ZeRO-1
-        and 2), decide with the global norm `grad_norm()` the wrapper computed over every group
+        and 2), decide by the global norm `grad_norm()` the wrapper computed over every group
         and rank before the first call: a non-finite norm skips every group of the step, not
         only the groups whose own gradients are non-finite. With skip_on_device and
         `max_norm` > 0 the fused kernel also clips by it: the gradients are divided by
@@ -106,10 +106,13 @@ class SkippableAdamW(torch.optim.AdamW):
         s = self._skipped
         return s.to(device) if isinstance(s, Tensor) else torch.full((), float(s), device=device)  # a fill, no copy
 
+    def _device(self) -> torch.device:
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+
     def _nonfinite(self) -> Tensor:
         """1.0 on the parameters' device where some rank's gradients are not all finite, else 0.0."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        dev = self._device()
         # One norm over all gradients: multi-tensor kernels on CUDA (a few launches, not one
         # reduction per parameter); it is non-finite exactly when some gradient is.
         bad = torch.zeros((), dtype=torch.float32, device=dev) if not grads else \
@@ -120,20 +123,20 @@ class SkippableAdamW(torch.optim.AdamW):
         return bad
 
     def _step_nonfinite(self) -> Tensor:
-        """`_nonfinite()`, joined by the global norm's verdict where one is followed; with
-        clipping inside the optimizer, also sets the fused kernel's `grad_scale` from it."""
-        bad = self._nonfinite()
+        """Like `_nonfinite()`, from the global norm where one is followed: it covers every
+        gradient of every group and rank, so it is non-finite exactly when one of them is, and
+        the optimizer's own pass over its group's gradients (and its collective) is not needed.
+        With clipping inside the optimizer, also sets the fused kernel's `grad_scale` from it."""
         norm = None if self._grad_norm is None else self._grad_norm()
         if norm is None:
             if self.max_grad_norm:
                 raise RuntimeError("clipping inside the optimizer, but the wrapper computed no gradient norm this "
                                    "step (DeepSpeed: zero_optimization.compute_grad_norm must stay on)")
-            return bad
-        norm = torch.as_tensor(norm).detach().float().to(bad.device)
-        bad = torch.maximum(bad, (~torch.isfinite(norm)).float())
+            return self._nonfinite()
+        norm = torch.as_tensor(norm).detach().float().to(self._device())
         if self.max_grad_norm:
             self.grad_scale = torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)  # divides the gradients
-        return bad
+        return (~torch.isfinite(norm)).float()
 
     def _grads_finite(self) -> bool:
         return not bool(self._step_nonfinite().item())  # host sync: the skip decision
