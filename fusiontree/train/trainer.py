@@ -106,15 +106,21 @@ def clips_in_optimizer(optimizer: SkippableAdamW, grad_clip: float, zero_stage: 
     return optimizer.skip_on_device and grad_clip > 0 and zero_stage in (1, 2)
 
 
-def follow_deepspeed_norm(engine, optimizer: SkippableAdamW, max_norm: float = 0.0) -> None:
-    """Have `optimizer`, the base optimizer of a ZeRO-1/2 `engine`, decide its skip (and clip to
-    `max_norm`, where clips_in_optimizer holds) by the global norm DeepSpeed computes each step
-    before it steps the parameter groups one by one (SkippableAdamW.follow_global_norm)."""
+def follow_deepspeed_norm(engine, optimizer: SkippableAdamW, grad_clip: float) -> bool:
+    """Under ZeRO-1/2, have `optimizer` (the `engine`'s base optimizer) decide its skip by the
+    global norm DeepSpeed computes each step before it steps the parameter groups one by one,
+    and clip by it where clips_in_optimizer holds (SkippableAdamW.follow_global_norm). Returns
+    whether the optimizer clips; other ZeRO stages are left as they are."""
+    stage = engine.zero_optimization_stage()
+    if stage not in (1, 2):
+        return False
     zero_optimizer = engine.optimizer  # sets _global_grad_norm before it steps the base optimizer
     if not hasattr(zero_optimizer, "_global_grad_norm"):
         raise RuntimeError(f"{type(zero_optimizer).__name__} exposes no gradient norm to follow; use ZeRO "
                            "stage 0 or 3, or report the DeepSpeed version")
-    optimizer.follow_global_norm(lambda: zero_optimizer._global_grad_norm, max_norm)
+    clips = clips_in_optimizer(optimizer, grad_clip, stage)
+    optimizer.follow_global_norm(lambda: zero_optimizer._global_grad_norm, grad_clip if clips else 0.0)
+    return clips
 
 
 class StopSignal:
@@ -344,11 +350,8 @@ class Trainer:
         param_names = tuple(tuple(names_by_id[id(p)] for p in g["params"]) for g in self.optimizer.param_groups)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_cfg, mpu=self.mpu)
         self.zero_stage = self.engine.zero_optimization_stage()
-        if self.zero_stage in (1, 2):
-            clips = clips_in_optimizer(self.optimizer, cfg.train.grad_clip, self.zero_stage)
-            follow_deepspeed_norm(self.engine, self.optimizer, cfg.train.grad_clip if clips else 0.0)
-            if clips:
-                log.info("gradient clipping to %g: inside the fused AdamW, by DeepSpeed's norm", cfg.train.grad_clip)
+        if follow_deepspeed_norm(self.engine, self.optimizer, cfg.train.grad_clip):
+            log.info("gradient clipping to %g: inside the fused AdamW, by DeepSpeed's norm", cfg.train.grad_clip)
         self.params_by_name = {names_by_id[id(p)]: p for p in self.engine.module.parameters()}
         if cfg.train.compile and (bad := misaligned_parameters(self.engine.module)):
             raise RuntimeError(f"compiled blocks need 16-byte aligned parameters, but DeepSpeed placed {len(bad)} "

@@ -187,7 +187,7 @@ import deepspeed.runtime.zero.stage_1_and_2 as zero12
 from fusiontree.config import RunConfig
 from fusiontree.train.distributed import init_distributed
 from fusiontree.train.optim import SkippableAdamW, param_groups
-from fusiontree.train.trainer import clips_in_optimizer, deepspeed_config, follow_deepspeed_norm
+from fusiontree.train.trainer import deepspeed_config, follow_deepspeed_norm
 
 host_reads = [0]  # DeepSpeed's host check of the norm, which its clipping calls
 check = zero12.is_invalid_grad_norm
@@ -208,8 +208,7 @@ def run(stage, bf16, on_device, clip):
     opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-2, eps=1.0, fused=True, skip_on_device=on_device)
     ds = deepspeed_config(f.name, cfg, 2, 2, bf16=bf16, optimizer=opt)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    if clips_in_optimizer(opt, clip, stage):
-        follow_deepspeed_norm(engine, opt, clip)
+    follow_deepspeed_norm(engine, opt, clip)
     host_reads[0] = 0
     norms, skipped = [], []
     for step in range(4):
@@ -292,7 +291,7 @@ import json, tempfile, deepspeed, torch
 from fusiontree.config import RunConfig
 from fusiontree.train.distributed import init_distributed
 from fusiontree.train.optim import SkippableAdamW, param_groups
-from fusiontree.train.trainer import clips_in_optimizer, deepspeed_config, follow_deepspeed_norm
+from fusiontree.train.trainer import deepspeed_config, follow_deepspeed_norm
 
 init_distributed(device="cpu")
 for stage in (1, 2):
@@ -304,7 +303,7 @@ for stage in (1, 2):
         opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-2, **kw)  # groups: decay, no_decay
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
                                           config=deepspeed_config(f.name, RunConfig(), 2, 1, True, opt))
-        follow_deepspeed_norm(engine, opt, 1.0 if clips_in_optimizer(opt, 1.0, stage) else 0.0)
+        follow_deepspeed_norm(engine, opt, 1.0)
         masters = engine.optimizer.single_partition_of_fp32_groups
         before = [m.detach().clone() for m in masters]
         x = torch.randn(2, 16, dtype=torch.bfloat16)
