@@ -64,8 +64,8 @@ class SkippableAdamW(torch.optim.AdamW):
     it (as it reads GradScaler's) and leaves everything as it was where it is set, so the step
     has no host sync; `skipped_flag` hands the outcome on as a tensor, and `last_step_skipped`
     reads it (a sync). Otherwise the decision is read on the host before the update. Under
-    ZeRO-1/2, which step the parameter groups one call at a time, the decision also follows
-    DeepSpeed's global norm (`follow_global_norm`), so that the groups skip together."""
+    ZeRO-1/2, which step the parameter groups one call at a time, DeepSpeed's global norm
+    decides instead (`follow_global_norm`), so that the groups skip together."""
 
     def __init__(self, params, group: dist.ProcessGroup | None = None, skip_on_device: bool = False, **kwargs):
         super().__init__(params, **kwargs)
