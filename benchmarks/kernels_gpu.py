@@ -17,8 +17,9 @@ Shapes (bf16, batch 1):
   1024 and causal; one document or 8 packed) through FlexAttention and through torch's varlen
   flash attention (`varlen_flash`) side by side.
 - conv1d: the Mamba conv (4 taps, SiLU) over 4096 channels of a 6176-wide projection at
-  8 x 4096 and 1 x 32768, packed documents; the causal_conv1d backend and the compiled
-  reference against the HBM floor.
+  8 x 4096 and 1 x 32768, packed documents; the causal_conv1d and triton backends (and the
+  compiled reference) against the HBM floor; fwd_bwd_graph_ms replays forward + backward from
+  a CUDA graph (the device's time alone).
 - decode: one SSD step (state 32 x 64 x 128) per SSD backend; one attention step (16 query
   heads, 4 kv heads) over a ring cache of 1024 slots and over a 32K global cache, per backend.
 
@@ -297,27 +298,36 @@ def bench_conv1d(rows: list, args) -> None:
         want = [y32, *torch.autograd.grad(y32, leaves32, gy.float())]
         case = f"{B} x {T}, 4096 of 6176 channels, 7 docs"
         for backend in args.conv_backends.split(","):
-            _bench_conv_backend(rows, args, backend, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s)
+            for tiles in (args.conv_triton_tiles.split(",") if backend == "triton" else [None]):
+                _bench_conv_backend(rows, args, backend, tiles, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s)
         del want, y32, leaves32, proj
         _free()
 
 
-def _bench_conv_backend(rows, args, backend, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s) -> None:
+def _bench_conv_backend(rows, args, backend, tiles, case, B, T, proj, w, b, seq, fwd_bwd, want, tb_per_s) -> None:
+    """One conv1d backend timed; `tiles` (triton only): "FWD/DPRE/DX" set for this row."""
     try:
         conv = resolve_kernels(KernelConfig(conv1d=backend), DEV).conv1d
         if backend == "reference":  # as a compiled block runs it
             conv = torch.compile(conv)
+        if tiles is not None:
+            from fusiontree.ops.backends import conv1d_triton
+
+            conv1d_triton.FWD_TILES, conv1d_triton.DPRE_TILES, conv1d_triton.DX_TILES = conv1d_triton.parse_tiles(tiles)
+            backend = f"triton[{tiles}]"
         y, _ = conv(proj[..., 2048:6144], w, b, seq_idx_BT=seq)
         errs = dict(zip(("y", "d_proj", "d_w", "d_b"), (rel_err(a, r) for a, r in zip([y, *fwd_bwd(conv)], want))))
         with torch.no_grad():
             fwd = cuda_ms(lambda: conv(proj[..., 2048:6144], w, b, seq_idx_BT=seq), 3, args.repeats)
         both = cuda_ms(lambda: fwd_bwd(conv), 3, args.repeats)
+        graphed = graphed_ms(lambda: fwd_bwd(conv), args.repeats) if backend != "reference" else None
         nbytes = B * T * 4096 * 2
         floor = {}  # an unknown card: no floor
         if tb_per_s is not None:
             floor_ms = (2 * nbytes + 3 * nbytes) / (tb_per_s * 1e12) * 1e3
             floor = dict(floor_fwd_bwd_ms=floor_ms, x_floor=both / floor_ms)
-        _row(rows, section="conv1d", case=case, backend=backend, fwd_ms=fwd, fwd_bwd_ms=both, rel_err=errs, **floor)
+        _row(rows, section="conv1d", case=case, backend=backend, fwd_ms=fwd, fwd_bwd_ms=both,
+             fwd_bwd_graph_ms=graphed, rel_err=errs, **floor)
     except Exception as e:  # noqa: BLE001
         _row(rows, section="conv1d", case=case, backend=backend, error=f"{type(e).__name__}: {e}"[:2000])
 
@@ -398,8 +408,11 @@ def main() -> None:
     ap.add_argument("--ssd-cuda-graph", action="store_true",
                     help="ssd section: also time forward + backward replayed from a CUDA graph (fwd_bwd_graph_ms: "
                          "the device's time alone; eager calls of mamba-ssm's kernels can be bound by the host)")
-    ap.add_argument("--conv-backends", default="causal_conv1d,reference",
+    ap.add_argument("--conv-backends", default="causal_conv1d,triton,reference",
                     help="conv1d section: backends to time (reference: the PyTorch conv compiled, as in a compiled block)")
+    ap.add_argument("--conv-triton-tiles", default="16x256x4/32x128x4/16x256x4",
+                    help="conv1d section: the triton backend's tiles to try, comma-separated FWD/DPRE/DX entries, "
+                         "each BLOCK_TxBLOCK_CxWARPS")
     ap.add_argument("--flex-options", default="[]",
                     help='JSON list of FlexAttention kernel_options dicts to try on the W=1024 cases, '
                          'e.g. \'[{"BLOCK_M": 64, "BLOCK_N": 64}, {"num_stages": 2}]\'')

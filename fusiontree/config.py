@@ -41,9 +41,9 @@ class KernelConfig:
     # cannot load is an error, never a silent fallback.
     ssd: str = "auto"
     attention: str = "auto"
-    # The Mamba conv1d: `causal_conv1d` (the causal-conv1d package's CUDA kernels) or
-    # `reference` (PyTorch, fused into the compiled blocks); `auto` takes causal_conv1d on CUDA
-    # when the package imports.
+    # The Mamba conv1d: `causal_conv1d` (the causal-conv1d package's CUDA kernels), `triton`
+    # (our Triton kernels) or `reference` (PyTorch, fused into the compiled blocks); `auto`
+    # takes causal_conv1d on CUDA when the package imports, else triton.
     conv1d: str = "auto"
     # The static decode step's attention over a cache (CUDA-graphed generation): `all_slots`
     # reads every allocated slot through the attention backend; `filled_blocks` reads only the

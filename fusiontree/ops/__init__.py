@@ -9,14 +9,14 @@ cannot load raises with the reason (never a silent fallback). The caller logs th
 | --- | --- | --- | --- |
 | ssd (chunked scan + decode step) | `reference`, `mamba_ssm` (mamba-ssm's Triton kernels and its autograd), `mamba_ssm_saved` (the same kernels; the backward reuses what the forward computed) | mamba_ssm_saved, else reference | reference |
 | attention | `reference`, `flex` (FlexAttention for windows / document masks / padding, SDPA for unmasked causal and for cached regimes) | flex, else reference | reference |
-| conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels) | causal_conv1d, else reference | reference |
+| conv1d (the Mamba mixer's 4-tap depthwise causal conv, training and prefill) | `reference`, `causal_conv1d` (the causal-conv1d package's CUDA kernels), `triton` (our Triton kernels) | causal_conv1d, else triton, else reference | reference |
 | decode_attention (the static decode step's attention over a cache) | `all_slots` (the attention backend over every allocated slot, masked by position), `filled_blocks` (FlexAttention's decoding kernel over the filled blocks only) | filled_blocks on CUDA (all_slots where it cannot load) | all_slots |
 
 The conv1d decode step stays the reference (one token: elementwise work that a compiled decode
 step fuses). `train.compile` fuses the reference conv1d, the norms, RoPE, the gate mix and SwiGLU
 by compiling each block (`fusiontree.train.mechanics.apply_compile`); the `mamba_ssm` and `flex`
-backends' training kernels stay opaque inside those compiled blocks, and `causal_conv1d` is a
-custom op in their graphs. In the compiled decode step on CUDA a block is one graph: the
+backends' training kernels stay opaque inside those compiled blocks, and `causal_conv1d` and
+`triton` are custom ops in their graphs. In the compiled decode step on CUDA a block is one graph: the
 `mamba_ssm` decode step is a custom op, and `filled_blocks` and the `flex` backend's cached
 regime (`all_slots`) trace into it. `compile_once` and `raise_recompile_limit` are the one way
 the package calls torch.compile.
@@ -125,6 +125,15 @@ def _conv1d_causal(device: torch.device) -> dict:
     return dict(conv1d=causal_conv1d_cuda_fn, conv1d_step=causal_conv1d_step_ref)
 
 
+def _conv1d_triton(device: torch.device) -> dict:
+    if device.type != "cuda":
+        raise RuntimeError("the triton conv1d kernels are GPU kernels and need a CUDA device")
+    _need_triton("the triton conv1d backend")
+    from fusiontree.ops.backends.conv1d_triton import causal_conv1d_triton_fn
+
+    return dict(conv1d=causal_conv1d_triton_fn, conv1d_step=causal_conv1d_step_ref)
+
+
 def _attention_reference(device: torch.device) -> dict:
     return dict(attention=attention_ref)
 
@@ -154,7 +163,7 @@ SSD_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "reference": _attention_reference, "flex": _attention_flex}
 CONV1D_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
-    "reference": _conv1d_reference, "causal_conv1d": _conv1d_causal}
+    "reference": _conv1d_reference, "causal_conv1d": _conv1d_causal, "triton": _conv1d_triton}
 DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
     "all_slots": _decode_all_slots, "filled_blocks": _decode_filled_blocks}
 # `auto` for the decode attention on CUDA is filled_blocks at every batch. On an H200
@@ -169,7 +178,7 @@ DECODE_ATTENTION_BACKENDS: dict[str, Callable[[torch.device], dict]] = {
 # `small` at 4K 1.058x and `1b` at 32K 1.024x faster than mamba_ssm, for 3.1 and 6.4 GiB more
 # peak memory (BENCHMARKS.md).
 AUTO_ORDER = {"cpu": ["reference", "all_slots"],
-              "cuda": ["mamba_ssm_saved", "mamba_ssm", "flex", "causal_conv1d", "filled_blocks", "reference",
+              "cuda": ["mamba_ssm_saved", "mamba_ssm", "flex", "causal_conv1d", "triton", "filled_blocks", "reference",
                        "all_slots"]}
 
 

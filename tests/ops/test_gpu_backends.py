@@ -3,7 +3,7 @@ tolerances on awkward shapes (T = 1, 63, 1000; packed documents; initial states;
 caches in ring order), and the model's invariants with the GPU backends selected.
 
 Skipped without CUDA. On a CUDA machine every test requires the backends it is about
-(mamba_ssm, flex, causal_conv1d): one that does not load is a failure that names it, never a skip, so the
+(mamba_ssm, flex, causal_conv1d, triton): one that does not load is a failure that names it, never a skip, so the
 tests cannot end up comparing the reference with itself. With FUSIONTREE_GPU_TEST_LOG set,
 every comparison appends its errors there (to see the margins). Time: mamba-ssm autotunes its
 Triton kernels in every new process (about 90 s on an H100 for the first forward+backward,
@@ -97,9 +97,12 @@ def _conv_run(fn, C, K, T, offset, with_init, seq_idx, seed, to_fp32):
     return y, final, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
-def _check_conv(T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
-    k = _kernels(conv1d="causal_conv1d")
-    assert k.conv1d_name == "causal_conv1d"
+CONV_BACKENDS = ["causal_conv1d", "triton"]
+
+
+def _check_conv(backend, T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
+    k = _kernels(conv1d=backend)
+    assert k.conv1d_name == backend
     y, f, g = _conv_run(k.conv1d, C, K, T, offset, with_init, seq_idx, seed, to_fp32=False)
     y_r, f_r, g_r = _conv_run(causal_conv1d_ref, C, K, T, offset, with_init, seq_idx, seed, to_fp32=True)
     check("y", y, y_r, OUT_TOL)
@@ -109,34 +112,44 @@ def _check_conv(T, K=4, C=264, offset=8, with_init=False, seq_idx=None, seed=0):
         check(f"grad_{name}", g[name], g_r[name], GRAD_TOL)
 
 
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("T,with_init", [(1, False), (1, True), (2, True), (63, False), (63, True), (1000, False)])
-def test_causal_conv1d_matches_reference(T, with_init):
-    _check_conv(T, with_init=with_init, seed=T)
+def test_causal_conv1d_matches_reference(backend, T, with_init):
+    _check_conv(backend, T, with_init=with_init, seed=T)
 
 
 # offset 3: strides the kernels cannot read (copied); C = 200: not a multiple of the kernels' channel tiles
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
 @pytest.mark.parametrize("K,offset,C", [(2, 8, 264), (3, 8, 264), (4, 3, 264), (4, 8, 200)])
-def test_causal_conv1d_widths_and_unaligned_inputs_match_reference(K, offset, C):
-    _check_conv(300, K=K, offset=offset, C=C, with_init=True, seed=K)
+def test_causal_conv1d_widths_and_unaligned_inputs_match_reference(backend, K, offset, C):
+    _check_conv(backend, 300, K=K, offset=offset, C=C, with_init=True, seed=K)
 
 
-def test_causal_conv1d_packed_documents_match_reference():
+def test_triton_conv1d_takes_channel_counts_and_widths_the_cuda_kernels_refuse():
+    """C = 131 (not a multiple of 8 or of the channel tiles) and K = 5, packed documents, an
+    initial state; T = 200 is not a multiple of the time tiles."""
+    _check_conv("triton", 200, K=5, offset=1, C=131, with_init=True, seq_idx=_packed_seq_idx(1000)[:, :200], seed=9)
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_causal_conv1d_packed_documents_match_reference(backend):
     """Documents of 100, 1, 300, ... tokens, ids that repeat and go negative (the reference
     compares ids; the kernels zero negative ones unless shifted), with an initial state (it
     belongs to the first document)."""
     seq = _packed_seq_idx(1000)
     seq[1] -= 9  # row 1: ids -2, -6, -2
-    _check_conv(1000, with_init=True, seq_idx=seq, seed=3)
-    _check_conv(1000, with_init=False, seq_idx=seq, seed=4)
+    _check_conv(backend, 1000, with_init=True, seq_idx=seq, seed=3)
+    _check_conv(backend, 1000, with_init=False, seq_idx=seq, seed=4)
     starts = torch.zeros(2, 1000, dtype=torch.long)  # documents start at t = 1 (and 2 in row 1):
     starts[:, 1], starts[1, 2] = 1, 1                # the initial state reaches no later document
-    _check_conv(1000, with_init=True, seq_idx=starts.cumsum(1).to(DEV), seed=5)
+    _check_conv(backend, 1000, with_init=True, seq_idx=starts.cumsum(1).to(DEV), seed=5)
 
 
-def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph(backend):
     """In a compiled function the op stays in the graph (fullgraph: no break) and gives what
     it gives eagerly; a CUDA graph of forward + backward replays to the same values."""
-    k = _kernels(conv1d="causal_conv1d")
+    k = _kernels(conv1d=backend)
     g = torch.Generator().manual_seed(0)
     proj = torch.randn(2, 256, 600, generator=g).to(DEV, torch.bfloat16).requires_grad_()
     w = torch.randn(512, 4, generator=g).to(DEV, torch.bfloat16).requires_grad_()
@@ -176,7 +189,8 @@ def test_causal_conv1d_compiles_into_one_graph_and_captures_in_a_cuda_graph():
         check(f"graphed_grad_{name}", c, r, (1e-3, 1e-2))
 
 
-def test_compiled_causal_conv1d_reads_the_padded_projection_in_place():
+@pytest.mark.parametrize("backend,op", [("causal_conv1d", "causal_conv1d_fwd"), ("triton", "conv1d_triton_fwd")])
+def test_compiled_causal_conv1d_reads_the_padded_projection_in_place(backend, op):
     """As in a compiled Mamba block: Inductor pads the rows of the input projection's output
     (1100 bf16 channels: a row stride of 1152), and the conv reads its slice of it in place, with
     no copy before the op. The document ids computed in the graph are 1100 int32 per row, a row
@@ -187,7 +201,7 @@ def test_compiled_causal_conv1d_reads_the_padded_projection_in_place():
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
-    k = _kernels(conv1d="causal_conv1d")
+    k = _kernels(conv1d=backend)
     g = torch.Generator().manual_seed(1)
     T = 1100
     u = torch.randn(2, T, 128, generator=g).to(DEV, torch.bfloat16).requires_grad_()
@@ -213,9 +227,9 @@ def test_compiled_causal_conv1d_reads_the_padded_projection_in_place():
         got, codes = run_and_get_code(lambda: grads(compiled))
     for name, a, r in zip(("u", "W", "w", "b"), got, want):
         check(f"compiled_grad_{name}", a, r, (1e-2, 4e-2))
-    forward = next(c for c in codes if "fusiontree.causal_conv1d_fwd.default(" in c)
-    call = next(line for line in forward.splitlines() if "fusiontree.causal_conv1d_fwd.default(" in line)
-    view = re.search(r"causal_conv1d_fwd\.default\(reinterpret_tensor\(buf\d+, \(2, 1100, 512\), \(\d+, (\d+), 1\)", call)
+    forward = next(c for c in codes if f"fusiontree.{op}.default(" in c)
+    call = next(line for line in forward.splitlines() if f"fusiontree.{op}.default(" in line)
+    view = re.search(op + r"\.default\(reinterpret_tensor\(buf\d+, \(2, 1100, 512\), \(\d+, (\d+), 1\)", call)
     assert view, f"the conv's input is not a view of the projection's buffer: {call.strip()}"
     assert view.group(1) == "1152", f"Inductor did not pad the projection's rows as this test expects: {call.strip()}"
 
@@ -714,10 +728,10 @@ def _compare_bf16_training_step(model, twin, seed: int) -> None:
     assert compared > 10
 
 
-@pytest.mark.parametrize("ssd", MAMBA_SSD)
-def test_model_bf16_training_step_matches_reference_kernels(ssd):
+@pytest.mark.parametrize("ssd,conv1d", [(s, "causal_conv1d") for s in MAMBA_SSD] + [("mamba_ssm_saved", "triton")])
+def test_model_bf16_training_step_matches_reference_kernels(ssd, conv1d):
     """bf16: the GPU-backend model against the same model on the reference kernels."""
-    model, twin = _models(dtype=torch.bfloat16, seed=4, ssd=ssd)
+    model, twin = _models(dtype=torch.bfloat16, seed=4, ssd=ssd, conv1d=conv1d)
     _compare_bf16_training_step(model, twin, seed=5)
 
 
@@ -852,8 +866,8 @@ def _accumulate(model, batches):
     return torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(compiled):
+@pytest.mark.parametrize("compiled,conv1d", [(False, "causal_conv1d"), (True, "causal_conv1d"), (True, "triton")])
+def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(compiled, conv1d):
     """Per-block CUDA graphs of the training forward and backward against the same model run
     without them (same kernels: equal up to kernel nondeterminism) and against the reference
     kernels (bf16 tolerances): packed documents, three accumulated micro-batches, the per-token
@@ -862,7 +876,7 @@ def test_cuda_graph_training_matches_eager_over_microbatches_and_length_changes(
     the ordinary path."""
     from fusiontree.train.mechanics import apply_compile, apply_cuda_graphs
 
-    model, twin = _models(dtype=torch.bfloat16, seed=12, gate="token")
+    model, twin = _models(dtype=torch.bfloat16, seed=12, gate="token", conv1d=conv1d)
     model.train(), twin.train()
     eager = copy.deepcopy(model)
     if compiled:
