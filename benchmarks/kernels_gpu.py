@@ -410,7 +410,7 @@ def main() -> None:
                          "the device's time alone; eager calls of mamba-ssm's kernels can be bound by the host)")
     ap.add_argument("--conv-backends", default="causal_conv1d,triton,reference",
                     help="conv1d section: backends to time (reference: the PyTorch conv compiled, as in a compiled block)")
-    ap.add_argument("--conv-triton-tiles", default="16x256x4/32x128x4/16x256x4",
+    ap.add_argument("--conv-triton-tiles", default="32x128x4/64x64x4/32x128x4",
                     help="conv1d section: the triton backend's tiles to try, comma-separated FWD/DPRE/DX entries, "
                          "each BLOCK_TxBLOCK_CxWARPS")
     ap.add_argument("--flex-options", default="[]",

@@ -131,12 +131,13 @@ def test_gpu_backends_name_the_cpu_tensors_and_the_setting_that_runs_on_cpu():
 
 
 def test_causal_conv1d_is_a_cuda_backend_and_refuses_shapes_its_kernels_lack():
-    with pytest.raises(RuntimeError, match="kernels.conv1d='causal_conv1d' cannot load on cpu: .*CUDA device"):
-        resolve_kernels(KernelConfig(conv1d="causal_conv1d"), "cpu")
+    for name in ("causal_conv1d", "triton"):
+        with pytest.raises(RuntimeError, match=f"kernels.conv1d='{name}' cannot load on cpu: .*CUDA device"):
+            resolve_kernels(KernelConfig(conv1d=name), "cpu")
     # a model whose conv channels the kernels cannot take stops at construction, naming the fix
     cfg = dataclasses.replace(model_preset("debug"), ssm_state=13)  # 128 + 2 * 13 = 154 channels
     kernels = dataclasses.replace(ops.reference_kernels(), conv1d_name="causal_conv1d")
-    with pytest.raises(ValueError, match="154 channels.*set kernels.conv1d=reference"):
+    with pytest.raises(ValueError, match="154 channels.*set kernels.conv1d=triton .any shape. or kernels.conv1d=reference"):
         HybridLanguageModel(cfg, kernels)
     HybridLanguageModel(model_preset("debug"), kernels)  # 160 channels: fine
 

@@ -68,7 +68,7 @@ def check_conv_shape(channels: int, width: int) -> None:
         raise ValueError(f"kernels.conv1d=causal_conv1d needs channels divisible by 8 and a width of 2 to 4 "
                          f"(got {channels} channels, width {width}: the Mamba conv's channels are "
                          "d_inner + 2 * ssm_groups * ssm_state per tensor-parallel rank); set "
-                         "kernels.conv1d=reference")
+                         "kernels.conv1d=triton (any shape) or kernels.conv1d=reference")
 
 
 _compiled: dict = {}  # (function, compile options) -> its torch.compile wrapper

@@ -49,9 +49,9 @@ def parse_tiles(spec: str) -> tuple[tuple[int, int, int], ...]:
     return tiles
 
 
-# FUSIONTREE_CONV1D_TILES sets them for a process; benchmarks/kernels_gpu.py --conv-triton-tiles
-# times others.
-FWD_TILES, DPRE_TILES, DX_TILES = parse_tiles(os.environ.get("FUSIONTREE_CONV1D_TILES", "16x256x4/32x128x4/16x256x4"))
+# The fastest of six measured on an H200 (BENCHMARKS.md). FUSIONTREE_CONV1D_TILES sets them for a
+# process; benchmarks/kernels_gpu.py --conv-triton-tiles times others.
+FWD_TILES, DPRE_TILES, DX_TILES = parse_tiles(os.environ.get("FUSIONTREE_CONV1D_TILES", "32x128x4/64x64x4/32x128x4"))
 
 
 @triton.jit
