@@ -132,28 +132,49 @@ def test_one_non_finite_gradient_among_many_skips_the_step(bad, kw):
     assert not opt.last_step_skipped and all((p.data < 1).all() for p in params)
 
 
-SKIPS_UNDER_DEEPSPEED_BF16 = """
-import json, sys, tempfile, deepspeed, torch
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+# What the DeepSpeed scripts below share: a process group over gloo, and an engine built the
+# way the trainer builds it (deepspeed_config from a ZeRO-stage file) around a small model whose
+# layers are made after torch.manual_seed(0).
+DEEPSPEED_PRELUDE = """
+import dataclasses, json, tempfile, deepspeed, torch
 from fusiontree.config import RunConfig
 from fusiontree.train.distributed import init_distributed
-from fusiontree.train.optim import SkippableAdamW
-from fusiontree.train.trainer import deepspeed_config
+from fusiontree.train.optim import SkippableAdamW, param_groups
+from fusiontree.train.trainer import deepspeed_config, follow_deepspeed_norm
+
+init_distributed(device="cpu")
+
+def small_engine(stage, make_layers, make_opt, cfg=None, accum=1, bf16=True, pass_optimizer=True):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"zero_optimization": {"stage": stage}}, f)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*make_layers())
+    opt = make_opt(model)
+    ds = deepspeed_config(f.name, cfg or RunConfig(), 2, accum, bf16=bf16, optimizer=opt if pass_optimizer else None)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine, opt, ds
+"""
+
+
+def run_deepspeed_script(body: str) -> str:
+    """stdout of DEEPSPEED_PRELUDE + `body` in a fresh process (DeepSpeed's state stays there)."""
+    res = subprocess.run([sys.executable, "-c", DEEPSPEED_PRELUDE + body], env=env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+SKIPS_UNDER_DEEPSPEED_BF16 = """
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 def refuse(*args, **kwargs):
     raise AssertionError("DeepSpeed's per-parameter overflow check ran")
 
 DeepSpeedZeroOptimizer.has_overflow = refuse
-init_distributed(device="cpu")
 modes = [{"foreach": True}, {"fused": True}, {"fused": True, "skip_on_device": True}]
 for stage, kw in [(stage, kw) for kw in modes for stage in (1, 2)]:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"zero_optimization": {"stage": stage}}, f)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
-    opt = SkippableAdamW(model.parameters(), lr=1e-2, **kw)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                      config=deepspeed_config(f.name, RunConfig(), 2, 1, bf16=True))
+    engine, opt, _ = small_engine(stage, lambda: [torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)],
+                                  lambda m: SkippableAdamW(m.parameters(), lr=1e-2, **kw), pass_optimizer=False)
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     before = [p.detach().clone() for p in engine.module.parameters()]
     for bad in (float("nan"), float("inf")):
@@ -172,22 +193,15 @@ def test_bf16_deepspeed_steps_skip_non_finite_gradients_by_the_optimizers_check_
     """Under DeepSpeed bf16 (ZeRO-1 and 2, clipping on; multi-tensor AdamW, fused AdamW, and fused
     AdamW skipping on the device) the optimizer's check decides the skip; DeepSpeed's own
     per-parameter overflow check is off and must not run."""
-    res = subprocess.run([sys.executable, "-c", SKIPS_UNDER_DEEPSPEED_BF16], env=env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = [line for line in res.stdout.splitlines() if line.startswith("stage")]
+    out = run_deepspeed_script(SKIPS_UNDER_DEEPSPEED_BF16)
+    lines = [line for line in out.splitlines() if line.startswith("stage")]
     assert lines == [f"stage {s} bad {b} skipped True unchanged True" if b != "finite" else
                      f"stage {s} finite skipped False changed True"
-                     for s in (1, 2) * 3 for b in ("nan", "inf", "finite")], res.stdout
+                     for s in (1, 2) * 3 for b in ("nan", "inf", "finite")], out
 
 
 CLIPS_UNDER_DEEPSPEED = """
-import dataclasses, json, tempfile, deepspeed, torch
 import deepspeed.runtime.zero.stage_1_and_2 as zero12
-from fusiontree.config import RunConfig
-from fusiontree.train.distributed import init_distributed
-from fusiontree.train.optim import SkippableAdamW, param_groups
-from fusiontree.train.trainer import deepspeed_config, follow_deepspeed_norm
 
 host_reads = [0]  # DeepSpeed's host check of the norm, which its clipping calls
 check = zero12.is_invalid_grad_norm
@@ -195,19 +209,15 @@ def counted(norm):
     host_reads[0] += 1
     return check(norm)
 zero12.is_invalid_grad_norm = counted
-init_distributed(device="cpu")
 
 def run(stage, bf16, on_device, clip):
     cfg = RunConfig()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_clip=clip))
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"zero_optimization": {"stage": stage}}, f)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
     # eps=1: the update follows the gradient's size, so the clip factor shows in the weights
-    opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-2, eps=1.0, fused=True, skip_on_device=on_device)
-    ds = deepspeed_config(f.name, cfg, 2, 2, bf16=bf16, optimizer=opt)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, opt, ds = small_engine(
+        stage, lambda: [torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)],
+        lambda m: SkippableAdamW(param_groups(m, 0.1), lr=1e-2, eps=1.0, fused=True, skip_on_device=on_device),
+        cfg=cfg, accum=2, bf16=bf16)
     follow_deepspeed_norm(engine, opt, clip)
     host_reads[0] = 0
     norms, skipped = [], []
@@ -237,10 +247,8 @@ def test_clipping_inside_the_fused_adamw_takes_deepspeeds_clipped_steps_without_
     off and the fused kernel divides by the same clip factor, from DeepSpeed's norm. The fp32
     master weights after clipped, skipped (a NaN step) and accumulated steps match DeepSpeed
     clipping them itself, and in bf16 DeepSpeed's host check of the norm never runs."""
-    res = subprocess.run([sys.executable, "-c", CLIPS_UNDER_DEEPSPEED], env=env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    stdout = run_deepspeed_script(CLIPS_UNDER_DEEPSPEED)
+    out = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
     for case in ("1 True", "2 True", "1 False"):
         host, device, unclipped = (out[f"{case} {mode}"] for mode in ("host", "device", "unclipped"))
         assert (host["ds_clip"], device["ds_clip"], unclipped["ds_clip"]) == (0.5, 0.0, 0.0), case
@@ -287,22 +295,10 @@ def test_clipping_inside_the_fused_kernel_equals_clipping_the_gradients_first(de
 
 
 ONE_GROUP_NON_FINITE = """
-import json, tempfile, deepspeed, torch
-from fusiontree.config import RunConfig
-from fusiontree.train.distributed import init_distributed
-from fusiontree.train.optim import SkippableAdamW, param_groups
-from fusiontree.train.trainer import deepspeed_config, follow_deepspeed_norm
-
-init_distributed(device="cpu")
 for stage in (1, 2):
     for kw in ({"foreach": True}, {"fused": True}, {"fused": True, "skip_on_device": True}):
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({"zero_optimization": {"stage": stage}}, f)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32))
-        opt = SkippableAdamW(param_groups(model, 0.1), lr=1e-2, **kw)  # groups: decay, no_decay
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
-                                          config=deepspeed_config(f.name, RunConfig(), 2, 1, True, opt))
+        engine, opt, _ = small_engine(stage, lambda: [torch.nn.Linear(16, 32), torch.nn.LayerNorm(32)],
+                                      lambda m: SkippableAdamW(param_groups(m, 0.1), lr=1e-2, **kw))  # decay, no_decay
         follow_deepspeed_norm(engine, opt, 1.0)
         masters = engine.optimizer.single_partition_of_fp32_groups
         before = [m.detach().clone() for m in masters]
@@ -320,12 +316,9 @@ def test_a_non_finite_gradient_in_one_parameter_group_skips_every_group():
     """ZeRO-1 and 2 step the parameter groups one call at a time; the optimizer follows
     DeepSpeed's global norm, so a non-finite gradient in one group skips the others too (fp32
     master weights and Adam step counts untouched), with the decision on the host or the device."""
-    res = subprocess.run([sys.executable, "-c", ONE_GROUP_NON_FINITE], env=env(), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = [line for line in res.stdout.splitlines() if line.startswith("stage")]
-    assert len(lines) == 6 and all(line.endswith("skipped True unchanged True adam steps 0.0") for line in lines), \
-        res.stdout
+    out = run_deepspeed_script(ONE_GROUP_NON_FINITE)
+    lines = [line for line in out.splitlines() if line.startswith("stage")]
+    assert len(lines) == 6 and all(line.endswith("skipped True unchanged True adam steps 0.0") for line in lines), out
 
 
 def test_skipping_on_the_device_needs_the_fused_adamw():
