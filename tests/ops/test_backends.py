@@ -16,7 +16,7 @@ from fusiontree.models import HybridLanguageModel
 from fusiontree.models.config import model_preset
 from fusiontree.ops.attention import attention_ref
 from fusiontree.ops.conv1d import causal_conv1d_ref
-from fusiontree.ops.backends.common import canonical_seq_idx, require_cuda, unit_sums_as_views
+from fusiontree.ops.backends.common import canonical_seq_idx, conv1d_custom_ops, require_cuda, unit_sums_as_views
 from fusiontree.ops.backends.flex import attention_flex, flex_block_masks
 from fusiontree.ops.ssd import ssd_chunked_ref
 
@@ -359,3 +359,75 @@ def test_decode_attention_auto_takes_filled_blocks_on_cuda(monkeypatch):
 
 def _sentinel(*args, **kwargs):
     raise AssertionError("not called")
+
+
+# A stand-in conv with a closed-form backward (a custom op's body runs below autograd): one tap,
+# y = act(x * w[:, 0] + bias + the initial state's first slot), every input with a gradient of its own.
+def _one_tap(x_BTC, weight_CK, bias_C, initial_state_BCK):
+    pre = x_BTC.float() * weight_CK[:, 0].float()
+    if bias_C is not None:
+        pre = pre + bias_C.float()
+    if initial_state_BCK is not None:
+        pre = pre + initial_state_BCK[..., 0].float()[:, None, :]
+    return pre
+
+
+def _one_tap_fwd(x_BTC: torch.Tensor, weight_CK: torch.Tensor, bias_C: torch.Tensor | None,
+                 seq_idx_BT: torch.Tensor | None, initial_state_BCK: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    pre = _one_tap(x_BTC, weight_CK, bias_C, initial_state_BCK)
+    return (torch.nn.functional.silu(pre) if silu else pre).to(x_BTC.dtype)
+
+
+def _one_tap_bwd(x_BTC: torch.Tensor, weight_CK: torch.Tensor, bias_C: torch.Tensor | None,
+                 seq_idx_BT: torch.Tensor | None, initial_state_BCK: torch.Tensor | None, dy_BTC: torch.Tensor,
+                 silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pre = _one_tap(x_BTC, weight_CK, bias_C, initial_state_BCK)
+    d = dy_BTC.float()
+    if silu:
+        sig = torch.sigmoid(pre)
+        d = d * sig * (1 + pre * (1 - sig))
+    dw = torch.zeros_like(weight_CK)
+    dw[:, 0] = (d * x_BTC.float()).sum((0, 1))
+    dinit = x_BTC.new_empty(0)
+    if initial_state_BCK is not None:
+        dinit = torch.zeros_like(initial_state_BCK)
+        dinit[..., 0] = d.sum(1)
+    return ((d * weight_CK[:, 0].float()).to(x_BTC.dtype), dw,
+            x_BTC.new_empty(0) if bias_C is None else d.sum((0, 1)).to(bias_C.dtype), dinit)
+
+
+# The registration the GPU conv backends use, here around the stand-in on CPU.
+_ONE_TAP_OP = conv1d_custom_ops("one_tap_conv_for_tests", _one_tap_fwd, _one_tap_bwd, device_types="cpu")
+
+
+@pytest.mark.parametrize("with_bias,with_init", [(True, True), (False, False), (True, False)])
+def test_conv1d_custom_ops_pass_opcheck_and_route_every_gradient(with_bias, with_init):
+    """`conv1d_custom_ops` (the custom-op registration of the causal_conv1d and triton backends),
+    around a stand-in with a closed-form backward: torch's opcheck of both ops (schema, fake
+    tensors, autograd registration), and through autograd, eagerly and compiled in one graph,
+    the values and every gradient of the same expression in plain PyTorch, on a strided slice
+    of a wider projection; no gradient for an absent bias or initial state."""
+    g = torch.Generator().manual_seed(0)
+    proj = torch.randn(2, 40, 30, generator=g)
+    w = torch.randn(24, 4, generator=g)
+    b = torch.randn(24, generator=g) if with_bias else None
+    init = torch.randn(2, 24, 3, generator=g) if with_init else None
+    seq = torch.tensor([[0] * 10 + [1] * 30, [5] * 25 + [2] * 15])
+    dy = torch.randn(2, 40, 24, generator=g)
+    x = proj[..., 3:27]
+    torch.library.opcheck(_ONE_TAP_OP, (x, w, b, seq, init, True))
+    torch.library.opcheck(torch.ops.fusiontree.one_tap_conv_for_tests_bwd.default, (x, w, b, seq, init, dy, True))
+
+    def grads(fn):
+        leaves = {n: t.clone().requires_grad_() for n, t in (("proj", proj), ("w", w), ("b", b), ("init", init))
+                  if t is not None}
+        y = fn(leaves["proj"][..., 3:27], leaves["w"], leaves.get("b"), leaves.get("init"))
+        return [y.detach(), *torch.autograd.grad((y * dy).sum(), list(leaves.values()))]
+
+    want = grads(lambda x, w, b, i: torch.nn.functional.silu(_one_tap(x, w, b, i)))
+    assert len(want) == 3 + with_bias + with_init
+    for fn in (_ONE_TAP_OP, torch.compile(_ONE_TAP_OP, fullgraph=True, backend="aot_eager")):
+        got = grads(lambda x, w, b, i: fn(x, w, b, seq, i, True))
+        assert len(got) == len(want)
+        for a, r in zip(got, want):
+            torch.testing.assert_close(a, r)

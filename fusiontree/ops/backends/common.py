@@ -71,6 +71,48 @@ def check_conv_shape(channels: int, width: int) -> None:
                          "kernels.conv1d=triton (any shape) or kernels.conv1d=reference")
 
 
+def conv1d_custom_ops(name: str, fwd, bwd, device_types: str = "cuda"):
+    """A conv1d backend's kernels as torch custom ops `fusiontree::{name}_fwd` and
+    `fusiontree::{name}_bwd`, the backward registered as the forward's gradient; returns the
+    forward op. A compiled block keeps them in its graph (no break) and CUDA graphs capture them.
+
+    fwd(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, silu) -> y_BTC;
+    bwd(the same inputs but silu, dy_BTC, silu) -> (dx, dweight, dbias, dinitial_state), dbias
+    and dinitial_state empty when there is no bias or initial state. Both are annotated as
+    the ops' schemas, read any input strides and return fresh contiguous tensors: the ops are
+    tagged `flexible_layout`, so Inductor hands them its own layouts instead of a copy with
+    eager's strides (on CUDA it pads the rows of the input projection the conv reads a slice of)."""
+    any_layout = (torch.Tag.flexible_layout,)
+    fwd_op = torch.library.custom_op(f"fusiontree::{name}_fwd", fwd, mutates_args=(), device_types=device_types,
+                                     tags=any_layout)
+    bwd_op = torch.library.custom_op(f"fusiontree::{name}_bwd", bwd, mutates_args=(), device_types=device_types,
+                                     tags=any_layout)
+
+    @fwd_op.register_fake
+    def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, silu):
+        return x_BTC.new_empty(x_BTC.shape)
+
+    @bwd_op.register_fake
+    def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, dy_BTC, silu):
+        return (x_BTC.new_empty(x_BTC.shape), weight_CK.new_empty(weight_CK.shape),
+                x_BTC.new_empty(0) if bias_C is None else bias_C.new_empty(bias_C.shape),
+                x_BTC.new_empty(0) if initial_state_BCK is None else initial_state_BCK.new_empty(initial_state_BCK.shape))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, seq_idx, init, silu = inputs
+        ctx.save_for_backward(x, weight, bias, seq_idx, init)
+        ctx.silu = silu
+        ctx.has_bias, ctx.has_init = bias is not None, init is not None
+
+    def backward(ctx, dy):
+        x, weight, bias, seq_idx, init = ctx.saved_tensors
+        dx, dweight, dbias, dinit = bwd_op(x, weight, bias, seq_idx, init, dy, ctx.silu)
+        return dx, dweight, dbias if ctx.has_bias else None, None, dinit if ctx.has_init else None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    return fwd_op
+
+
 _compiled: dict = {}  # (function, compile options) -> its torch.compile wrapper
 
 

@@ -6,8 +6,9 @@ Legend: B batch, T time, C channels, K kernel width (2 to 4).
 The kernels run on the channels-last layout the Mamba mixer already has (the conv's input is a
 slice of the input projection, channels contiguous): forward and backward are one kernel each,
 with the SiLU, packed documents (`seq_idx`: a tap reaching into another document reads zero)
-and an initial state inside. They are registered as torch custom ops with their own backward,
-so a compiled block keeps them in its graph (no graph break) and CUDA graphs capture them.
+and an initial state inside. They are torch custom ops with their own backward
+(`conv1d_custom_ops`), so a compiled block keeps them in its graph (no graph break) and CUDA
+graphs capture them.
 The final state is the last K-1 inputs (`conv1d_final_state`, plain PyTorch on a few rows,
 differentiable).
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 import causal_conv1d_cuda  # noqa: F401  (the package's compiled extension; ImportError names it)
-from fusiontree.ops.backends.common import check_conv_shape, require_cuda
+from fusiontree.ops.backends.common import check_conv_shape, conv1d_custom_ops, require_cuda
 from fusiontree.ops.conv1d import conv1d_final_state
 
 
@@ -49,13 +50,8 @@ def _state_layout(state_BCK: Tensor | None) -> Tensor | None:
     return None if state_BCK is None else state_BCK.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-# Both ops read any strides (`_kernel_layout`) and return fresh contiguous tensors.
-_ANY_LAYOUT = (torch.Tag.flexible_layout,)
-
-
-@torch.library.custom_op("fusiontree::causal_conv1d_fwd", mutates_args=(), device_types="cuda", tags=_ANY_LAYOUT)
-def _conv_fwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
-              initial_state_BCK: Tensor | None, silu: bool) -> Tensor:
+def _conv_fwd_kernel(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
+                     initial_state_BCK: Tensor | None, silu: bool) -> Tensor:
     x = _kernel_layout(x_BTC)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     causal_conv1d_cuda.causal_conv1d_fwd(x.transpose(1, 2), weight_CK, _contiguous(bias_C), _contiguous(seq_idx_BT),
@@ -63,17 +59,9 @@ def _conv_fwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_B
     return y
 
 
-@_conv_fwd.register_fake
-def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, silu):
-    return x_BTC.new_empty(x_BTC.shape)
-
-
-@torch.library.custom_op("fusiontree::causal_conv1d_bwd", mutates_args=(), device_types="cuda", tags=_ANY_LAYOUT)
-def _conv_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
-              initial_state_BCK: Tensor | None, dy_BTC: Tensor, silu: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, dbias, dinitial_state); dbias / dinitial_state are empty tensors
-    when there is no bias / initial state."""
+def _conv_bwd_kernel(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
+                     initial_state_BCK: Tensor | None, dy_BTC: Tensor, silu: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x, dy = _kernel_layout(x_BTC), _kernel_layout(dy_BTC)
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -89,27 +77,7 @@ def _conv_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_B
             empty if dinit is None else dinit.contiguous())
 
 
-@_conv_bwd.register_fake
-def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, dy_BTC, silu):
-    return (x_BTC.new_empty(x_BTC.shape), weight_CK.new_empty(weight_CK.shape),
-            x_BTC.new_empty(0) if bias_C is None else bias_C.new_empty(bias_C.shape),
-            x_BTC.new_empty(0) if initial_state_BCK is None else initial_state_BCK.new_empty(initial_state_BCK.shape))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, seq_idx, init, silu = inputs
-    ctx.save_for_backward(x, weight, bias, seq_idx, init)
-    ctx.silu = silu
-    ctx.has_bias, ctx.has_init = bias is not None, init is not None
-
-
-def _backward(ctx, dy):
-    x, weight, bias, seq_idx, init = ctx.saved_tensors
-    dx, dweight, dbias, dinit = torch.ops.fusiontree.causal_conv1d_bwd(x, weight, bias, seq_idx, init, dy, ctx.silu)
-    return dx, dweight, dbias if ctx.has_bias else None, None, dinit if ctx.has_init else None, None
-
-
-_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+_conv_fwd = conv1d_custom_ops("causal_conv1d", _conv_fwd_kernel, _conv_bwd_kernel)
 
 
 def causal_conv1d_cuda_fn(

@@ -19,8 +19,8 @@ serves after the first, so each tensor crosses memory about once per kernel:
   backward is deterministic (no atomics). d(pre) rounded to dy's dtype is what PyTorch's own
   autograd of the conv and SiLU in bf16 hands from one to the other.
 
-Both directions are torch custom ops (backward registered), so a compiled block keeps them in
-its graph and CUDA graphs capture them. The final state is the last K-1 inputs
+Both directions are torch custom ops (`conv1d_custom_ops`: backward registered, any input
+layout), so a compiled block keeps them in its graph and CUDA graphs capture them. The final state is the last K-1 inputs
 (`conv1d_final_state`, plain PyTorch on a few rows, differentiable).
 """
 
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusiontree.ops.backends.common import require_cuda
+from fusiontree.ops.backends.common import conv1d_custom_ops, require_cuda
 from fusiontree.ops.conv1d import conv1d_final_state
 
 def parse_tiles(spec: str) -> tuple[tuple[int, int, int], ...]:
@@ -249,50 +249,7 @@ def conv1d_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_
     return dx, dw_parts.sum(0).t().to(weight_CK.dtype).contiguous(), dbias, dinit
 
 
-# Both ops read any row strides (channels are made contiguous where they are not) and return
-# fresh contiguous tensors.
-_ANY_LAYOUT = (torch.Tag.flexible_layout,)
-
-
-@torch.library.custom_op("fusiontree::conv1d_triton_fwd", mutates_args=(), device_types="cuda", tags=_ANY_LAYOUT)
-def _conv_fwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
-              initial_state_BCK: Tensor | None, silu: bool) -> Tensor:
-    return conv1d_fwd(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, silu)
-
-
-@_conv_fwd.register_fake
-def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, silu):
-    return x_BTC.new_empty(x_BTC.shape)
-
-
-@torch.library.custom_op("fusiontree::conv1d_triton_bwd", mutates_args=(), device_types="cuda", tags=_ANY_LAYOUT)
-def _conv_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_BT: Tensor | None,
-              initial_state_BCK: Tensor | None, dy_BTC: Tensor, silu: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return conv1d_bwd(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, dy_BTC, silu)
-
-
-@_conv_bwd.register_fake
-def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, dy_BTC, silu):
-    return (x_BTC.new_empty(x_BTC.shape), weight_CK.new_empty(weight_CK.shape),
-            x_BTC.new_empty(0) if bias_C is None else bias_C.new_empty(bias_C.shape),
-            x_BTC.new_empty(0) if initial_state_BCK is None else initial_state_BCK.new_empty(initial_state_BCK.shape))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, seq_idx, init, silu = inputs
-    ctx.save_for_backward(x, weight, bias, seq_idx, init)
-    ctx.silu = silu
-    ctx.has_bias, ctx.has_init = bias is not None, init is not None
-
-
-def _backward(ctx, dy):
-    x, weight, bias, seq_idx, init = ctx.saved_tensors
-    dx, dweight, dbias, dinit = torch.ops.fusiontree.conv1d_triton_bwd(x, weight, bias, seq_idx, init, dy, ctx.silu)
-    return dx, dweight, dbias if ctx.has_bias else None, None, dinit if ctx.has_init else None, None
-
-
-_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+_conv_fwd = conv1d_custom_ops("conv1d_triton", conv1d_fwd, conv1d_bwd)
 
 
 def causal_conv1d_triton_fn(
