@@ -137,7 +137,8 @@ def test_causal_conv1d_is_a_cuda_backend_and_refuses_shapes_its_kernels_lack():
     # a model whose conv channels the kernels cannot take stops at construction, naming the fix
     cfg = dataclasses.replace(model_preset("debug"), ssm_state=13)  # 128 + 2 * 13 = 154 channels
     kernels = dataclasses.replace(ops.reference_kernels(), conv1d_name="causal_conv1d")
-    with pytest.raises(ValueError, match="154 channels.*set kernels.conv1d=triton .any shape. or kernels.conv1d=reference"):
+    with pytest.raises(ValueError,
+                       match="154 channels.*set kernels.conv1d=triton .any shape. or kernels.conv1d=reference"):
         HybridLanguageModel(cfg, kernels)
     HybridLanguageModel(model_preset("debug"), kernels)  # 160 channels: fine
 

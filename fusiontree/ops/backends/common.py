@@ -94,9 +94,11 @@ def conv1d_custom_ops(name: str, fwd, bwd, device_types: str = "cuda"):
 
     @bwd_op.register_fake
     def _(x_BTC, weight_CK, bias_C, seq_idx_BT, initial_state_BCK, dy_BTC, silu):
+        # two absent outputs are two empty tensors, not one (outputs must not alias each other)
         return (x_BTC.new_empty(x_BTC.shape), weight_CK.new_empty(weight_CK.shape),
                 x_BTC.new_empty(0) if bias_C is None else bias_C.new_empty(bias_C.shape),
-                x_BTC.new_empty(0) if initial_state_BCK is None else initial_state_BCK.new_empty(initial_state_BCK.shape))
+                x_BTC.new_empty(0) if initial_state_BCK is None else
+                initial_state_BCK.new_empty(initial_state_BCK.shape))
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, seq_idx, init, silu = inputs

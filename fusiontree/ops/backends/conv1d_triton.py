@@ -20,8 +20,9 @@ serves after the first, so each tensor crosses memory about once per kernel:
   autograd of the conv and SiLU in bf16 hands from one to the other.
 
 Both directions are torch custom ops (`conv1d_custom_ops`: backward registered, any input
-layout), so a compiled block keeps them in its graph and CUDA graphs capture them. The final state is the last K-1 inputs
-(`conv1d_final_state`, plain PyTorch on a few rows, differentiable).
+layout), so a compiled block keeps them in its graph and CUDA graphs capture them. The final
+state is the last K-1 inputs (`conv1d_final_state`, plain PyTorch on a few rows,
+differentiable).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from fusiontree.ops.backends.common import conv1d_custom_ops, require_cuda
 from fusiontree.ops.conv1d import conv1d_final_state
+
 
 def parse_tiles(spec: str) -> tuple[tuple[int, int, int], ...]:
     """"FWD/DPRE/DX": the tiles (time steps x channels x warps, powers of two) of the forward,
@@ -198,10 +200,13 @@ def _grid(tiles: tuple[int, int, int], Bsz: int, T: int, C: int) -> tuple[int, i
     return (triton.cdiv(T, tiles[0]), triton.cdiv(C, tiles[1]), Bsz)
 
 
+def _seq_strides(seq_idx_BT) -> tuple:
+    return (0, 0) if seq_idx_BT is None else seq_idx_BT.stride()
+
+
 def _ptr_strides(x_BTC, weight_CK, initial_state_BCK, seq_idx_BT) -> tuple:
     init_s = (0, 0, 0) if initial_state_BCK is None else initial_state_BCK.stride()
-    seq_s = (0, 0) if seq_idx_BT is None else seq_idx_BT.stride()
-    return (x_BTC.stride(0), x_BTC.stride(1), *weight_CK.stride(), *init_s, *seq_s)
+    return (x_BTC.stride(0), x_BTC.stride(1), *weight_CK.stride(), *init_s, *_seq_strides(seq_idx_BT))
 
 
 def _channels_unit_stride(t_BTC: Tensor) -> Tensor:
@@ -240,12 +245,14 @@ def conv1d_bwd(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, seq_idx_
         *_ptr_strides(x, weight_CK, initial_state_BCK, seq_idx_BT), dy.stride(0), dy.stride(1),
         **flags, **_tile_args(DPRE_TILES))
     dx = torch.empty((Bsz, T, C), dtype=x.dtype, device=x.device)
-    seq_s = (0, 0) if seq_idx_BT is None else seq_idx_BT.stride()
     _conv_dx_kernel[_grid(DX_TILES, Bsz, T, C)](
-        dpre, weight_CK, seq_idx_BT, dx, T, C, *weight_CK.stride(), *seq_s, dx.stride(0), dx.stride(1),
-        K=K, HAS_SEQ=seq_idx_BT is not None, **_tile_args(DX_TILES))
+        dpre, weight_CK, seq_idx_BT, dx, T, C, *weight_CK.stride(), *_seq_strides(seq_idx_BT), dx.stride(0),
+        dx.stride(1), K=K, HAS_SEQ=seq_idx_BT is not None, **_tile_args(DX_TILES))
     dbias = x.new_empty(0) if bias_C is None else db_parts.sum(0).to(bias_C.dtype)
-    dinit = x.new_empty(0) if initial_state_BCK is None else dinit.transpose(1, 2).to(initial_state_BCK.dtype).contiguous()
+    if initial_state_BCK is None:
+        dinit = x.new_empty(0)
+    else:  # [B, K-1, C] as the kernel writes it, to the state's [B, C, K-1]
+        dinit = dinit.transpose(1, 2).to(initial_state_BCK.dtype).contiguous()
     return dx, dw_parts.sum(0).t().to(weight_CK.dtype).contiguous(), dbias, dinit
 
 
