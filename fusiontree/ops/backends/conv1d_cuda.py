@@ -72,9 +72,9 @@ def _conv_bwd_kernel(x_BTC: Tensor, weight_CK: Tensor, bias_C: Tensor | None, se
     causal_conv1d_cuda.causal_conv1d_bwd(x.transpose(1, 2), weight_CK, _contiguous(bias_C), dy.transpose(1, 2),
                                          _contiguous(seq_idx_BT), init, None, dx.transpose(1, 2), dweight, dbias,
                                          dinit, silu)
-    empty = x.new_empty(0)
-    return (dx, dweight.to(weight_CK.dtype), empty if dbias is None else dbias.to(bias_C.dtype),
-            empty if dinit is None else dinit.contiguous())
+    # an absent bias and initial state give two empty tensors (a custom op's outputs must not alias)
+    return (dx, dweight.to(weight_CK.dtype), x.new_empty(0) if dbias is None else dbias.to(bias_C.dtype),
+            x.new_empty(0) if dinit is None else dinit.contiguous())
 
 
 _conv_fwd = conv1d_custom_ops("causal_conv1d", _conv_fwd_kernel, _conv_bwd_kernel)
